@@ -1,0 +1,112 @@
+"""Catalogs of components by kind: what plugins register, and how a recipe entry becomes an object."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pydantic
+
+from clipforge.core.components import KINDS
+from clipforge.core.errors import DuplicateComponentError, UnknownComponentError
+
+
+class RegisterFn(Protocol):
+    """The callback a registration hook receives."""
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        params: type[pydantic.BaseModel] | None = None,
+        description: str = "",
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    params: type[pydantic.BaseModel] | None
+    description: str
+    plugin: str
+
+    def check(self, fields: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """Validate a recipe entry's fields; return the factory's keyword arguments and the errors.
+
+        Error paths are relative to the entry (``width``, ``vision_cfg.layers``).
+        """
+        if self.params is not None:
+            known = {n for n, f in self.params.model_fields.items()} | {
+                f.alias for f in self.params.model_fields.values() if f.alias
+            }
+            extra_allowed = self.params.model_config.get("extra") == "allow"
+            errors = [
+                (k, "unknown parameter; expected one of: " + ", ".join(sorted(known)))
+                for k in fields
+                if k not in known and not extra_allowed
+            ]
+            try:
+                model = self.params.model_validate(fields)
+            except pydantic.ValidationError as e:
+                errors += [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
+                return {}, errors
+            return ({} if errors else dict(model)), errors
+        try:
+            inspect.signature(self.factory).bind(**fields)
+        except TypeError as e:
+            return {}, [("", f"{self.kind.rstrip('s')} {self.name!r}: {e}")]
+        return dict(fields), []
+
+    def create(self, fields: dict[str, Any]) -> Any:
+        kwargs, errors = self.check(fields)
+        if errors:
+            from clipforge.core.errors import RecipeError
+
+            raise RecipeError(errors, source=f"{self.kind} {self.name!r}")
+        return self.factory(**kwargs)
+
+
+class Catalog:
+    """Every registered component, by kind and name."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+
+    def add(self, component: Component) -> None:
+        existing = self._components[component.kind].get(component.name)
+        if existing is not None:
+            raise DuplicateComponentError(component.kind, component.name, existing.plugin, component.plugin)
+        self._components[component.kind][component.name] = component
+
+    def registrar(self, kind: str, plugin: str) -> RegisterFn:
+        """The ``register`` callback handed to ``plugin``'s registration hook for ``kind``."""
+
+        def register(name, factory, params=None, description=""):
+            if params is not None and not (isinstance(params, type) and issubclass(params, pydantic.BaseModel)):
+                raise TypeError(f"{plugin}: params of {kind} {name!r} must be a pydantic model class")
+            description = description or (inspect.getdoc(factory) or "").split("\n")[0]
+            self.add(Component(kind, name, factory, params, description, plugin))
+
+        return register
+
+    def get(self, kind: str, name: str) -> Component:
+        try:
+            return self._components[kind][name]
+        except KeyError:
+            raise UnknownComponentError(kind, name, self.names(kind)) from None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._components[kind])
+
+    def __iter__(self) -> Iterator[Component]:
+        for kind in KINDS:
+            yield from self._components[kind].values()
+
+    def create(self, kind: str, entry: dict[str, Any]) -> Any:
+        """Build a component from a recipe entry ``{"type": name, **fields}``."""
+        fields = dict(entry)
+        return self.get(kind, fields.pop("type")).create(fields)

@@ -1,0 +1,113 @@
+"""Every hook clipforge calls, in one module (the pytest ``hookspec.py`` style).
+
+Registration hooks run once, when the plugin manager first builds its catalogs; each receives a
+``register(name, factory, params=None, description="")`` callback and calls it once per
+component. Lifecycle hooks observe a run; their return values are ignored, and an exception in
+one fails the stage that called it (a notification that must never fail a run should catch
+its own errors).
+
+``context`` is a :class:`clipforge.core.context.RunContext`: the recipe, the store, the run id
+and folder, the MLflow run id, and a ``state`` dict stages share.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from clipforge.core.catalog import RegisterFn
+    from clipforge.core.context import RunContext
+
+PROJECT = "clipforge"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- registration ---------------------------------------------------------------------------
+
+
+@hookspec
+def register_encoders(register: RegisterFn) -> None:
+    """Register image-text models.
+
+    Runs once, when the catalogs are first built. Each factory returns an
+    :class:`~clipforge.EncoderBundle` (model, tokenizer, train/val transforms, arch).
+    """
+
+
+@hookspec
+def register_losses(register: RegisterFn) -> None:
+    """Register training objectives.
+
+    Runs once, when the catalogs are first built. Each factory returns a ``torch.nn.Module``
+    called as ``loss(image_features, text_features, logit_scale, logit_bias=None)`` that returns
+    a scalar tensor or a dict with a ``"loss"`` key.
+    """
+
+
+@hookspec
+def register_datasets(register: RegisterFn) -> None:
+    """Register sources of image-text pairs.
+
+    Runs once, when the catalogs are first built. Each factory returns an iterable of
+    :class:`~clipforge.Sample`; a classification dataset also has ``classes`` (and may have
+    ``templates``, a list of prompt strings with ``{c}``).
+    """
+
+
+@hookspec
+def register_evaluators(register: RegisterFn) -> None:
+    """Register benchmarks.
+
+    Runs once, when the catalogs are first built. Each factory returns an object with
+    ``evaluate(bundle, dataset, device) -> dict[str, float]``.
+    """
+
+
+@hookspec
+def register_curation_steps(register: RegisterFn) -> None:
+    """Register filters, scorers, deduplication and balancing steps.
+
+    Runs once, when the catalogs are first built. Each factory returns a callable that takes a
+    list of samples and returns one :class:`~clipforge.Verdict` per sample, in order.
+    """
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+@hookspec
+def before_stage(stage: str, context: RunContext) -> None:
+    """Called before a stage (``curate``, ``train``, ``evaluate``, ``register``) starts."""
+
+
+@hookspec
+def after_stage(stage: str, context: RunContext, result: Any) -> None:
+    """Called after a stage finished without error, with what the stage returned."""
+
+
+@hookspec
+def on_stage_error(stage: str, context: RunContext, error: BaseException) -> None:
+    """Called when a stage raised; the error is re-raised after every implementation ran."""
+
+
+@hookspec
+def after_train_step(context: RunContext, step: int, metrics: dict[str, float]) -> None:
+    """Called after each optimizer step with that step's metrics (``loss``, ``lr``, ...)."""
+
+
+@hookspec
+def after_evaluation(context: RunContext, metrics: dict[str, float]) -> None:
+    """Called once the evaluate stage has every metric, namespaced ``eval/<evaluator>/<metric>``."""
+
+
+@hookspec
+def after_model_registered(context: RunContext, model_version: Any) -> None:
+    """Called after the register stage created a model version (an MLflow ``ModelVersion``).
+
+    ``context.state["promoted"]`` says whether it took the ``champion`` alias. The place for
+    notifications.
+    """

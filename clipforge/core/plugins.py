@@ -1,0 +1,157 @@
+"""The plugin manager: built-in plugins first, then the entry points of group ``clipforge``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from clipforge.core import hookspecs
+from clipforge.core.catalog import Catalog
+from clipforge.core.components import KINDS
+from clipforge.core.errors import DuplicateComponentError
+
+ENTRY_POINT_GROUP = "clipforge"
+# Named by string so that the core imports nothing from the rest of the package.
+BUILTINS_MODULE = "clipforge.plugins"
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    components: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+            "status": "ok" if self.ok else "failed",
+            "error": self.error,
+            "hooks": self.hooks,
+            "components": self.components,
+        }
+
+
+def _env_list(name: str) -> set[str] | None:
+    value = os.environ.get(name, "").strip()
+    return {v.strip() for v in value.split(",") if v.strip()} if value else None
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus the catalogs the registration hooks fill and a per-plugin report."""
+
+    def __init__(self, *, load_entry_points: bool = True) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self._catalog: Catalog | None = None
+        self._lock = threading.Lock()
+        disabled = _env_list("CLIPFORGE_DISABLE_PLUGINS") or set()
+        for name in importlib.import_module(BUILTINS_MODULE).BUILTINS:
+            if name not in disabled:
+                self._add(name, lambda name=name: importlib.import_module(name), "clipforge", builtin=True)
+        if load_entry_points:
+            only = _env_list("CLIPFORGE_LOAD_PLUGINS")
+            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if ep.name in disabled or (only is not None and ep.name not in only):
+                    continue
+                self._add(ep.name, ep.load, ep.dist.name if ep.dist else "?", builtin=False)
+
+    def _add(self, name: str, load, distribution: str, *, builtin: bool) -> None:
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        info = PluginInfo(name, distribution, version, builtin)
+        self.infos[name] = info
+        try:
+            plugin = load()
+            unknown = self._unknown_hooks(plugin)
+            if unknown:
+                raise pluggy.PluginValidationError(
+                    plugin, f"implements hooks that do not exist: {', '.join(unknown)}"
+                )
+            self.register(plugin, name=name)
+        except Exception as e:  # a broken plugin is reported, the others still load
+            info.error = f"{type(e).__name__}: {e}"
+            return
+        info.hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
+
+    def _unknown_hooks(self, plugin: ModuleType | object) -> list[str]:
+        return [
+            name
+            for name in dir(plugin)
+            if self.parse_hookimpl_opts(plugin, name) is not None and not hasattr(hookspecs, name)
+        ]
+
+    def add_plugin(self, plugin: object, name: str) -> None:
+        """Register a plugin object at run time (tests, notebooks); the catalogs are rebuilt."""
+        self.register(plugin, name=name)
+        self.infos[name] = PluginInfo(
+            name, "-", "-", False, hooks=sorted(c.name for c in self.get_hookcallers(plugin) or [])
+        )
+        self._catalog = None
+
+    @property
+    def catalog(self) -> Catalog:
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = self._build_catalog()
+            return self._catalog
+
+    def _build_catalog(self) -> Catalog:
+        catalog = Catalog()
+        for info in self.infos.values():
+            info.components = {}
+        for kind in KINDS:
+            caller = getattr(self.hook, f"register_{kind}")
+            for impl in reversed(caller.get_hookimpls()):  # registration order
+                info = self.infos[impl.plugin_name]
+                before = set(catalog.names(kind))
+                try:
+                    impl.function(register=catalog.registrar(kind, impl.plugin_name))
+                except DuplicateComponentError:
+                    raise
+                except Exception as e:
+                    info.error = f"register_{kind}: {type(e).__name__}: {e}"
+                added = sorted(set(catalog.names(kind)) - before)
+                if added:
+                    info.components[kind] = added
+        return catalog
+
+
+_manager: PluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, built on first use."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = PluginManager()
+        return _manager
+
+
+def reset_plugin_manager() -> None:
+    """Forget the manager so the next use reloads plugins (after changing the env variables)."""
+    global _manager
+    with _manager_lock:
+        _manager = None

@@ -1,0 +1,250 @@
+"""Recipes: one YAML file describes a whole retrain; pydantic validates it, field paths and all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from clipforge.core.errors import ConfigError, RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentRef(BaseModel):
+    """A component by ``type`` with its parameters inline; the component's own params model checks them."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def entry(self) -> dict[str, Any]:
+        return {"type": self.type, **self.fields}
+
+
+class EvaluatorRef(ComponentRef):
+    """An evaluator; ``dataset`` (a dataset entry) overrides the recipe's ``data.eval`` for it."""
+
+    dataset: ComponentRef | None = None
+    name: str | None = Field(None, description="metric namespace; defaults to the type")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+
+class StorageConfig(_Strict):
+    root: str = Field("./clipforge-store", description="local folder or s3://bucket/prefix")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (endpoint_url, ...); credentials come from the environment"
+    )
+
+
+class DataConfig(_Strict):
+    train: ComponentRef
+    eval: ComponentRef | None = None
+
+
+class TrainConfig(_Strict):
+    epochs: Annotated[int, Field(gt=0)] = 1
+    batch_size: Annotated[int, Field(gt=1)] = 64
+    lr: Annotated[float, Field(gt=0)] = 5.0e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.98
+    eps: Annotated[float, Field(gt=0)] = 1.0e-6
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    seed: int = 0
+    workers: Annotated[int, Field(ge=0)] = 0
+    log_every: Annotated[int, Field(gt=0)] = 10
+    checkpoint_every: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="steps between checkpoints; one is always written at the end"
+    )
+
+
+class PromoteConfig(_Strict):
+    metric: str = Field(description="evaluation metric, as '<evaluator>/<metric>' (the 'eval/' prefix is optional)")
+    mode: Literal["max", "min"] = "max"
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class RegistryConfig(_Strict):
+    model_name: str | None = Field(None, description="registered model name; defaults to the recipe's name")
+    promote: PromoteConfig | None = None
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow experiment and default model name")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig
+    curation: list[ComponentRef] = Field(default_factory=list)
+    model: ComponentRef
+    loss: ComponentRef = Field(default_factory=lambda: ComponentRef(type="clip"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: list[EvaluatorRef] = Field(default_factory=list)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.as_dict(), sort_keys=False)
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the canonical JSON of the whole recipe, or of the named sections only."""
+        data = self.as_dict()
+        if sections:
+            data = {k: data.get(k) for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def component_entries(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every component the recipe references, as ``(kind, field path, entry)``."""
+        out = [("datasets", "data.train", self.data.train.entry())]
+        if self.data.eval is not None:
+            out.append(("datasets", "data.eval", self.data.eval.entry()))
+        out += [("curation_steps", f"curation.{i}", c.entry()) for i, c in enumerate(self.curation)]
+        out.append(("encoders", "model", self.model.entry()))
+        out.append(("losses", "loss", self.loss.entry()))
+        for i, ev in enumerate(self.evaluation):
+            out.append(("evaluators", f"evaluation.{i}", ev.entry()))
+            if ev.dataset is not None:
+                out.append(("datasets", f"evaluation.{i}.dataset", ev.dataset.entry()))
+        return out
+
+
+def builtin_recipe(name: str) -> Path:
+    """Path of a recipe shipped inside the package (``shapes`` is the embedded default)."""
+    path = Path(str(resources.files("clipforge") / "recipes" / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no built-in recipe {name!r}")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError([("", f"the recipe must be a mapping, got {type(data).__name__}")], source=str(path))
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a recipe's raw data."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]), item)
+        leaf = parts[-1]
+        if isinstance(node, list):
+            _child(node, leaf, key, item)
+            node[int(leaf)] = yaml.safe_load(raw)
+        elif isinstance(node, dict):
+            if leaf not in node and not _is_known_field(data, parts):
+                raise ConfigError(f"--set {item!r}: {key!r} is not a field of the recipe")
+            node[leaf] = yaml.safe_load(raw)
+        else:
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])!r} is not a section")
+    return data
+
+
+def _child(node: Any, part: str, path: str, item: str) -> Any:
+    if isinstance(node, dict) and part in node:
+        return node[part]
+    if isinstance(node, dict) and part in _SECTIONS and path == part:
+        return node.setdefault(part, {})
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    raise ConfigError(f"--set {item!r}: {path!r} is not in the recipe")
+
+
+# Sections whose fields --set may add although the file leaves them at their defaults.
+_SECTIONS = {"storage": StorageConfig, "train": TrainConfig, "registry": RegistryConfig}
+
+
+def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:
+    if len(parts) == 2 and parts[0] in _SECTIONS:
+        return parts[1] in _SECTIONS[parts[0]].model_fields
+    if parts[0] == "registry" and len(parts) == 3 and parts[1] == "promote":
+        return parts[2] in PromoteConfig.model_fields
+    # component parameters are checked by the component's params model after the override
+    return parts[0] in {"model", "loss", "data", "curation", "evaluation"}
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    catalog=None,
+    check_components: bool = True,
+) -> Recipe:
+    """Read, override and validate a recipe; raise :class:`RecipeError` with every error and its path.
+
+    ``source`` is a YAML path or an already-parsed mapping. Components are checked against the
+    catalog of the process-wide plugin manager unless ``catalog`` is given.
+    """
+    label = "recipe" if isinstance(source, dict) else str(source)
+    data = json.loads(json.dumps(source)) if isinstance(source, dict) else read_yaml(source)
+    data = apply_overrides(data, overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise RecipeError([(_loc(err["loc"]), err["msg"]) for err in e.errors()], source=label) from None
+    if check_components:
+        if catalog is None:
+            from clipforge.core.plugins import get_plugin_manager
+
+            catalog = get_plugin_manager().catalog
+        errors = check_recipe_components(recipe, catalog)
+        if errors:
+            raise RecipeError(errors, source=label)
+    return recipe
+
+
+def check_recipe_components(recipe: Recipe, catalog) -> list[tuple[str, str]]:
+    """Validate every component entry against its registered params; errors carry full paths."""
+    from clipforge.core.errors import UnknownComponentError
+
+    errors: list[tuple[str, str]] = []
+    for kind, path, entry in recipe.component_entries():
+        fields = dict(entry)
+        name = fields.pop("type")
+        try:
+            component = catalog.get(kind, name)
+        except UnknownComponentError as e:
+            errors.append((f"{path}.type", str(e)))
+            continue
+        _, errs = component.check(fields)
+        errors += [(f"{path}.{p}" if p else path, msg) for p, msg in errs]
+    return errors
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)

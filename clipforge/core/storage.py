@@ -1,0 +1,158 @@
+"""The artifact store: a folder on the local disk or an S3 prefix, through fsspec.
+
+Every write is atomic (nothing half-written is ever visible under its final name) and checked
+by size; transient errors are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, _TRANSIENT):
+        return True
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    # s3fs/botocore surface throttling and 5xx answers as OSError subclasses or botocore errors
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("503", "500", "502", "504", "SlowDown", "Throttl", "Timeout", "Connection"))
+
+
+def retry(fn: Callable[..., T], attempts: int = 5, base_delay: float = 0.2) -> Callable[..., T]:
+    """Retry ``fn`` on transient storage errors, with jittered exponential backoff."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if attempt == attempts or not _is_transient(e):
+                    raise
+                delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
+                log.warning("storage: %s failed (%s); retry %d/%d in %.1fs", fn.__name__, e, attempt, attempts - 1, delay)
+                time.sleep(delay)
+
+    return wrapper
+
+
+class Store:
+    """Relative paths under ``root`` on any fsspec filesystem."""
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        self.fs, path = fsspec.core.url_to_fs(root, **self.options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(path).resolve()) if self.local else path.rstrip("/")
+        self.url = self.root if self.local else self.fs.unstrip_protocol(self.root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a relative path (no protocol)."""
+        for p in parts:
+            if ".." in p.split("/") or p.startswith("/"):
+                raise ValueError(f"store paths are relative and stay under the root: {p!r}")
+        return posixpath.join(self.root, *parts)
+
+    def uri(self, *parts: str) -> str:
+        """A URI another process can open (a local path, or ``s3://...``)."""
+        return self.path(*parts) if self.local else self.fs.unstrip_protocol(self.path(*parts))
+
+    def sub(self, *parts: str) -> Store:
+        return Store(self.uri(*parts), self.options)
+
+    @retry
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    @retry
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    @retry
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Write ``data`` under ``rel`` atomically; return its URI."""
+        final = self.path(rel)
+        if self.local:
+            os.makedirs(posixpath.dirname(final), exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            # An object store's PUT is atomic: the key shows only once the upload completed.
+            self.fs.pipe_file(final, data)
+            self.fs.invalidate_cache(final)
+        size = self.fs.info(final)["size"]
+        if size != len(data):
+            raise OSError(f"{self.uri(rel)}: wrote {len(data)} bytes but the store holds {size}")
+        return self.uri(rel)
+
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def put_file(self, local_path: str | Path, rel: str) -> str:
+        return self.write_bytes(rel, Path(local_path).read_bytes())
+
+    def put_dir(self, local_dir: str | Path, rel: str) -> str:
+        """Upload every file of a local folder under ``rel``, each one atomically."""
+        local_dir = Path(local_dir)
+        for f in sorted(local_dir.rglob("*")):
+            if f.is_file():
+                self.put_file(f, posixpath.join(rel, f.relative_to(local_dir).as_posix()))
+        return self.uri(rel)
+
+    @retry
+    def get_dir(self, rel: str, local_dir: str | Path) -> Path:
+        """Copy the folder ``rel`` to ``local_dir`` (returned)."""
+        local_dir = Path(local_dir)
+        src = self.path(rel)
+        for f in self.fs.find(src):
+            target = local_dir / posixpath.relpath(f, src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fs.cat_file(f))
+        return local_dir
+
+    @retry
+    def ls(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (empty when it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path(rel) if rel else self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def open(self, rel: str, mode: str = "rb"):
+        if "w" in mode or "a" in mode:
+            raise ValueError("use write_bytes/put_file: writes must be atomic")
+        return self.fs.open(self.path(rel), mode)

@@ -1,0 +1,96 @@
+"""``open-clip``: any open_clip model, by config name, ``local-dir:`` folder or inline config."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+import clipforge
+from clipforge.core.components import EncoderBundle
+
+Positive = Annotated[int, Field(gt=0)]
+
+
+class VisionCfg(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image_size: Positive = 224
+    layers: Positive = 12
+    width: Positive = 768
+    patch_size: Positive = 16
+
+
+class TextCfg(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    context_length: Positive = 77
+    vocab_size: Positive = 49408
+    width: Positive = 512
+    heads: Positive = 8
+    layers: Positive = 12
+
+
+class ModelCfg(BaseModel):
+    """An inline open_clip model config (the content of ``model_cfg`` in ``open_clip_config.json``)."""
+
+    model_config = ConfigDict(extra="allow")
+    embed_dim: Positive
+    vision_cfg: VisionCfg
+    text_cfg: TextCfg
+
+
+class OpenClipParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arch: Union[str, ModelCfg] = Field(
+        description="an open_clip config name (ViT-B-32), 'local-dir:PATH', or an inline model config"
+    )
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file (name archs only)")
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    aug_cfg: dict[str, Any] | None = Field(None, description="open_clip AugmentationCfg for the train transform")
+
+
+def create_open_clip(
+    arch: Union[str, ModelCfg, dict[str, Any]],
+    pretrained: str | None = None,
+    image_mean=None,
+    image_std=None,
+    aug_cfg=None,
+) -> EncoderBundle:
+    """Any open_clip model: a config name, a ``local-dir:`` folder, or an inline config."""
+    import open_clip
+
+    if isinstance(arch, BaseModel):
+        arch = arch.model_dump(exclude_none=True)
+    kwargs = dict(image_mean=image_mean, image_std=image_std, aug_cfg=aug_cfg, output_dict=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(arch, dict):
+            # open_clip builds inline configs from a local-dir: folder holding only the config
+            (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
+            name, model_cfg = f"local-dir:{tmp}", arch
+        else:
+            name, model_cfg = arch, open_clip.get_model_config(arch)
+            if model_cfg is None:
+                raise clipforge.ConfigError(
+                    f"open-clip: unknown arch {arch!r}; use 'local-dir:PATH', an inline config, or one of: "
+                    + ", ".join(open_clip.list_models())
+                )
+            if not arch.startswith("local-dir:"):
+                kwargs["pretrained"] = pretrained
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+    return EncoderBundle(
+        model=model,
+        tokenizer=tokenizer,
+        preprocess_train=preprocess_train,
+        preprocess_val=preprocess_val,
+        arch=model_cfg,
+        preprocess_cfg=dict(model.visual.preprocess_cfg),
+    )
+
+
+@clipforge.hookimpl
+def register_encoders(register):
+    register("open-clip", create_open_clip, params=OpenClipParams)
