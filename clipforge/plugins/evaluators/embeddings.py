@@ -1,0 +1,105 @@
+"""Embeddings the evaluators share: L2-normalised image and text features, computed in batches.
+
+Both functions return float32 CPU tensors, whatever the model's device and dtype, so that the
+metrics code sees one kind of input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import clipforge
+from clipforge.core.components import EncoderBundle, Sample
+
+
+def load_image(image: Any, key: str = "?") -> Image.Image:
+    """A sample's image as an RGB PIL image; encoded bytes are decoded."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            image = Image.open(io.BytesIO(image))
+            image.load()
+        except Exception as e:  # PIL raises several kinds on corrupt data
+            raise clipforge.ConfigError(f"sample {key!r}: cannot decode its image: {e}") from e
+    if not isinstance(image, Image.Image):
+        raise clipforge.ConfigError(
+            f"sample {key!r}: image must be a PIL image or encoded bytes, got {type(image).__name__}"
+        )
+    return image.convert("RGB")
+
+
+def embed_images(
+    bundle: EncoderBundle,
+    samples: Iterable[Sample],
+    device: str,
+    batch_size: int,
+    desc: str = "images",
+    check: Callable[[Sample], None] | None = None,
+) -> tuple[torch.Tensor, list[Sample]]:
+    """Normalised image embeddings ``(N, D)`` of ``samples``, and the samples without their images.
+
+    The samples are read once, in a stream (a dataset may be a one-pass iterable), and their
+    images are dropped so that only one batch of pixels is held at a time. ``check`` sees each
+    sample first and raises on a bad one, so bad input fails before every image is embedded.
+    """
+    kept: list[Sample] = []
+    chunks: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
+    with _inference(bundle.model, device) as (model, dtype):
+
+        def flush() -> None:
+            features = model.encode_image(torch.stack(batch).to(device, dtype))
+            chunks.append(F.normalize(features.float(), dim=-1).cpu())
+            batch.clear()
+
+        for sample in tqdm(samples, desc=desc, total=_len(samples), unit="img", disable=None):
+            if check is not None:
+                check(sample)
+            batch.append(bundle.preprocess_val(load_image(sample.image, sample.key)))
+            kept.append(dataclasses.replace(sample, image=None))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    return (torch.cat(chunks) if chunks else torch.empty(0, 0)), kept
+
+
+def embed_texts(
+    bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts"
+) -> torch.Tensor:
+    """Normalised text embeddings ``(len(texts), D)``."""
+    chunks: list[torch.Tensor] = []
+    with _inference(bundle.model, device) as (model, _):
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=None):
+            tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
+            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@contextmanager
+def _inference(model: torch.nn.Module, device: str) -> Iterator[tuple[torch.nn.Module, torch.dtype]]:
+    """``model`` on ``device`` in eval mode without gradients; its train/eval mode is restored after."""
+    was_training = model.training
+    model.to(device).eval()
+    # images must match the weights' dtype (a bf16 model rejects float32 pixels)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with torch.no_grad():
+            yield model, dtype
+    finally:
+        model.train(was_training)
+
+
+def _len(samples: Iterable[Any]) -> int | None:
+    try:
+        return len(samples)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,127 @@
+"""``zero-shot-classification``: CLIP_benchmark's zero-shot classifier and its metrics.
+
+Each class is embedded as the normalised mean of the normalised embeddings of its prompts
+(one per template); an image's logits are its cosine similarities to the classes. Metrics
+(CLIP_benchmark ``metrics/zeroshot_classification.py``): ``acc1``, ``acc5`` (only with at
+least 5 classes) and ``mean_per_class_recall`` (balanced accuracy over the classes present).
+"""
+
+from __future__ import annotations
+
+import numbers
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+import clipforge
+from clipforge.core.components import EncoderBundle, Sample
+
+NAME = "zero-shot-classification"
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+
+
+def check_template(template: str) -> str:
+    """A prompt template must have exactly one kind of placeholder, ``{c}``, the class name."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # unbalanced braces
+        raise ValueError(f"template {template!r} is not a format string: {e}") from None
+    if fields != {"c"}:
+        raise ValueError(f"template {template!r} must contain '{{c}}' (the class name) and no other placeholder")
+    return template
+
+
+Template = Annotated[str, AfterValidator(check_template)]
+
+
+class ZeroShotParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    templates: list[Template] | None = Field(
+        None, min_length=1, description="prompts with '{c}'; default: the dataset's templates, else 'a photo of a {c}.'"
+    )
+    batch_size: int = Field(256, gt=0, description="images or prompts per forward pass")
+
+
+@dataclass
+class ZeroShotClassification:
+    """Zero-shot classification accuracy (acc1, acc5, mean per-class recall), as CLIP_benchmark computes it."""
+
+    templates: list[str] | None = None
+    batch_size: int = 256
+
+    def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
+
+        classes = _classes(dataset)
+        templates = self._templates(dataset)
+        images, samples = embed_images(
+            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=_label_check(len(classes))
+        )
+        if not samples:
+            raise clipforge.ConfigError(f"{NAME}: the dataset is empty")
+        labels = torch.tensor([s.label for s in samples])
+
+        prompts = [t.format(c=c) for c in classes for t in templates]
+        texts = embed_texts(bundle, prompts, device, self.batch_size, desc=f"{NAME}: prompts")
+        weights = F.normalize(texts.view(len(classes), len(templates), -1).mean(dim=1), dim=-1)
+        logits = images @ weights.T
+
+        ranked = logits.topk(min(5, len(classes)), dim=1).indices
+        hits = ranked == labels[:, None]
+        metrics = {"acc1": hits[:, 0].float().mean().item()}
+        if len(classes) >= 5:
+            metrics["acc5"] = hits.any(dim=1).float().mean().item()
+        # sklearn's balanced_accuracy_score: recall averaged over the classes that have samples
+        per_class = torch.bincount(labels, weights=hits[:, 0].double(), minlength=len(classes))
+        counts = torch.bincount(labels, minlength=len(classes))
+        metrics["mean_per_class_recall"] = (per_class[counts > 0] / counts[counts > 0]).mean().item()
+        return metrics
+
+    def _templates(self, dataset: object) -> list[str]:
+        templates = self.templates or getattr(dataset, "templates", None) or DEFAULT_TEMPLATES
+        try:
+            return [check_template(t) for t in templates]
+        except ValueError as e:
+            source = "templates" if self.templates else "the dataset's templates"
+            raise clipforge.ConfigError(f"{NAME}: {source}: {e}") from None
+
+
+def _classes(dataset: object) -> list[str]:
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        raise clipforge.ConfigError(
+            f"{NAME}: the dataset has no `classes`; zero-shot classification needs a classification dataset"
+        )
+    classes = list(classes)
+    if not classes:
+        raise clipforge.ConfigError(f"{NAME}: the dataset's `classes` is empty")
+    duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if duplicates:
+        raise clipforge.ConfigError(f"{NAME}: the dataset's `classes` has duplicate names: {', '.join(duplicates)}")
+    return classes
+
+
+def _label_check(n_classes: int) -> Callable[[Sample], None]:
+    def check(s: Sample) -> None:
+        if not isinstance(s.label, numbers.Integral):
+            raise clipforge.ConfigError(
+                f"{NAME}: sample {s.key!r} has label {s.label!r}; every sample needs its class index (an int)"
+            )
+        if not 0 <= s.label < n_classes:
+            raise clipforge.ConfigError(
+                f"{NAME}: sample {s.key!r} has label {s.label}, outside the {n_classes} classes"
+            )
+
+    return check
+
+
+@clipforge.hookimpl
+def register_evaluators(register):
+    register(NAME, ZeroShotClassification, params=ZeroShotParams)
