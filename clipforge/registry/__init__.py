@@ -1,0 +1,46 @@
+"""MLflow for clipforge: tracking runs, the pyfunc model, registered versions, aliases and promotion.
+
+- :mod:`~clipforge.registry.tracking`: tracking URI, experiments, metric names, the ``mlflow ui`` command.
+- :mod:`~clipforge.registry.pyfunc`: log an open_clip ``local-dir:`` folder as a pyfunc mapping
+  images or texts to normalized embeddings (:class:`ClipEmbeddingModel`).
+- :mod:`~clipforge.registry.promotion`: register versions (alias ``challenger``) and move alias
+  ``champion`` only to a better version, safely when several retrains finish at once.
+- :mod:`~clipforge.registry.model_card`: the Markdown model card.
+
+Importing this package imports mlflow; only the flows and the command line do.
+"""
+
+from clipforge.registry.model_card import render_model_card
+from clipforge.registry.promotion import (
+    PromotionError,
+    champion_metrics,
+    promote_if_better,
+    register_version,
+    rollback,
+    set_champion,
+)
+from clipforge.registry.pyfunc import ClipEmbeddingModel, log_pyfunc_model
+from clipforge.registry.tracking import (
+    default_tracking_uri,
+    ensure_experiment,
+    log_metrics,
+    metric_key,
+    mlflow_ui_command,
+)
+
+__all__ = [
+    "ClipEmbeddingModel",
+    "PromotionError",
+    "champion_metrics",
+    "default_tracking_uri",
+    "ensure_experiment",
+    "log_metrics",
+    "log_pyfunc_model",
+    "metric_key",
+    "mlflow_ui_command",
+    "promote_if_better",
+    "register_version",
+    "render_model_card",
+    "rollback",
+    "set_champion",
+]

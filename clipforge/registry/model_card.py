@@ -1,0 +1,100 @@
+"""The model card: a Markdown page logged beside each model (data, recipe, metrics, lineage, usage)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+
+
+def render_model_card(
+    *, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None
+) -> str:
+    """Markdown describing the model ``model_name`` (version ``version`` once registered)."""
+    recipe = _parse(recipe_yaml)
+    title = f"# {model_name}" + (f" — version {version}" if version else "")
+    uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@champion"
+    sections = [
+        title,
+        "A CLIP-style image-text model trained with a contrastive loss by clipforge. It maps images "
+        "and texts into one embedding space: compare them by cosine similarity.",
+        "## Data\n\n" + _data_section(recipe),
+        "## Metrics\n\n" + _table(("metric", "value"), [(k, _number(v)) for k, v in sorted(metrics.items())]),
+        "## Lineage\n\n" + _table(("key", "value"), [(k, str(v)) for k, v in sorted(lineage.items())]),
+        "## Recipe\n\n```yaml\n" + recipe_yaml.strip() + "\n```",
+        _usage(model_name, uri),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _parse(recipe_yaml: str) -> dict[str, Any]:
+    try:
+        recipe = yaml.safe_load(recipe_yaml)
+    except yaml.YAMLError:
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def _data_section(recipe: dict[str, Any]) -> str:
+    data = recipe.get("data") or {}
+    rows = [(split, _component(ref)) for split, ref in data.items()] if isinstance(data, dict) else []
+    text = _table(("split", "dataset"), rows) if rows else "Not recorded in the recipe."
+    steps = recipe.get("curation") or []
+    if steps:
+        text += "\n\nCurated with, in order: " + ", ".join(_component(step) for step in steps) + "."
+    return text
+
+
+def _component(ref: Any) -> str:
+    """``type`` followed by its parameters, e.g. ``synthetic-shapes (size=4000, seed=0)``."""
+    if not isinstance(ref, dict):
+        return f"`{ref}`"
+    params = ", ".join(f"{k}={v}" for k, v in ref.items() if k != "type")
+    return f"`{ref.get('type', '?')}`" + (f" ({params})" if params else "")
+
+
+def _usage(model_name: str, uri: str) -> str:
+    return f"""## How to use it
+
+With open_clip alone, from the model's `local-dir:` folder (`open_clip_config.json` and
+`open_clip_model.safetensors`; the MLflow model carries it under `artifacts/`):
+
+```python
+import open_clip, torch
+
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH")
+tokenizer = open_clip.get_tokenizer("local-dir:PATH")
+with torch.no_grad():
+    image_features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)
+    text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)
+```
+
+With MLflow, as a pyfunc that maps a DataFrame with an `image` column (base64 or raw bytes of
+an encoded image) or a `text` column (one of the two per row) to L2-normalized float32
+embeddings:
+
+```python
+import mlflow, pandas as pd
+
+model = mlflow.pyfunc.load_model("models:/{model_name}@champion")  # or "{uri}"
+embeddings = model.predict(pd.DataFrame({{"text": ["a photo of a cat"]}}))
+```"""
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:
+    if not rows:
+        return "None recorded."
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.6g}"
+    return str(value)
