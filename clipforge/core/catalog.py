@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import pydantic
 
 from clipforge.core.components import KINDS
-from clipforge.core.errors import DuplicateComponentError, UnknownComponentError
+from clipforge.core.errors import KIND_NOUNS, DuplicateComponentError, UnknownComponentError
 
 
 class RegisterFn(Protocol):
@@ -43,22 +43,31 @@ class Component:
             known = {n for n, f in self.params.model_fields.items()} | {
                 f.alias for f in self.params.model_fields.values() if f.alias
             }
-            extra_allowed = self.params.model_config.get("extra") == "allow"
+            # pydantic's default silently ignores unknown fields; a typo must not pass unnoticed
+            checked_by_pydantic = self.params.model_config.get("extra") in ("allow", "forbid")
             errors = [
                 (k, "unknown parameter; expected one of: " + ", ".join(sorted(known)))
                 for k in fields
-                if k not in known and not extra_allowed
+                if k not in known and not checked_by_pydantic
             ]
             try:
                 model = self.params.model_validate(fields)
             except pydantic.ValidationError as e:
-                errors += [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
+                errors += [
+                    (
+                        ".".join(str(p) for p in err["loc"]),
+                        f"unknown parameter; expected one of: {', '.join(sorted(known))}"
+                        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1
+                        else err["msg"],
+                    )
+                    for err in e.errors()
+                ]
                 return {}, errors
             return ({} if errors else dict(model)), errors
         try:
             inspect.signature(self.factory).bind(**fields)
         except TypeError as e:
-            return {}, [("", f"{self.kind.rstrip('s')} {self.name!r}: {e}")]
+            return {}, [("", f"{KIND_NOUNS[self.kind]} {self.name!r}: {e}")]
         return dict(fields), []
 
     def create(self, fields: dict[str, Any]) -> Any:

@@ -7,6 +7,15 @@ class ClipforgeError(Exception):
     """Base of every error clipforge raises on purpose."""
 
 
+KIND_NOUNS = {
+    "encoders": "encoder",
+    "losses": "loss",
+    "datasets": "dataset",
+    "evaluators": "evaluator",
+    "curation_steps": "curation step",
+}
+
+
 class ConfigError(ClipforgeError):
     """Bad input: a recipe, an argument, a component reference. Exit code 2."""
 
@@ -28,7 +37,7 @@ class UnknownComponentError(ConfigError):
     def __init__(self, kind: str, name: str, available: list[str]):
         self.kind, self.name, self.available = kind, name, available
         names = ", ".join(sorted(available)) or "none"
-        super().__init__(f"unknown {kind.rstrip('s').replace('_', ' ')} {name!r}; available: {names}")
+        super().__init__(f"unknown {KIND_NOUNS.get(kind, kind)} {name!r}; available: {names}")
 
 
 class DuplicateComponentError(ClipforgeError):
@@ -36,7 +45,7 @@ class DuplicateComponentError(ClipforgeError):
 
     def __init__(self, kind: str, name: str, first: str, second: str):
         super().__init__(
-            f"{kind.rstrip('s').replace('_', ' ')} {name!r} is registered twice: "
+            f"{KIND_NOUNS.get(kind, kind)} {name!r} is registered twice: "
             f"by {first!r} and by {second!r}; disable one (CLIPFORGE_DISABLE_PLUGINS) or rename it"
         )
 

@@ -118,17 +118,29 @@ class Recipe(_Strict):
 
     def component_entries(self) -> list[tuple[str, str, dict[str, Any]]]:
         """Every component the recipe references, as ``(kind, field path, entry)``."""
-        out = [("datasets", "data.train", self.data.train.entry())]
-        if self.data.eval is not None:
-            out.append(("datasets", "data.eval", self.data.eval.entry()))
-        out += [("curation_steps", f"curation.{i}", c.entry()) for i, c in enumerate(self.curation)]
-        out.append(("encoders", "model", self.model.entry()))
-        out.append(("losses", "loss", self.loss.entry()))
-        for i, ev in enumerate(self.evaluation):
-            out.append(("evaluators", f"evaluation.{i}", ev.entry()))
-            if ev.dataset is not None:
-                out.append(("datasets", f"evaluation.{i}.dataset", ev.dataset.entry()))
-        return out
+        return component_entries(self.model_dump(mode="json", exclude_none=True))
+
+
+def component_entries(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """The component entries of a recipe's raw data, skipping what is malformed (validation reports that)."""
+    out: list[tuple[str, str, dict[str, Any]]] = []
+
+    def add(kind: str, path: str, entry: Any, drop: tuple[str, ...] = ()) -> None:
+        if isinstance(entry, dict) and isinstance(entry.get("type"), str):
+            out.append((kind, path, {k: v for k, v in entry.items() if k not in drop}))
+
+    data_section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    add("datasets", "data.train", data_section.get("train"))
+    add("datasets", "data.eval", data_section.get("eval"))
+    for i, c in enumerate(data.get("curation") or [] if isinstance(data.get("curation"), list) else []):
+        add("curation_steps", f"curation.{i}", c)
+    add("encoders", "model", data.get("model"))
+    add("losses", "loss", data.get("loss", {"type": "clip"}))
+    for i, ev in enumerate(data.get("evaluation") or [] if isinstance(data.get("evaluation"), list) else []):
+        add("evaluators", f"evaluation.{i}", ev, drop=("dataset", "name"))
+        if isinstance(ev, dict):
+            add("datasets", f"evaluation.{i}.dataset", ev.get("dataset"))
+    return out
 
 
 def builtin_recipe(name: str) -> Path:
@@ -213,27 +225,48 @@ def load_recipe(
     label = "recipe" if isinstance(source, dict) else str(source)
     data = json.loads(json.dumps(source)) if isinstance(source, dict) else read_yaml(source)
     data = apply_overrides(data, overrides)
+    errors: list[tuple[str, str]] = []
+    recipe = None
     try:
         recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as e:
-        raise RecipeError([(_loc(err["loc"]), err["msg"]) for err in e.errors()], source=label) from None
+        errors += [(_loc(err["loc"]), err["msg"]) for err in e.errors()]
     if check_components:
         if catalog is None:
             from clipforge.core.plugins import get_plugin_manager
 
             catalog = get_plugin_manager().catalog
-        errors = check_recipe_components(recipe, catalog)
-        if errors:
-            raise RecipeError(errors, source=label)
+        errors += check_components_of(data, catalog)
+    if recipe is not None:
+        errors += _check_promotion(recipe)
+    if errors:
+        raise RecipeError(errors, source=label)
     return recipe
 
 
-def check_recipe_components(recipe: Recipe, catalog) -> list[tuple[str, str]]:
-    """Validate every component entry against its registered params; errors carry full paths."""
+def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
+    """The promotion metric must come from one of the recipe's evaluators."""
+    rule = recipe.registry.promote
+    if rule is None:
+        return []
+    evaluator = rule.metric.removeprefix("eval/").split("/")[0]
+    labels = [ev.label for ev in recipe.evaluation]
+    if evaluator in labels and "/" in rule.metric.removeprefix("eval/"):
+        return []
+    return [
+        (
+            "registry.promote.metric",
+            f"{rule.metric!r} is not '<evaluator>/<metric>' of an evaluator of this recipe ({', '.join(labels) or 'none'})",
+        )
+    ]
+
+
+def check_components_of(data: dict[str, Any], catalog) -> list[tuple[str, str]]:
+    """Validate every component entry of a recipe's raw data against its registered params, with full paths."""
     from clipforge.core.errors import UnknownComponentError
 
     errors: list[tuple[str, str]] = []
-    for kind, path, entry in recipe.component_entries():
+    for kind, path, entry in component_entries(data):
         fields = dict(entry)
         name = fields.pop("type")
         try:

@@ -14,6 +14,7 @@ from clipforge.registry.model_card import render_model_card
 from clipforge.registry.promotion import (
     PromotionError,
     champion_metrics,
+    champion_version,
     promote_if_better,
     register_version,
     rollback,
@@ -32,6 +33,7 @@ __all__ = [
     "ClipEmbeddingModel",
     "PromotionError",
     "champion_metrics",
+    "champion_version",
     "default_tracking_uri",
     "ensure_experiment",
     "log_metrics",

@@ -159,6 +159,16 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
         return target
 
 
+def champion_version(name: str) -> str | None:
+    """The version holding ``champion``; None when there is none, or no such registered model yet."""
+    try:
+        return _aliases(MlflowClient(), name).get(CHAMPION)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 def champion_metrics(name: str) -> dict[str, float] | None:
     """The champion's metrics (keys as tagged, i.e. through ``metric_key``), or None without a champion."""
     client = MlflowClient()

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
 from clipforge.core.components import EncoderBundle
@@ -18,7 +18,7 @@ Positive = Annotated[int, Field(gt=0)]
 class VisionCfg(BaseModel):
     model_config = ConfigDict(extra="allow")
     image_size: Positive = 224
-    layers: Positive = 12
+    layers: Union[Positive, list[Positive]] = 12  # a list of stage depths builds a ResNet tower
     width: Positive = 768
     patch_size: Positive = 16
 
@@ -43,17 +43,25 @@ class ModelCfg(BaseModel):
 
 class OpenClipParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    arch: Union[str, ModelCfg] = Field(
-        description="an open_clip config name (ViT-B-32), 'local-dir:PATH', or an inline model config"
-    )
+    # Two fields rather than one union, so that a bad inline config is reported at its own path
+    # (model.config.vision_cfg.width) and not once per union member.
+    arch: str | None = Field(None, description="an open_clip config name (ViT-B-32) or 'local-dir:PATH'")
+    config: ModelCfg | None = Field(None, description="an inline open_clip model config (model_cfg)")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file (name archs only)")
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
     aug_cfg: dict[str, Any] | None = Field(None, description="open_clip AugmentationCfg for the train transform")
 
+    @model_validator(mode="after")
+    def _one_architecture(self) -> OpenClipParams:
+        if (self.arch is None) == (self.config is None):
+            raise ValueError("give exactly one of 'arch' (a config name or local-dir:PATH) and 'config' (inline)")
+        return self
+
 
 def create_open_clip(
-    arch: Union[str, ModelCfg, dict[str, Any]],
+    arch: str | None = None,
+    config: Union[ModelCfg, dict[str, Any], None] = None,
     pretrained: str | None = None,
     image_mean=None,
     image_std=None,
@@ -62,14 +70,14 @@ def create_open_clip(
     """Any open_clip model: a config name, a ``local-dir:`` folder, or an inline config."""
     import open_clip
 
-    if isinstance(arch, BaseModel):
-        arch = arch.model_dump(exclude_none=True)
+    if isinstance(config, BaseModel):
+        config = config.model_dump(exclude_none=True)
     kwargs = dict(image_mean=image_mean, image_std=image_std, aug_cfg=aug_cfg, output_dict=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(arch, dict):
+        if config is not None:
             # open_clip builds inline configs from a local-dir: folder holding only the config
-            (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch}))
-            name, model_cfg = f"local-dir:{tmp}", arch
+            (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+            name, model_cfg = f"local-dir:{tmp}", config
         else:
             name, model_cfg = arch, open_clip.get_model_config(arch)
             if model_cfg is None:

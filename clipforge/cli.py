@@ -1,0 +1,259 @@
+"""``clipforge``: demo, run, validate, plugins, schedule, promote, rollback, schema.
+
+Exit codes: 0 success, 1 a failed run, 2 bad input. Errors print as one message; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from clipforge.core.errors import ClipforgeError, ConfigError
+
+console = Console(stderr=False, highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _recipe(path: str, overrides: list[str]):
+    from clipforge.core.recipe import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+def _tracking(workdir: Path) -> tuple[str, str | None]:
+    """MLflow tracking URI and artifact root: the environment's, else a SQLite file in ``workdir``."""
+    from clipforge.registry import default_tracking_uri
+
+    uri = default_tracking_uri(workdir)
+    artifact_root = None if os.environ.get("MLFLOW_TRACKING_URI") else str((workdir / "mlartifacts").resolve())
+    return uri, artifact_root
+
+
+def _run_retrain(recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> dict[str, Any]:
+    import mlflow
+
+    from clipforge.flows import retrain_flow
+
+    uri, artifact_root = _tracking(workdir)
+    mlflow.set_tracking_uri(uri)
+    return retrain_flow(recipe.as_dict(), run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
+
+
+def _report(result: dict[str, Any], workdir: Path, seconds: float) -> None:
+    from clipforge.registry import mlflow_ui_command
+
+    metrics = result.get("evaluate", {}).get("metrics", {})
+    if metrics:
+        table = Table(title="metrics", show_edge=False)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in sorted(metrics.items()):
+            table.add_row(k, f"{v:.4f}")
+        console.print(table)
+    cur, tr, reg = result.get("curate", {}), result.get("train", {}), result.get("register", {})
+    if cur:
+        console.print(f"curated: {cur['kept']:,} of {cur['input']:,} pairs kept; manifest {cur['manifest_uri']}")
+    if tr:
+        console.print(
+            f"trained: {tr['steps']} steps, final loss {tr['final_loss']:.4f}, "
+            f"{tr['samples_per_s']} samples/s on {tr['device']}; model {tr['model_uri']}"
+        )
+    if reg:
+        state = "champion" if reg["promoted"] else f"challenger (champion stays version {reg['previous_champion']})"
+        console.print(f"registered: {reg['model_name']} version {reg['version']} -> {state}")
+        console.print(f"load it:  mlflow.pyfunc.load_model('models:/{reg['model_name']}@champion')")
+    console.print(f"artifacts: {result['store']}")
+    console.print(f"browse:    {mlflow_ui_command(_tracking(workdir)[0])}")
+    console.print(f"done in {seconds:.0f} s (run {result['run_id']})")
+
+
+def cmd_demo(args) -> int:
+    from clipforge.core.recipe import builtin_recipe, load_recipe
+
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(builtin_recipe("shapes"), [f"storage.root={workdir / 'clipforge-store'}", *args.set])
+    console.print(f"clipforge demo: the built-in '{recipe.name}' recipe, everything under {workdir}")
+    start = time.perf_counter()
+    result = _run_retrain(recipe, run_id=None, stages=list(_stages("all")), workdir=workdir)
+    _report(result, workdir, time.perf_counter() - start)
+    return 0
+
+
+def _stages(stage: str) -> tuple[str, ...]:
+    from clipforge.flows.common import STAGES
+
+    return STAGES if stage == "all" else (stage,)
+
+
+def cmd_run(args) -> int:
+    recipe = _recipe(args.recipe, args.set)
+    workdir = Path(args.workdir).resolve()
+    if args.stage != "all" and args.stage != "curate" and not args.run_id:
+        raise ConfigError(f"--stage {args.stage} continues an existing run: give its --run-id")
+    start = time.perf_counter()
+    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir)
+    _report(result, workdir, time.perf_counter() - start)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    recipe = _recipe(args.recipe, args.set)
+    kinds = {kind for kind, _, _ in recipe.component_entries()}
+    console.print(f"{args.recipe}: valid ({len(recipe.component_entries())} components of {len(kinds)} kinds)")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from clipforge.core.recipe import Recipe
+
+    console.print_json(json.dumps(Recipe.model_json_schema()))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from clipforge.core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.catalog  # builds the catalogs, filling each plugin's components
+    infos = [i.as_dict() for i in pm.infos.values()]
+    if args.json:
+        print(json.dumps(infos, indent=2))
+        return 0
+    for i in infos:
+        status = "[green]ok[/green]" if i["status"] == "ok" else f"[red]failed[/red]: {escape(i['error'])}"
+        console.print(f"[bold]{i['name']}[/bold]  ({i['distribution']} {i['version']})  {status}")
+        console.print(f"  hooks: {', '.join(i['hooks']) or '-'}")
+        for kind, names in i["components"].items():
+            console.print(f"  {kind}: {', '.join(names)}")
+    console.print()
+    catalog = pm.catalog
+    from clipforge.core.components import KINDS
+
+    for kind in KINDS:
+        console.print(f"[bold]{kind}[/bold]: {', '.join(catalog.names(kind)) or '-'}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from clipforge.flows import retrain_flow
+
+    recipe = _recipe(args.recipe, args.set)
+    uri, artifact_root = _tracking(Path(args.workdir).resolve())
+    console.print(f"serving retrain of {args.recipe} on cron '{args.cron}' (Ctrl-C stops)")
+    retrain_flow.serve(
+        name=args.name or f"retrain-{recipe.name}",
+        cron=args.cron,
+        parameters={"recipe": recipe.as_dict(), "tracking_uri": uri, "artifact_root": artifact_root},
+    )
+    return 0
+
+
+def cmd_promote(args) -> int:
+    import mlflow
+
+    from clipforge.registry import set_champion
+
+    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    set_champion(args.model, args.version, reason=args.reason, user=os.environ.get("USER"))
+    console.print(f"{args.model}: champion -> version {args.version}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    import mlflow
+
+    from clipforge.registry import rollback
+
+    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    version = rollback(args.model, reason=args.reason)
+    console.print(f"{args.model}: champion rolled back to version {version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clipforge import __version__
+
+    p = argparse.ArgumentParser(prog="clipforge", description="Curate, train, evaluate and register CLIP-style models.")
+    p.add_argument("--version", action="version", version=f"clipforge {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        return sp
+
+    def overrides(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+
+    def workdir(sp: argparse.ArgumentParser, default: str = ".") -> None:
+        sp.add_argument("--workdir", default=default, help="where the local MLflow store lives unless MLFLOW_TRACKING_URI is set")
+
+    sp = add("demo", cmd_demo, "the whole retrain on the built-in shapes recipe, with nothing to start")
+    workdir(sp, "clipforge-demo")
+    overrides(sp)
+    sp = add("run", cmd_run, "run a recipe's stages as Prefect flows")
+    sp.add_argument("recipe")
+    sp.add_argument("--stage", default="all", choices=["all", "curate", "train", "evaluate", "register"])
+    sp.add_argument("--run-id", help="continue this run: completed stages are skipped")
+    overrides(sp)
+    workdir(sp)
+    sp = add("validate", cmd_validate, "check a recipe and its components' parameters")
+    sp.add_argument("recipe")
+    overrides(sp)
+    add("schema", cmd_schema, "print the JSON schema of recipes")
+    sp = add("plugins", cmd_plugins, "list installed plugins, their hooks and components")
+    sp.add_argument("--json", action="store_true")
+    sp = add("schedule", cmd_schedule, "serve the retrain flow on a cron schedule from this machine")
+    sp.add_argument("recipe")
+    sp.add_argument("--cron", required=True)
+    sp.add_argument("--name", help="deployment name (default retrain-<recipe name>)")
+    overrides(sp)
+    workdir(sp)
+    sp = add("promote", cmd_promote, "move the champion alias to a version by hand")
+    sp.add_argument("model")
+    sp.add_argument("version")
+    sp.add_argument("--reason", default="manual promotion")
+    workdir(sp)
+    sp = add("rollback", cmd_rollback, "move the champion alias back to the previous champion")
+    sp.add_argument("model")
+    sp.add_argument("--reason", default="manual rollback")
+    workdir(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 1
+    except Exception as e:
+        if args.debug:
+            raise
+        kind = "" if isinstance(e, ClipforgeError) else f"{type(e).__name__}: "
+        err.print(f"[red]failed:[/red] {escape(kind + str(e))}", soft_wrap=True)
+        err.print("(run with --debug for the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Prefect flows: curate, train, evaluate, register, and retrain chaining them."""
+
+import os
+
+# Before Prefect is imported: its ephemeral server needs longer than the default 20 s on a cold
+# start, and its analytics ping only adds a noisy traceback where there is no network.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from clipforge.flows.common import STAGES  # noqa: E402
+from clipforge.flows.curate import curate_flow  # noqa: E402
+from clipforge.flows.evaluate import evaluate_flow  # noqa: E402
+from clipforge.flows.register import register_flow  # noqa: E402
+from clipforge.flows.retrain import retrain_flow  # noqa: E402
+from clipforge.flows.train import train_flow  # noqa: E402
+
+__all__ = ["STAGES", "curate_flow", "evaluate_flow", "register_flow", "retrain_flow", "train_flow"]

@@ -1,0 +1,67 @@
+"""The train flow: curated shards -> checkpoints and an open_clip model folder on the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from prefect import flow
+
+from clipforge.engine.trainer import train
+from clipforge.flows.common import open_context, require, stage
+from clipforge.flows.figures import loss_figure
+from clipforge.flows.tracking import log_figure, mlflow_run
+from clipforge.registry import log_metrics
+
+
+class _StepLogger:
+    """Fires ``after_train_step`` every step; sends metrics to MLflow in batches, not one call a step."""
+
+    def __init__(self, ctx, run_id: str, every: int):
+        self.ctx, self.run_id, self.every = ctx, run_id, every
+        self.pending: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.ctx.plugins.hook.after_train_step(context=self.ctx, step=step, metrics=metrics)
+        self.pending.append((step, metrics))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        from mlflow.entities import Metric
+
+        from clipforge.registry import metric_key
+
+        items = [
+            Metric(metric_key(f"train/{k}"), float(v), 0, step)
+            for step, metrics in self.pending
+            for k, v in metrics.items()
+        ]
+        for i in range(0, len(items), 1000):
+            MlflowClient().log_batch(self.run_id, metrics=items[i : i + 1000])
+        self.pending.clear()
+
+
+@flow(name="train", log_prints=True)
+def train_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Train the recipe's model on the run's curated data; resumes from the run's latest checkpoint."""
+    ctx = open_context(recipe, run_id)
+    curated = require(ctx, "train", "curate")
+    with stage(ctx, "train") as result:
+        run = mlflow_run(ctx)
+        logger = _StepLogger(ctx, run, ctx.recipe.train.log_every)
+        out = f"{ctx.run_dir}/train"
+        try:
+            summary = train(ctx.recipe, ctx.plugins.catalog, ctx.store, out, curated["shards"], on_step=logger)
+        finally:
+            logger.flush()
+        log_metrics(
+            {"train/samples_per_s_mean": summary["samples_per_s"] or 0.0, "train/steps": float(summary["steps"])},
+            run_id=run,
+        )
+        history = ctx.store.read_json(f"{out}/history.json")
+        if history:
+            log_figure(ctx, loss_figure(history), "figures/loss_curve.png")
+        MlflowClient().set_tag(run, "clipforge.checkpoint_uri", ctx.store.uri(summary["checkpoint"]))
+        result.update(summary)
+    return ctx.state["train"]
