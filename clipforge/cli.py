@@ -20,7 +20,7 @@ from rich.table import Table
 
 from clipforge.core.errors import ClipforgeError, ConfigError
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # commands and paths must stay copyable
 err = Console(stderr=True, highlight=False)
 
 

@@ -95,7 +95,8 @@ def curate(
         shards.append(write_shard(store, rel, pending))
         pending.clear()
 
-    bar = tqdm(total=total, desc="curate", unit="pair", disable=not progress)
+    # disable=None: a bar on terminals only, never in the logs of workers and CI
+    bar = tqdm(total=total, desc="curate", unit="pair", disable=None if progress else True)
     for batch in _batches(dataset, BATCH):
         bar.update(len(batch))
         alive: list[tuple[Decoded, dict[str, float]]] = []

@@ -171,7 +171,8 @@ def train(
 
     every = cfg.checkpoint_every
     history: list[dict[str, float]] = []
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
+    # disable=None: a bar on terminals only, never in the logs of workers and CI
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None if progress else True)
     t_start = time.perf_counter()
     samples_done = 0
     model.train()

@@ -1,0 +1,98 @@
+"""Recipes: YAML loading, overrides, validation with full field paths, the embedded default."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from clipforge.core.errors import ConfigError, RecipeError
+from clipforge.core.recipe import Recipe, builtin_recipe, load_recipe
+from tests.conftest import write_yaml
+
+
+def test_the_embedded_default_is_valid():
+    recipe = load_recipe(builtin_recipe("shapes"))
+    assert recipe.name == "shapes" and recipe.model_name == "shapes-clip"
+    assert [ev.type for ev in recipe.evaluation] == ["zero-shot-classification", "retrieval"]
+
+
+def test_defaults_and_model_name(tiny_recipe):
+    del tiny_recipe["registry"]
+    recipe = load_recipe(tiny_recipe)
+    assert recipe.model_name == "tiny" and recipe.registry.promote is None
+    assert recipe.train.precision == "auto" and recipe.loss.type == "clip"
+
+
+def test_overrides_parse_values_as_yaml(tmp_path, tiny_recipe):
+    path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
+    recipe = load_recipe(
+        path, ["train.epochs=3", "train.grad_clip=1.5", "evaluation.1.ks=[1, 2]", "model.config.embed_dim=16"]
+    )
+    assert recipe.train.epochs == 3 and recipe.train.grad_clip == 1.5
+    assert recipe.evaluation[1].fields["ks"] == [1, 2]
+    assert recipe.model.fields["config"]["embed_dim"] == 16
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=1", "'train.epoch' is not a field of the recipe"),
+        ("nope.x=1", "'nope' is not in the recipe"),
+        ("evaluation.7.ks=[1]", "'evaluation.7' is not in the recipe"),
+        ("train.epochs", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_are_refused(tiny_recipe, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_recipe(tiny_recipe, [override])
+
+
+def test_every_error_is_reported_with_its_path(tiny_recipe):
+    tiny_recipe["train"]["epochs"] = 0
+    tiny_recipe["train"]["colour"] = "red"
+    tiny_recipe["data"]["train"]["size"] = "many"
+    tiny_recipe["curation"][0]["min_wordz"] = 2
+    tiny_recipe["model"]["config"]["vision_cfg"]["width"] = -1
+    tiny_recipe["loss"] = {"type": "nope"}
+    del tiny_recipe["name"]
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tiny_recipe)
+    paths = dict(e.value.errors)
+    assert paths["train.epochs"] == "Input should be greater than 0"
+    assert paths["train.colour"] == "Extra inputs are not permitted"
+    assert paths["name"] == "Field required"
+    assert "valid integer" in paths["data.train.size"]
+    assert "unknown parameter" in paths["curation.0.min_wordz"]
+    assert paths["model.config.vision_cfg.width"] == "Input should be greater than 0"
+    assert "unknown loss 'nope'; available: clip" in paths["loss.type"]
+
+
+def test_promotion_metric_must_come_from_an_evaluator(tiny_recipe):
+    tiny_recipe["registry"]["promote"]["metric"] = "linear-probe/acc1"
+    with pytest.raises(RecipeError, match="registry.promote.metric"):
+        load_recipe(tiny_recipe)
+
+
+def test_missing_file_bad_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nothere.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_digest_is_stable_and_sensitive(tiny_recipe):
+    a, b = load_recipe(tiny_recipe), load_recipe(tiny_recipe)
+    assert a.digest() == b.digest()
+    assert load_recipe(tiny_recipe, ["train.seed=1"]).digest() != a.digest()
+    assert load_recipe(tiny_recipe, ["train.seed=1"]).digest("data", "curation") == a.digest("data", "curation")
+
+
+def test_yaml_round_trip_and_json_schema(tiny_recipe):
+    recipe = load_recipe(tiny_recipe)
+    assert load_recipe(yaml.safe_load(recipe.to_yaml())).digest() == recipe.digest()
+    schema = Recipe.model_json_schema()
+    assert {"name", "data", "model"} <= set(schema["required"])

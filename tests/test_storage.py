@@ -1,0 +1,79 @@
+"""The store: atomic writes, retries on transient errors, paths that stay under the root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from clipforge.core.storage import Store, retry
+
+
+def test_write_read_json_and_listing(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    uri = store.write_json("a/b.json", {"x": 1})
+    assert uri == str(tmp_path / "root" / "a" / "b.json")
+    assert store.read_json("a/b.json") == {"x": 1}
+    assert store.exists("a/b.json") and not store.exists("a/c.json")
+    assert store.ls("a") == ["b.json"] and store.ls("missing") == []
+
+
+def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    store.write_bytes("f.bin", b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_bytes("f.bin", b"new")
+    assert (tmp_path / "f.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # no temporary file left
+
+
+def test_paths_cannot_leave_the_root(tmp_path):
+    store = Store(str(tmp_path))
+    for bad in ("../x", "a/../../x", "/etc/passwd"):
+        with pytest.raises(ValueError, match="stay under the root"):
+            store.path(bad)
+
+
+def test_put_dir_and_get_dir_round_trip(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.txt").write_text("b")
+    store = Store(str(tmp_path / "root"))
+    store.put_dir(src, "dir")
+    out = store.get_dir("dir", tmp_path / "out")
+    assert (out / "a.txt").read_text() == "a" and (out / "sub" / "b.txt").read_text() == "b"
+
+
+def test_retry_retries_transient_errors_only(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    @retry
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("503 Service Unavailable")
+        return "ok"
+
+    assert flaky() == "ok" and len(calls) == 3
+
+    @retry
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        missing()
+    assert len(calls) == 1
+
+
+def test_writes_to_the_store_refuse_open_for_writing(tmp_path):
+    with pytest.raises(ValueError, match="atomic"):
+        Store(str(tmp_path)).open("x", "wb")
