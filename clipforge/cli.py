@@ -63,6 +63,9 @@ def _report(result: dict[str, Any], workdir: Path, seconds: float) -> None:
     cur, tr, reg = result.get("curate", {}), result.get("train", {}), result.get("register", {})
     if cur:
         console.print(f"curated: {cur['kept']:,} of {cur['input']:,} pairs kept; manifest {cur['manifest_uri']}")
+        for step, counts in cur.get("funnel", {}).items():
+            for reason, n in counts["reasons"].items():
+                console.print(f"  dropped by {step}: {n:,} x {reason}")
     if tr:
         console.print(
             f"trained: {tr['steps']} steps, final loss {tr['final_loss']:.4f}, "

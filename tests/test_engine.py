@@ -177,3 +177,16 @@ def test_evaluation_namespaces_metrics_by_evaluator(tiny_recipe, tmp_path):
     metrics = evaluate(recipe, catalog, store, result["model"], device="cpu")
     assert {"eval/zero-shot-classification/acc1", "eval/retrieval/mean_recall@1", "eval/retrieval/image_retrieval_recall@5"} <= set(metrics)
     assert all(0.0 <= v <= 1.0 and np.isfinite(v) for v in metrics.values())
+
+
+def test_curation_catches_every_defect_of_the_synthetic_crawl(tiny_recipe, tmp_path):
+    tiny_recipe["data"]["train"].update(size=300, defects=0.2)
+    recipe = load_recipe(tiny_recipe)
+    catalog = clipforge.get_plugin_manager().catalog
+    summary = curate(recipe, catalog, Store(str(tmp_path)), "curated/x", progress=False)
+    defects = [s.meta["defect"] for s in catalog.create("datasets", recipe.data.train.entry()) if "defect" in s.meta]
+    funnel = summary["funnel"]
+    assert summary["kept"] == 300 - len(defects)
+    assert funnel["decode"]["dropped"] == sum(d != "one-word caption" for d in defects)
+    assert funnel["caption-length"]["dropped"] == defects.count("one-word caption")
+    assert funnel["decode"]["reasons"]["empty caption"] == defects.count("empty caption")

@@ -164,3 +164,17 @@ def test_bad_params_name_the_field(fields, path):
     assert path in [p for p, _ in errors]
     with pytest.raises(clipforge.RecipeError):
         component.create(fields)
+
+
+def test_defects_spoil_a_seeded_fraction_and_leave_the_rest_unchanged():
+    clean = SyntheticShapes(size=400, seed=3, image_size=32)
+    spoiled = SyntheticShapes(size=400, seed=3, image_size=32, defects=0.1)
+    defective = [s for s in spoiled if "defect" in s.meta]
+    assert 20 <= len(defective) <= 60
+    assert {s.meta["defect"] for s in defective} == {"truncated image", "not an image", "empty caption", "one-word caption"}
+    for a, b in zip(clean, spoiled):
+        if "defect" not in b.meta:
+            assert a.caption == b.caption and a.image.tobytes() == b.image.tobytes()
+    assert [s.key for s in SyntheticShapes(size=400, seed=3, image_size=32, defects=0.1) if "defect" in s.meta] == [
+        s.key for s in defective
+    ]

@@ -51,5 +51,6 @@ def curate_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
         result.update(
             out=out, shards=summary["shards"], kept=summary["kept"], input=summary["input"],
             manifest_uri=summary["manifest_uri"], content_hash=summary["content_hash"], reused=summary["reused"],
+            funnel=funnel,
         )  # fmt: skip
     return ctx.state["curate"]

@@ -12,6 +12,7 @@ captions in any iteration order, on any machine, and ``dataset[i]`` is random ac
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from collections.abc import Iterator
@@ -96,6 +97,13 @@ class SyntheticShapesParams(BaseModel):
     image_size: int = Field(64, ge=16, description="side of the square images, in pixels")
     max_shapes: int = Field(2, ge=1, le=2, description="1: one shape per image; 2: half the images get a second")
     captions_per_image: int = Field(1, ge=1, le=8, description=">1: a list of distinct captions per image")
+    defects: float = Field(
+        0.0, ge=0.0, le=1.0, description="fraction of samples given a crawl's defect, for curation to catch"
+    )
+
+
+# What a web crawl really hands you; curation must drop each with its reason.
+DEFECTS = ("truncated image", "not an image", "empty caption", "one-word caption")
 
 
 @dataclass(frozen=True)
@@ -122,9 +130,10 @@ class SyntheticShapes:
         image_size: int = 64,
         max_shapes: int = 2,
         captions_per_image: int = 1,
+        defects: float = 0.0,
     ) -> None:
         self.size, self.seed, self.image_size = size, seed, image_size
-        self.max_shapes, self.captions_per_image = max_shapes, captions_per_image
+        self.max_shapes, self.captions_per_image, self.defects = max_shapes, captions_per_image, defects
         self.classes: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
         self.templates: list[str] = list(TEMPLATES)
 
@@ -157,13 +166,32 @@ class SyntheticShapes:
             ],
             "relation": relation,
         }
-        return Sample(
+        sample = Sample(
             key=f"shapes-{self.seed}-{i:07d}",
             image=image,
             caption=captions[0] if self.captions_per_image == 1 else captions,
             label=self.classes.index(f"{main.color} {main.shape}"),
             meta=meta,
         )
+        return self._spoil(sample, i) if self.defects else sample
+
+    def _spoil(self, sample: Sample, i: int) -> Sample:
+        # A separate generator: the clean samples stay what they are without defects.
+        rng = random.Random(f"defects-{self.seed}-{i}")
+        if rng.random() >= self.defects:
+            return sample
+        defect = rng.choice(DEFECTS)
+        sample.meta["defect"] = defect
+        if defect in ("truncated image", "not an image"):
+            buf = io.BytesIO()
+            sample.image.save(buf, format="PNG")
+            png = buf.getvalue()
+            sample.image = png[: len(png) // 2] if defect == "truncated image" else b"<html>404 Not Found</html>"
+        elif defect == "empty caption":
+            sample.caption = ""
+        else:
+            sample.caption = sample.meta["shapes"][0]["color"]
+        return sample
 
     def _layout(self, rng: random.Random) -> tuple[list[_Shape], str | None]:
         """The shapes, main first, and where the main one is relative to the second (or None)."""

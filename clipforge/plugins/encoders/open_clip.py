@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -87,7 +89,8 @@ def create_open_clip(
                 )
             if not arch.startswith("local-dir:"):
                 kwargs["pretrained"] = pretrained
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
+        with _expected_random_init(config is not None or pretrained is None):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
     return EncoderBundle(
         model=model,
@@ -97,6 +100,26 @@ def create_open_clip(
         arch=model_cfg,
         preprocess_cfg=dict(model.visual.preprocess_cfg),
     )
+
+
+class _DropRandomInitWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("no CLIP weights found" in msg or "Model initialized randomly" in msg)
+
+
+@contextlib.contextmanager
+def _expected_random_init(expected: bool):
+    """Silence open_clip's warnings about random weights where random weights are what was asked for."""
+    if not expected:
+        yield
+        return
+    root, flt = logging.getLogger(), _DropRandomInitWarnings()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 @clipforge.hookimpl
