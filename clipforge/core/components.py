@@ -49,19 +49,24 @@ class EncoderBundle:
 
 @dataclass(frozen=True)
 class Verdict:
-    """A curation step's decision on one sample: keep it, or drop it with a reason."""
+    """A curation step's decision on one sample: keep it, or drop it with a reason.
+
+    ``reason`` is a category that counts group by ("near duplicate"); ``detail`` says what is
+    particular to this sample ("of key-123") and goes to the manifest only.
+    """
 
     keep: bool
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
 
     @classmethod
     def kept(cls, **scores: float) -> Verdict:
         return cls(True, "", dict(scores))
 
     @classmethod
-    def dropped(cls, reason: str, **scores: float) -> Verdict:
-        return cls(False, reason, dict(scores))
+    def dropped(cls, reason: str, detail: str = "", **scores: float) -> Verdict:
+        return cls(False, reason, dict(scores), detail)
 
 
 @runtime_checkable

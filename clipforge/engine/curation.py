@@ -75,18 +75,19 @@ def curate(
         labels = [f"{i}-{name}" for i, name in enumerate(labels)]
     steps = [(label, catalog.create("curation_steps", s.entry())) for label, s in zip(labels, recipe.curation)]
     funnel = Funnel([DECODE_STEP, *labels])
-    rows: dict[str, list[Any]] = {"key": [], "kept": [], "step": [], "reason": [], "scores": [], "shard": []}
+    rows: dict[str, list[Any]] = {"key": [], "kept": [], "step": [], "reason": [], "detail": [], "scores": [], "shard": []}
     shards: list[dict[str, Any]] = []
     pending: list[Decoded] = []
     seen_keys: set[str] = set()
     start = time.perf_counter()
     total = len(dataset) if hasattr(dataset, "__len__") else None
 
-    def record(key: str, kept: bool, step: str, reason: str, scores: dict[str, float], shard: str | None) -> None:
+    def record(key: str, kept: bool, step: str, reason: str, scores: dict[str, float], shard: str | None, detail: str = "") -> None:
         rows["key"].append(key)
         rows["kept"].append(kept)
         rows["step"].append(step)
         rows["reason"].append(reason)
+        rows["detail"].append(detail)
         rows["scores"].append(json.dumps(scores, sort_keys=True) if scores else "")
         rows["shard"].append(shard)
 
@@ -129,7 +130,7 @@ def curate(
                     survivors.append((item, scores))
                 else:
                     funnel.drop(label, verdict.reason or "dropped")
-                    record(item.sample.key, False, label, verdict.reason or "dropped", scores, None)
+                    record(item.sample.key, False, label, verdict.reason or "dropped", scores, None, verdict.detail)
             alive = survivors
         for item, scores in alive:
             record(item.sample.key, True, "", "", scores, f"{out}/shard-{len(shards):06d}.tar")

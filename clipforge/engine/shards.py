@@ -37,6 +37,8 @@ class Decoded:
 
 def decode(sample: Sample) -> Decoded:
     """Check a raw sample and decode its image, or raise :class:`BadSample` with the reason."""
+    if sample.meta.get("error"):  # the dataset could not read this sample and says why
+        raise BadSample(str(sample.meta["error"]))
     key = sample.key
     if not isinstance(key, str) or not _KEY.match(key) or len(key) > 200:
         raise BadSample("invalid key")

@@ -5,7 +5,12 @@ BUILTINS = (
     "clipforge.plugins.encoders.open_clip",
     "clipforge.plugins.losses.contrastive",
     "clipforge.plugins.datasets.synthetic_shapes",
+    "clipforge.plugins.datasets.webdataset",
+    "clipforge.plugins.datasets.tables",
     "clipforge.plugins.curation.caption_length",
+    "clipforge.plugins.curation.image_size",
+    "clipforge.plugins.curation.duplicates",
+    "clipforge.plugins.curation.clip_score",
     "clipforge.plugins.evaluators.zero_shot",
     "clipforge.plugins.evaluators.retrieval",
 )

@@ -1,0 +1,188 @@
+"""Curation inputs and steps: webdataset shards and tables, a corpus of bad input, filters and deduplication."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import clipforge
+from clipforge.core.recipe import load_recipe
+from clipforge.core.storage import Store
+from clipforge.engine.curation import curate
+
+
+def png(color=(200, 30, 30), size=(40, 40), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bomb() -> bytes:
+    """A tiny PNG that claims more pixels than PIL's decompression-bomb limit."""
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members: list[tuple[str, bytes]], truncate: int | None = None) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path.write_bytes(data[:truncate] if truncate else data)
+
+
+BAD_CORPUS = [
+    ("good1.png", png()), ("good1.txt", b"a red square on white"),
+    ("good2.jpg", png((0, 0, 200), fmt="JPEG")), ("good2.txt", b"a blue square"), ("good2.json", b'{"url": "x"}'),
+    ("zero.jpg", b""), ("zero.txt", b"a zero byte file"),
+    ("html.jpg", b"<html>not an image</html>"), ("html.txt", b"a page saved as jpg"),
+    ("bomb.png", bomb()), ("bomb.txt", b"a decompression bomb"),
+    ("nocap.png", png()),
+    ("latin1.png", png()), ("latin1.txt", "caf\xe9 au lait".encode("latin-1")),
+    ("empty.png", png()), ("empty.txt", b"  \n"),
+    ("huge.png", png()), ("huge.txt", b"word " * 200_000),
+    ("../escape.png", png()), ("../escape.txt", b"a key that climbs out"),
+    ("truncimg.png", png()[:60]), ("truncimg.txt", b"a truncated image"),
+]
+
+EXPECTED = {
+    "zero": "empty image file",
+    "html": "undecodable image",
+    "bomb": "decompression bomb",
+    "nocap": "missing caption",
+    "latin1": "caption is not UTF-8",
+    "empty": "empty caption",
+    "huge": "caption longer than",
+    "../escape": "invalid key",
+    "truncimg": "undecodable image",
+}
+
+
+def _curate(tmp_path, data: dict, steps=()):
+    recipe = load_recipe(
+        {"name": "t", "data": {"train": data}, "curation": list(steps), "model": {"type": "open-clip", "arch": "RN50"}}
+    )
+    store = Store(str(tmp_path / "store"))
+    summary = curate(recipe, clipforge.get_plugin_manager().catalog, store, "cur", progress=False)
+    rows = pq.read_table(store.path(summary["manifest"])).to_pylist()
+    return summary, {r["key"]: r for r in rows}
+
+
+def test_bad_input_corpus_is_dropped_with_reasons_and_the_run_goes_on(tmp_path):
+    write_tar(tmp_path / "shard-000000.tar", BAD_CORPUS)
+    write_tar(tmp_path / "shard-000001.tar", [("later.png", png()), ("later.txt", b"a sample after the damage")])
+    write_tar(tmp_path / "shard-000002.tar", [("ok3.png", png()), ("ok3.txt", b"fine sample"), ("cut.png", png() * 40), ("cut.txt", b"x")], truncate=3000)
+    summary, rows = _curate(tmp_path, {"type": "webdataset", "urls": str(tmp_path / "shard-{000000..000002}.tar")})
+    for key, reason in EXPECTED.items():
+        assert not rows[key]["kept"] and rows[key]["reason"].startswith(reason), (key, rows[key]["reason"])
+    assert {k for k, r in rows.items() if r["kept"]} == {"good1", "good2", "later", "ok3"}
+    assert rows["cut"]["reason"].startswith("truncated or unreadable shard")
+    assert summary["input"] == len(rows) and summary["kept"] == 4
+    assert sum(v["dropped"] for v in summary["funnel"].values()) == summary["input"] - 4
+
+
+def test_webdataset_glob_and_missing_shards(tmp_path):
+    write_tar(tmp_path / "a.tar", [("k1.png", png()), ("k1.txt", b"one red square")])
+    write_tar(tmp_path / "b.tar", [("k2.png", png()), ("k2.txt", b"two red squares")])
+    ds = clipforge.get_plugin_manager().catalog.create("datasets", {"type": "webdataset", "urls": str(tmp_path / "*.tar")})
+    assert [s.key for s in ds] == ["k1", "k2"]
+    with pytest.raises(clipforge.ConfigError, match="no shard matches"):
+        clipforge.get_plugin_manager().catalog.create("datasets", {"type": "webdataset", "urls": str(tmp_path / "*.zip")})
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_tables_resolve_relative_paths_and_report_missing_files(tmp_path, fmt):
+    import pyarrow as pa
+    import pyarrow.csv
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    table = pa.table({"filepath": ["img/a.png", "img/missing.png", None], "caption": ["a red square", "lost", "no path"]})
+    path = tmp_path / f"pairs.{fmt}"
+    (pq.write_table if fmt == "parquet" else pyarrow.csv.write_csv)(table, str(path))
+    summary, rows = _curate(tmp_path, {"type": fmt, "path": str(path)})
+    assert rows["000000000"]["kept"]
+    assert rows["000000001"]["reason"] == "image file not found"
+    assert rows["000000002"]["reason"] == "no image path"
+    with pytest.raises(clipforge.ConfigError, match="no column 'url'"):
+        clipforge.get_plugin_manager().catalog.create("datasets", {"type": fmt, "path": str(path), "image_column": "url"})
+
+
+class _Pairs:
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
+def _run_step(entry, samples):
+    step = clipforge.get_plugin_manager().catalog.create("curation_steps", entry)
+    return step(samples)
+
+
+def test_image_size_filter():
+    samples = [clipforge.Sample(str(i), Image.new("RGB", size), "x y") for i, size in enumerate([(300, 250), (150, 400), (900, 250)])]
+    v = _run_step({"type": "image-size", "min_side": 200, "max_aspect": 3}, samples)
+    assert [x.keep for x in v] == [True, False, False]
+    assert v[1].reason.startswith("image too small") and v[2].reason.startswith("aspect ratio too large")
+
+
+def test_exact_duplicates_by_image_and_by_caption():
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    samples = [clipforge.Sample("a", red, "A red!"), clipforge.Sample("b", red.copy(), "a red"), clipforge.Sample("c", blue, "a red")]
+    by_image = _run_step({"type": "exact-duplicates"}, samples)
+    assert [x.keep for x in by_image] == [True, False, True] and by_image[1].detail == "of a"
+    by_pair = _run_step({"type": "exact-duplicates", "by": "image+caption"}, samples)
+    assert [x.keep for x in by_pair] == [True, False, True]  # "A red!" and "a red" normalise alike
+
+
+def test_near_duplicates_across_batches_without_n_squared():
+    rng = np.random.default_rng(0)
+    base = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(40)]
+    step = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "near-duplicates", "threshold": 0.95})
+    first = step([clipforge.Sample(f"o{i}", im, "x y") for i, im in enumerate(base)])
+    assert all(v.keep for v in first)
+    # resized-and-back and re-encoded copies in a later batch, plus new images
+    copies = [im.resize((64, 64)).resize((32, 32)) for im in base[:10]]
+    fresh = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(10)]
+    batch = [clipforge.Sample(f"c{i}", im, "x y") for i, im in enumerate(copies)] + [
+        clipforge.Sample(f"n{i}", im, "x y") for i, im in enumerate(fresh)
+    ]
+    batch.append(clipforge.Sample("n0-again", fresh[0].copy(), "x y"))  # a duplicate inside the batch
+    second = step(batch)
+    assert [v.keep for v in second[:10]] == [False] * 10
+    assert [v.detail for v in second[:3]] == ["of o0", "of o1", "of o2"]
+    assert all(v.keep for v in second[10:20]) and second[20].detail == "of n0"
+    assert step.index.ntotal == 50
+
+
+def test_clip_score_keeps_pairs_above_the_threshold(tmp_path):
+    import json as _json
+
+    import open_clip
+
+    from clipforge.core.checkpoint import save_open_clip_dir
+    from tests.conftest import TINY_CONFIG
+
+    bundle = clipforge.get_plugin_manager().catalog.create("encoders", {"type": "open-clip", "config": TINY_CONFIG})
+    folder = save_open_clip_dir(bundle, tmp_path / "scorer")
+    samples = [clipforge.Sample(str(i), Image.new("RGB", (32, 32), c), f"a {c} square") for i, c in enumerate(["red", "blue", "green"])]
+    step = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(folder), "threshold": -1.0})
+    scores = [v.scores["score"] for v in step(samples)]
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+    cut = sorted(scores)[1]
+    strict = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(folder), "threshold": cut})
+    assert [v.keep for v in strict(samples)] == [s >= cut for s in scores]
+    with pytest.raises(clipforge.ConfigError, match="not a registered model"):
+        clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(tmp_path), "threshold": 0.2})
