@@ -127,7 +127,11 @@ class _Pairs:
 
 
 def _run_step(entry, samples):
+    from clipforge.engine.curation import is_global
+
     step = clipforge.get_plugin_manager().catalog.create("curation_steps", entry)
+    if is_global(step):
+        return step.decide([s.key for s in samples], step.features(samples))
     return step(samples)
 
 
@@ -147,24 +151,58 @@ def test_exact_duplicates_by_image_and_by_caption():
     assert [x.keep for x in by_pair] == [True, False, True]  # "A red!" and "a red" normalise alike
 
 
-def test_near_duplicates_across_batches_without_n_squared():
+def test_near_duplicates_keep_the_first_of_each_cluster():
     rng = np.random.default_rng(0)
-    base = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(40)]
-    step = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "near-duplicates", "threshold": 0.95})
-    first = step([clipforge.Sample(f"o{i}", im, "x y") for i, im in enumerate(base)])
-    assert all(v.keep for v in first)
-    # resized-and-back and re-encoded copies in a later batch, plus new images
-    copies = [im.resize((64, 64)).resize((32, 32)) for im in base[:10]]
-    fresh = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(10)]
-    batch = [clipforge.Sample(f"c{i}", im, "x y") for i, im in enumerate(copies)] + [
-        clipforge.Sample(f"n{i}", im, "x y") for i, im in enumerate(fresh)
-    ]
-    batch.append(clipforge.Sample("n0-again", fresh[0].copy(), "x y"))  # a duplicate inside the batch
-    second = step(batch)
-    assert [v.keep for v in second[:10]] == [False] * 10
-    assert [v.detail for v in second[:3]] == ["of o0", "of o1", "of o2"]
-    assert all(v.keep for v in second[10:20]) and second[20].detail == "of n0"
-    assert step.index.ntotal == 50
+    base = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(60)]
+    copies = [im.resize((64, 64)).resize((32, 32)) for im in base[:10]]  # resized and back
+    samples = [clipforge.Sample(f"o{i}", im, "x y") for i, im in enumerate(base)]
+    samples += [clipforge.Sample(f"c{i}", im, "x y") for i, im in enumerate(copies)]
+    samples.append(clipforge.Sample("c0-again", copies[0].copy(), "x y"))
+    verdicts = _run_step({"type": "near-duplicates", "threshold": 0.95}, samples)
+    assert all(v.keep for v in verdicts[:60])
+    assert [v.detail for v in verdicts[60:]] == [f"of o{i}" for i in range(10)] + ["of o0"]
+    assert all(v.scores["similarity"] >= 0.95 for v in verdicts[60:])
+
+
+def test_near_neighbours_finds_planted_duplicates_without_comparing_all_pairs():
+    from clipforge.plugins.curation.duplicates import near_neighbours
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20_000, 64)).astype(np.float32)
+    planted = rng.choice(20_000, 200, replace=False)
+    x[planted[100:]] = x[planted[:100]] + 0.05 * rng.standard_normal((100, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims, ids = near_neighbours(x, 2)
+    found = sum(planted[j] in ids[planted[100 + j]] for j in range(100))
+    assert found >= 99
+
+
+def test_clip_score_top_fraction_decides_over_the_whole_dataset():
+    from clipforge.plugins.curation.clip_score import ClipScoreTop
+
+    step = ClipScoreTop.__new__(ClipScoreTop)
+    step.fraction = 0.3
+    verdicts = step.decide([str(i) for i in range(10)], [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.0])
+    assert [i for i, v in enumerate(verdicts) if v.keep] == [1, 4, 6]
+    assert verdicts[0].reason == "clip score not in the top 30%"
+
+
+def test_balance_caps_head_entries_and_keeps_the_tail():
+    samples = [clipforge.Sample(f"cat{i}", None, f"a photo of a cat number {i}") for i in range(200)]
+    samples += [clipforge.Sample(f"dog{i}", None, f"my dog {i}") for i in range(5)]
+    samples += [clipforge.Sample("hotdog", None, "a hotdog stand"), clipforge.Sample("none", None, "nothing here")]
+    entry = {"type": "balance", "entries": ["cat", "dog", "hot dog"], "t": 20, "seed": 0}
+    verdicts = dict(zip([s.key for s in samples], _run_step(entry, samples)))
+    kept_cats = sum(verdicts[f"cat{i}"].keep for i in range(200))
+    assert 8 <= kept_cats <= 35  # each kept with probability 20/200
+    assert all(verdicts[f"dog{i}"].keep for i in range(5))  # the tail is kept whole
+    assert not verdicts["hotdog"].keep and verdicts["hotdog"].reason == "matches no entry"  # whole words only
+    assert verdicts == dict(zip([s.key for s in samples], _run_step(entry, samples)))  # seeded
+
+
+def test_a_per_sample_step_after_a_whole_dataset_step_is_refused(tmp_path):
+    with pytest.raises(clipforge.ConfigError, match=r"curation.1 \(caption-length\) decides sample by sample"):
+        _curate(tmp_path, {"type": "synthetic-shapes", "size": 10}, [{"type": "near-duplicates"}, {"type": "caption-length"}])
 
 
 def test_clip_score_keeps_pairs_above_the_threshold(tmp_path):

@@ -77,6 +77,15 @@ class TrainConfig(_Strict):
     )
 
 
+class ParallelConfig(_Strict):
+    """How curation maps over the dataset's parts: Prefect task runners on one machine or a Dask cluster."""
+
+    runner: Literal["threads", "processes", "dask"] = "threads"
+    workers: Annotated[int, Field(gt=0)] | None = Field(None, description="default: one per CPU core")
+    address: str | None = Field(None, description="dask: a scheduler address; none starts a local cluster")
+    shard_size: Annotated[int, Field(gt=0)] = Field(1000, description="pairs per curated shard")
+
+
 class PromoteConfig(_Strict):
     metric: str = Field(description="evaluation metric, as '<evaluator>/<metric>' (the 'eval/' prefix is optional)")
     mode: Literal["max", "min"] = "max"
@@ -98,6 +107,7 @@ class Recipe(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: list[EvaluatorRef] = Field(default_factory=list)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @property
     def model_name(self) -> str:
@@ -198,7 +208,7 @@ def _child(node: Any, part: str, path: str, item: str) -> Any:
 
 
 # Sections whose fields --set may add although the file leaves them at their defaults.
-_SECTIONS = {"storage": StorageConfig, "train": TrainConfig, "registry": RegistryConfig}
+_SECTIONS = {"storage": StorageConfig, "train": TrainConfig, "registry": RegistryConfig, "parallel": ParallelConfig}
 
 
 def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:

@@ -11,6 +11,7 @@ BUILTINS = (
     "clipforge.plugins.curation.image_size",
     "clipforge.plugins.curation.duplicates",
     "clipforge.plugins.curation.clip_score",
+    "clipforge.plugins.curation.balance",
     "clipforge.plugins.evaluators.zero_shot",
     "clipforge.plugins.evaluators.retrieval",
 )

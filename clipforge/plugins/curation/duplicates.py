@@ -1,4 +1,8 @@
-"""``exact-duplicates`` and ``near-duplicates``: keep the first of each group of copies, drop the rest naming it."""
+"""``exact-duplicates`` and ``near-duplicates``: keep the first of each group of copies, drop the rest naming it.
+
+Both decide over the whole dataset: each part computes a compact feature per sample (a 16-byte
+digest, a float16 embedding), and one decision runs over all of them at the end.
+"""
 
 from __future__ import annotations
 
@@ -25,27 +29,28 @@ class ExactDuplicates:
 
     def __init__(self, by: str = "image"):
         self.by = by
-        self.seen: dict[bytes, str] = {}  # 16-byte digests: a million samples cost ~100 MB with their keys
 
-    def _digest(self, s: Sample) -> bytes:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{s.image.size}{s.image.mode}".encode())
-        h.update(s.image.tobytes())
-        if self.by == "image+caption":
-            caption = s.caption if isinstance(s.caption, str) else " | ".join(s.caption)
-            h.update(re.sub(r"\W+", " ", caption).strip().lower().encode())
-        return h.digest()
-
-    def __call__(self, samples: Sequence[Sample]) -> list[Verdict]:
+    def features(self, samples: Sequence[Sample]) -> list[str]:
         out = []
         for s in samples:
-            digest = self._digest(s)
-            first = self.seen.get(digest)
-            if first is None:
-                self.seen[digest] = s.key
-                out.append(Verdict.kept())
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{s.image.size}{s.image.mode}".encode())
+            h.update(s.image.tobytes())
+            if self.by == "image+caption":
+                caption = s.caption if isinstance(s.caption, str) else " | ".join(s.caption)
+                h.update(re.sub(r"\W+", " ", caption).strip().lower().encode())
+            out.append(h.hexdigest())
+        return out
+
+    def decide(self, keys: list[str], digests: list[str]) -> list[Verdict]:
+        first: dict[str, str] = {}
+        out = []
+        for key, digest in zip(keys, digests):
+            if digest in first:
+                out.append(Verdict.dropped("exact duplicate", detail=f"of {first[digest]}"))
             else:
-                out.append(Verdict.dropped("exact duplicate", detail=f"of {first}"))
+                first[digest] = key
+                out.append(Verdict.kept())
         return out
 
 
@@ -56,58 +61,62 @@ class NearParams(BaseModel):
         "thumbnail", description="pixel thumbnails (no model), or the image embeddings of `model`"
     )
     model: str | None = Field(None, description="models:/NAME@champion or an open_clip folder, with embedding: model")
+    neighbours: int = Field(8, ge=1, le=256, description="neighbours looked at per image")
     device: str = "cpu"
 
 
 class NearDuplicates:
-    """Images whose embeddings have cosine >= threshold are one cluster; the first one seen is kept.
+    """Images whose embeddings have cosine >= threshold are one cluster; the first one in order is kept."""
 
-    An HNSW index (FAISS) over the kept images answers each query in about log(n), never n;
-    its vectors are stored as float16 to keep memory near 2 bytes a dimension.
-    """
-
-    def __init__(self, threshold: float = 0.97, embedding: str = "thumbnail", model: str | None = None, device: str = "cpu"):
+    def __init__(self, threshold: float = 0.97, embedding: str = "thumbnail", model: str | None = None,
+                 neighbours: int = 8, device: str = "cpu"):  # fmt: skip
         if embedding == "model" and not model:
             raise clipforge.ConfigError("near-duplicates: embedding: model needs `model` (models:/NAME@champion or a folder)")
-        self.threshold, self.device = threshold, device
+        self.threshold, self.neighbours, self.device = threshold, neighbours, device
         self.bundle = load_model(model, device) if embedding == "model" else None
-        self.index = None
-        self.keys: list[str] = []
 
-    def embed(self, samples: Sequence[Sample]) -> np.ndarray:
+    def features(self, samples: Sequence[Sample]) -> np.ndarray:
         if self.bundle is None:
             return thumbnails([s.image for s in samples])
         return model_embeddings(self.bundle, samples, self.device)[0]
 
-    def __call__(self, samples: Sequence[Sample]) -> list[Verdict]:
-        import faiss
-
-        emb = np.ascontiguousarray(self.embed(samples), dtype=np.float32)
-        if self.index is None:
-            self.index = faiss.IndexHNSWSQ(emb.shape[1], faiss.ScalarQuantizer.QT_fp16, 32, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efSearch = 64
-        prior_sim, prior_idx = (
-            self.index.search(emb, 1) if self.index.ntotal else (np.full((len(emb), 1), -1.0), np.full((len(emb), 1), -1))
-        )
-        within = emb @ emb.T  # one batch against itself: batch_size^2, not n^2
-        verdicts: list[Verdict] = []
-        kept_rows: list[int] = []
-        for i, s in enumerate(samples):
-            best = float(prior_sim[i, 0])
-            twin = self.keys[prior_idx[i, 0]] if best >= self.threshold else None
-            if twin is None and kept_rows:
-                j = max(kept_rows, key=lambda r: within[i, r])
-                if within[i, j] >= self.threshold:
-                    best, twin = float(within[i, j]), samples[j].key
-            if twin is not None:
-                verdicts.append(Verdict.dropped("near duplicate", detail=f"of {twin}", similarity=best))
+    def decide(self, keys: list[str], embeddings: np.ndarray) -> list[Verdict]:
+        if len(keys) == 0:
+            return []
+        sims, ids = near_neighbours(np.ascontiguousarray(embeddings, dtype=np.float32), self.neighbours + 1)
+        kept = np.ones(len(keys), dtype=bool)
+        out = []
+        for i in range(len(keys)):
+            # the first earlier image within the threshold that was itself kept: clusters keep their first member
+            match = next(((s, j) for s, j in zip(sims[i], ids[i]) if 0 <= j < i and s >= self.threshold and kept[j]), None)
+            if match is None:
+                out.append(Verdict.kept())
             else:
-                kept_rows.append(i)
-                verdicts.append(Verdict.kept(similarity=max(best, 0.0)))
-        if kept_rows:
-            self.index.add(emb[kept_rows])
-            self.keys += [samples[r].key for r in kept_rows]
-        return verdicts
+                kept[i] = False
+                out.append(Verdict.dropped("near duplicate", detail=f"of {keys[match[1]]}", similarity=float(match[0])))
+        return out
+
+
+def near_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows (inner product) of every row: an inverted-file index (FAISS), never all pairs.
+
+    With ~2 sqrt(n) lists and 8 probed per query, each query scans about 4 sqrt(n) vectors, and a
+    near copy falls in its original's list or a neighbouring one.
+    """
+    import faiss
+
+    n, d = x.shape
+    k = min(k, n)
+    nlist = int(min(2 * np.sqrt(n), n // 40))  # FAISS wants >= 39 training points a list
+    if nlist <= 1:
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        index.train(x[rng.choice(n, size=min(n, nlist * 40), replace=False)])
+        index.nprobe = min(8, nlist)
+    index.add(x)
+    return index.search(x, k)
 
 
 @clipforge.hookimpl

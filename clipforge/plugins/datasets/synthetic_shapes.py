@@ -100,6 +100,7 @@ class SyntheticShapesParams(BaseModel):
     defects: float = Field(
         0.0, ge=0.0, le=1.0, description="fraction of samples given a crawl's defect, for curation to catch"
     )
+    offset: int = Field(0, ge=0, description="index of the first sample: a part of a larger dataset")
 
 
 # What a web crawl really hands you; curation must drop each with its reason.
@@ -131,8 +132,9 @@ class SyntheticShapes:
         max_shapes: int = 2,
         captions_per_image: int = 1,
         defects: float = 0.0,
+        offset: int = 0,
     ) -> None:
-        self.size, self.seed, self.image_size = size, seed, image_size
+        self.size, self.seed, self.image_size, self.offset = size, seed, image_size, offset
         self.max_shapes, self.captions_per_image, self.defects = max_shapes, captions_per_image, defects
         self.classes: list[str] = [f"{c} {s}" for c in COLORS for s in SHAPES]
         self.templates: list[str] = list(TEMPLATES)
@@ -143,9 +145,21 @@ class SyntheticShapes:
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(self.size))
 
+    def parts(self, part_size: int = 2000) -> list[dict[str, Any]]:
+        """Dataset entries of consecutive slices, for curation to process in parallel."""
+        base = {
+            "type": "synthetic-shapes", "seed": self.seed, "image_size": self.image_size, "max_shapes": self.max_shapes,
+            "captions_per_image": self.captions_per_image, "defects": self.defects,
+        }  # fmt: skip
+        return [
+            {**base, "offset": self.offset + start, "size": min(part_size, self.size - start)}
+            for start in range(0, self.size, part_size)
+        ]
+
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < self.size:
             raise IndexError(f"synthetic-shapes: index {i} out of range for size {self.size}")
+        i += self.offset
         rng = random.Random(f"{self.seed}-{i}")  # per index: independent of iteration order
         shapes, relation = self._layout(rng)
         main = shapes[0]

@@ -53,6 +53,10 @@ class WebDataset:
         for url in self.urls:
             yield from self._shard(url)
 
+    def parts(self) -> list[dict[str, Any]]:
+        """One dataset entry per shard, for curation to process in parallel."""
+        return [{"type": "webdataset", "urls": url, "storage_options": self.storage_options} for url in self.urls]
+
     def _shard(self, url: str) -> Iterator[Sample]:
         import fsspec
 
