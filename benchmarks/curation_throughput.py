@@ -98,9 +98,13 @@ def main() -> None:
     p.add_argument("--embeddings", type=int, default=1_000_000)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        urls = make_shards(Path(tmp), args.images)
-        decode_rate = decode_only(urls)
-        filter_rate = basic_filters(urls, str(Path(tmp) / "store"))
+        (Path(tmp) / "warm").mkdir()
+        (Path(tmp) / "data").mkdir()
+        basic_filters(make_shards(Path(tmp) / "warm", 20), f"{tmp}/warm/store")  # the imports, outside the timing
+        urls = make_shards(Path(tmp) / "data", args.images)
+        # alternated, best of three each: a busy machine slows both alike
+        rates = [(decode_only(urls), basic_filters(urls, f"{tmp}/store{i}")) for i in range(3)]
+        decode_rate, filter_rate = max(r[0] for r in rates), max(r[1] for r in rates)
     print(f"decode only:         {decode_rate:8.0f} pairs/s ({args.images} JPEG pairs, 160-320 px)")
     print(f"basic filters:       {filter_rate:8.0f} pairs/s (caption length + image size, staged to shards)")
     print(f"ratio:               {filter_rate / decode_rate:8.2f} (target >= 0.90)")

@@ -71,7 +71,8 @@ def decode(sample: Sample) -> Decoded:
             pil, data, ext = image, _png(image), "png"
         else:
             raise BadSample("no image")
-        pil = pil.convert("RGB")
+        if pil.mode != "RGB":  # convert copies even when there is nothing to convert
+            pil = pil.convert("RGB")
     except BadSample:
         raise
     except Image.DecompressionBombError:
@@ -89,23 +90,39 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _member(name: str, data: bytes) -> bytes:
+    """One ustar member, header and padded data: tarfile's own writer costs more than decoding a small image."""
+    if len(name) > 100 or not name.isascii():  # long names need the prefix field: leave those to tarfile
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    else:
+        header = bytearray(512)
+        header[0 : len(name)] = name.encode()
+        header[100:108] = b"0000644\0"
+        header[108:116] = header[116:124] = b"0000000\0"
+        header[124:136] = b"%011o\0" % len(data)
+        header[136:148] = b"00000000000\0"
+        header[148:156] = b" " * 8
+        header[156:157] = b"0"
+        header[257:265] = b"ustar\x0000"
+        header[148:155] = b"%06o\0" % sum(header)
+        header = bytes(header)
+    return header + data + b"\0" * (-len(data) % 512)
+
+
 def write_shard(store: Store, rel: str, items: list[Decoded]) -> dict[str, Any]:
     """Write one tar shard atomically; return its path, sample count and sha256."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for item in items:
-            s = item.sample
-            text = s.caption if isinstance(s.caption, str) else s.caption[0]
-            meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
-            for name, data in (
-                (f"{s.key}.{item.ext}", item.image_bytes),
-                (f"{s.key}.txt", text.encode()),
-                (f"{s.key}.json", json.dumps(meta, default=str).encode()),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    chunks: list[bytes] = []
+    for item in items:
+        s = item.sample
+        text = s.caption if isinstance(s.caption, str) else s.caption[0]
+        meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
+        chunks.append(_member(f"{s.key}.{item.ext}", item.image_bytes))
+        chunks.append(_member(f"{s.key}.txt", text.encode()))
+        chunks.append(_member(f"{s.key}.json", json.dumps(meta, default=str).encode()))
+    chunks.append(b"\0" * 1024)  # end of archive
+    data = b"".join(chunks)
     store.write_bytes(rel, data)
     return {"path": rel, "samples": len(items), "sha256": hashlib.sha256(data).hexdigest()}
 
