@@ -145,7 +145,7 @@ def test_the_test_check_catches_an_untested_or_uncalled_hook():
     package = _sources(ROOT / "clipforge")
     # without the test modules that implement before_stage, it is untested
     without = {p: s for p, s in tests.items() if "def before_stage(" not in s}
-    assert unimplemented_hooks(without, package) == ["before_stage: no test implements it"]
+    assert "before_stage: no test implements it" in unimplemented_hooks(without, package)
     # an implementation with an argument the hook lacks cannot be registered: it does not count
     wrong = {"t.py": "import clipforge\n@clipforge.hookimpl\ndef after_stage(stage, context, outcome):\n    pass\n"}
     assert implemented_hooks(wrong, hook_specs())["after_stage"] == []
