@@ -83,27 +83,32 @@ class PluginManager(pluggy.PluginManager):
         self.infos[name] = info
         try:
             plugin = load()
-            unknown = self._unknown_hooks(plugin)
-            if unknown:
-                raise pluggy.PluginValidationError(
-                    plugin, f"implements hooks that do not exist: {', '.join(unknown)}"
-                )
-            self.register(plugin, name=name)
+            self._register_checked(plugin, name)
         except Exception as e:  # a broken plugin is reported, the others still load
             info.error = f"{type(e).__name__}: {e}"
             return
         info.hooks = sorted(c.name for c in self.get_hookcallers(plugin) or [])
 
-    def _unknown_hooks(self, plugin: ModuleType | object) -> list[str]:
-        return [
-            name
-            for name in dir(plugin)
-            if self.parse_hookimpl_opts(plugin, name) is not None and not hasattr(hookspecs, name)
-        ]
+    def _register_checked(self, plugin: ModuleType | object, name: str) -> None:
+        """Register ``plugin``, refusing it (unregistered again) if it implements a hook with no spec.
+
+        pluggy's ``check_pending`` semantics, per plugin: an implementation marked
+        ``optionalhook=True`` may name a hook that does not exist; any other such name is a typo.
+        """
+        self.register(plugin, name=name)
+        unknown = sorted(
+            caller.name
+            for caller in self.get_hookcallers(plugin) or []
+            if not caller.has_spec()
+            and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+        )
+        if unknown:
+            self.unregister(plugin)
+            raise pluggy.PluginValidationError(plugin, f"implements hooks that do not exist: {', '.join(unknown)}")
 
     def add_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object at run time (tests, notebooks); the catalogs are rebuilt."""
-        self.register(plugin, name=name)
+        self._register_checked(plugin, name)
         self.infos[name] = PluginInfo(
             name, "-", "-", False, hooks=sorted(c.name for c in self.get_hookcallers(plugin) or [])
         )

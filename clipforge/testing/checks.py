@@ -1,0 +1,332 @@
+"""One conformance check per component kind, each a plain function that raises :class:`ConformanceError`.
+
+The checks hold a component to what the host relies on (clipforge/core/hookspecs.py), at
+the point where the host would otherwise fail late or silently: in the middle of a training
+run, in a model that cannot be loaded back, in metrics MLflow refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from clipforge.core.components import EncoderBundle, Sample, Verdict
+from clipforge.core.storage import Store
+from clipforge.testing.inputs import Features, tiny_dataset, tiny_encoder_bundle, tiny_features, tiny_samples
+
+
+class ConformanceError(AssertionError):
+    """A component does not do what the host relies on; the message says what and where."""
+
+
+def _fail(what: str, message: str) -> ConformanceError:
+    return ConformanceError(f"{what}: {message}")
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+
+def check_loss(loss: Any, features: Features | None = None, *, temperature_grad: bool = True, name: str = "loss"):
+    """A loss is a ``torch.nn.Module`` that returns a finite scalar (or ``{"loss": scalar, ...}``)
+    whose gradient reaches both feature tensors, the temperature and every parameter of the loss.
+
+    ``temperature_grad=False`` accepts a loss that ignores ``logit_scale`` (a fixed temperature).
+    Returns the loss tensor.
+    """
+    import torch
+
+    if not isinstance(loss, torch.nn.Module):
+        raise _fail(name, f"must be a torch.nn.Module (the trainer moves it with .to(device)), got {type(loss).__name__}")
+    f = features or tiny_features()
+    loss.zero_grad(set_to_none=True)
+    for t in (f.image_features, f.text_features, f.logit_scale, f.logit_bias):
+        if t is not None:
+            t.grad = None
+    out = loss(f.image_features, f.text_features, f.logit_scale, f.logit_bias)
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise _fail(name, f"returned a dict without a 'loss' key (keys: {', '.join(map(str, out)) or 'none'})")
+        for key, value in out.items():
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise _fail(name, f"returned dict entry {key!r} is not a one-element tensor: {value!r}")
+        value = out["loss"]
+    else:
+        value = out
+    if not isinstance(value, torch.Tensor):
+        raise _fail(name, f"must return a tensor or a dict with 'loss', got {type(value).__name__}")
+    if value.dim() != 0:
+        raise _fail(name, f"must return a scalar (0-d tensor), got shape {tuple(value.shape)}")
+    if not value.is_floating_point() or not torch.isfinite(value):
+        raise _fail(name, f"returned {value.item()!r}, not a finite float")
+    if not value.requires_grad:
+        raise _fail(name, "the returned loss does not require grad: it is detached from its inputs")
+    value.backward()
+    inputs = {"image_features": f.image_features, "text_features": f.text_features}
+    if temperature_grad:
+        inputs["logit_scale"] = f.logit_scale
+    for what, tensor in [*inputs.items(), *((f"parameter {n}", p) for n, p in loss.named_parameters() if p.requires_grad)]:
+        grad = tensor.grad
+        if grad is None:
+            raise _fail(name, f"no gradient reaches {what}")
+        if not torch.isfinite(grad).all():
+            raise _fail(name, f"the gradient of {what} is not finite")
+        if not grad.any():
+            raise _fail(name, f"the gradient of {what} is all zeros")
+    return value.detach()
+
+
+# -- encoders -------------------------------------------------------------------------------
+
+
+def check_encoder(bundle: Any, store: Store | None = None, *, name: str = "encoder") -> dict[str, Any]:
+    """An encoder's embeddings have the declared size (``embed_dim`` of its arch) and are finite,
+    and the bundle survives the save/load round trip every trained model goes through: saved as
+    an open_clip ``local-dir:`` folder, copied to the store and back, loaded by open_clip itself,
+    it embeds the same images and texts to the same vectors, with the same preprocessing.
+
+    Returns ``{"image": image embeddings, "text": text embeddings, "embed_dim": int}``.
+    """
+    import torch
+    from PIL import Image
+
+    from clipforge.core.checkpoint import load_open_clip_dir, model_cfg_of, save_open_clip_dir
+
+    if not isinstance(bundle, EncoderBundle):
+        raise _fail(name, f"the factory must return a clipforge.EncoderBundle, got {type(bundle).__name__}")
+    try:
+        declared = int(model_cfg_of(bundle.arch)["embed_dim"])
+    except Exception as e:
+        raise _fail(name, f"arch {bundle.arch!r} is not an open_clip model config with embed_dim: {e}") from e
+    images = [Image.new("RGB", (48, 40), color) for color in ("red", "navy")]
+    texts = ["a red square", "a dark blue rectangle on a plain background"]
+    model = bundle.model
+    if not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+        raise _fail(name, "the model has no logit_scale tensor (the learned temperature)")
+
+    def embed(b: EncoderBundle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels = torch.stack([b.preprocess_val(im) for im in images])
+        tokens = b.tokenizer(texts)
+        if not (isinstance(tokens, torch.Tensor) and tokens.dtype == torch.long and len(tokens) == len(texts)):
+            raise _fail(name, f"the tokenizer must map {len(texts)} texts to a LongTensor of {len(texts)} rows")
+        was_training = b.model.training
+        b.model.eval()
+        try:
+            with torch.no_grad():
+                return pixels, b.model.encode_image(pixels), b.model.encode_text(tokens)
+        finally:
+            b.model.train(was_training)
+
+    pixels, image_emb, text_emb = embed(bundle)
+    for what, emb in (("image", image_emb), ("text", text_emb)):
+        if tuple(emb.shape) != (len(images), declared):
+            raise _fail(name, f"{what} embeddings have shape {tuple(emb.shape)}; the arch declares embed_dim={declared}")
+        if not torch.isfinite(emb).all():
+            raise _fail(name, f"{what} embeddings are not finite")
+    train_pixels = bundle.preprocess_train(images[0])
+    if tuple(train_pixels.shape) != tuple(pixels.shape[1:]):
+        raise _fail(name, f"preprocess_train gives {tuple(train_pixels.shape)}, preprocess_val {tuple(pixels.shape[1:])}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            saved = save_open_clip_dir(bundle, Path(tmp) / "saved")
+            if store is not None:
+                store.put_dir(saved, "conformance/encoder")
+                saved = store.get_dir("conformance/encoder", Path(tmp) / "fetched")
+            loaded = load_open_clip_dir(saved)
+        except ConformanceError:
+            raise
+        except Exception as e:
+            raise _fail(name, f"does not survive a save/load round trip: {type(e).__name__}: {e}") from e
+        pixels2, image_emb2, text_emb2 = embed(loaded)
+    if tuple(pixels2.shape) != tuple(pixels.shape) or not torch.allclose(pixels, pixels2, atol=1e-5):
+        raise _fail(name, "after a save/load round trip the images are preprocessed differently: "
+                    "preprocess_cfg (image_size, mean, std, interpolation, resize_mode) must describe preprocess_val")
+    for what, a, b in (("image", image_emb, image_emb2), ("text", text_emb, text_emb2)):
+        if not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
+            diff = (a - b).abs().max().item()
+            raise _fail(name, f"{what} embeddings change after a save/load round trip (max difference {diff:.3g})")
+    return {"image": image_emb, "text": text_emb, "embed_dim": declared}
+
+
+# -- datasets -------------------------------------------------------------------------------
+
+
+def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> list[Sample]:
+    """A dataset yields :class:`~clipforge.Sample` s that curation accepts (a valid key, a text
+    caption, a decodable image), with unique keys, and yields the same ones again when iterated
+    twice (evaluators share one dataset object). ``len()`` if defined is the number of samples;
+    a classification dataset has unique class names, labels within them, and ``{c}`` templates.
+
+    Checks the first ``limit`` samples; returns them.
+    """
+    from itertools import islice
+
+    from clipforge.engine.shards import BadSample, decode
+    from clipforge.plugins.evaluators.zero_shot import check_template
+
+    if not isinstance(dataset, Iterable):
+        raise _fail(name, f"must be iterable, got {type(dataset).__name__}")
+    samples = list(islice(iter(dataset), limit + 1))
+    exhausted = len(samples) <= limit
+    samples = samples[:limit]
+    if not samples:
+        raise _fail(name, "yielded no samples")
+    keys: set[str] = set()
+    for i, s in enumerate(samples):
+        if not isinstance(s, Sample):
+            raise _fail(name, f"item {i} is a {type(s).__name__}, not a clipforge.Sample")
+        try:
+            decode(s)
+        except BadSample as e:
+            raise _fail(name, f"sample {s.key!r} (item {i}) would be dropped by curation: {e}") from None
+        if s.key in keys:
+            raise _fail(name, f"key {s.key!r} occurs twice (item {i}); keys name shard members and must be unique")
+        keys.add(s.key)
+        if s.label is not None and (not isinstance(s.label, numbers.Integral) or isinstance(s.label, bool)):
+            raise _fail(name, f"sample {s.key!r} has label {s.label!r}; a label is a class index (int) or None")
+        if not isinstance(s.meta, dict):
+            raise _fail(name, f"sample {s.key!r} has meta of type {type(s.meta).__name__}, not a dict")
+    again = [getattr(s, "key", None) for s in islice(iter(dataset), len(samples))]
+    if again != [s.key for s in samples]:
+        raise _fail(name, "a second iteration yields other samples: a dataset must be re-iterable and deterministic "
+                    "(a generator is one-pass; return a fresh iterator from __iter__)")
+    if hasattr(dataset, "__len__"):
+        n = len(dataset)
+        if (exhausted and n != len(samples)) or (not exhausted and n <= limit):
+            seen = f"{len(samples)}" if exhausted else f"more than {limit}"
+            raise _fail(name, f"len() is {n} but iterating yields {seen} samples")
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        classes = list(classes)
+        if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+            raise _fail(name, f"classes must be a non-empty list of class names, got {classes!r}")
+        if len(set(classes)) != len(classes):
+            raise _fail(name, "classes has duplicate names")
+        for s in samples:
+            if s.label is None or not 0 <= s.label < len(classes):
+                raise _fail(name, f"sample {s.key!r} has label {s.label!r}, not an index into its {len(classes)} classes")
+        for t in getattr(dataset, "templates", None) or []:
+            try:
+                check_template(t)
+            except ValueError as e:
+                raise _fail(name, str(e)) from None
+    return samples
+
+
+# -- evaluators -----------------------------------------------------------------------------
+
+
+def check_evaluator(
+    evaluator: Any, bundle: EncoderBundle | None = None, dataset: Any = None, device: str = "cpu", *, name: str = "evaluator"
+) -> dict[str, float]:
+    """An evaluator's ``evaluate(bundle, dataset, device)`` returns a non-empty dict of metric
+    names to finite floats, and leaves the model's weights as they were.
+
+    Defaults: :func:`tiny_encoder_bundle` and :func:`tiny_dataset` (a classification dataset
+    with captions). Returns the metrics.
+    """
+    import torch
+
+    if not callable(getattr(evaluator, "evaluate", None)):
+        raise _fail(name, f"has no evaluate(bundle, dataset, device) method ({type(evaluator).__name__})")
+    bundle = bundle or tiny_encoder_bundle()
+    dataset = dataset if dataset is not None else tiny_dataset()
+    before = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+    metrics = evaluator.evaluate(bundle, dataset, device)
+    if not isinstance(metrics, Mapping):
+        raise _fail(name, f"evaluate() must return a dict of metric name -> float, got {type(metrics).__name__}")
+    if not metrics:
+        raise _fail(name, "evaluate() returned no metrics")
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key.strip():
+            raise _fail(name, f"metric name {key!r} is not a non-empty string")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _fail(name, f"metric {key!r} is {value!r} ({type(value).__name__}), not a float")
+        if not math.isfinite(value):
+            raise _fail(name, f"metric {key!r} is {value}, not finite")
+    after = bundle.model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    if changed:
+        raise _fail(name, f"evaluate() changed the model's weights ({', '.join(changed[:3])}...)")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# -- curation steps -------------------------------------------------------------------------
+
+
+def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, name: str = "curation step") -> list[Verdict]:
+    """A curation step called on a batch returns one :class:`~clipforge.Verdict` per sample, in
+    order: a dropped one has a reason, scores are finite floats; it leaves the samples as they
+    were, and answers an empty batch with no verdicts.
+
+    Default samples: :func:`tiny_samples`. Returns the verdicts.
+    """
+    if not callable(step):
+        raise _fail(name, f"must be callable on a list of samples, got {type(step).__name__}")
+    samples = list(samples) if samples is not None else tiny_samples()
+    snapshot = [(s.key, copy.deepcopy(s.caption), s.label, copy.deepcopy(s.meta)) for s in samples]
+    verdicts = list(step(samples))
+    if len(verdicts) != len(samples):
+        raise _fail(name, f"returned {len(verdicts)} verdicts for {len(samples)} samples; one per sample, in order")
+    for s, v in zip(samples, verdicts):
+        if not isinstance(v, Verdict):
+            raise _fail(name, f"the verdict on {s.key!r} is a {type(v).__name__}, not a clipforge.Verdict")
+        if not v.keep and not (isinstance(v.reason, str) and v.reason.strip()):
+            raise _fail(name, f"dropped {s.key!r} without a reason (Verdict.dropped(reason))")
+        for key, score in v.scores.items():
+            if isinstance(score, bool) or not isinstance(score, numbers.Real) or not math.isfinite(score):
+                raise _fail(name, f"score {key!r} on {s.key!r} is {score!r}, not a finite float")
+    if [(s.key, s.caption, s.label, s.meta) for s in samples] != snapshot:
+        raise _fail(name, "changed the samples it judged; a step decides keep or drop, it does not edit")
+    empty = list(step([]))
+    if empty:
+        raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
+    return verdicts
+
+
+# -- by name, through the catalog ----------------------------------------------------------
+
+CHECKS: dict[str, Callable[..., Any]] = {
+    "losses": check_loss,
+    "encoders": check_encoder,
+    "datasets": check_dataset,
+    "evaluators": check_evaluator,
+    "curation_steps": check_curation_step,
+}
+
+
+def components(kind: str, *, plugin: str | None = None, distribution: str | None = None) -> list[str]:
+    """Names of the registered components of ``kind``, optionally only those of one plugin
+    (entry-point name) or one distribution: what a parametrized conformance test iterates over."""
+    from clipforge.core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    catalog = pm.catalog
+    names = []
+    for n in catalog.names(kind):
+        owner = catalog.get(kind, n).plugin
+        info = pm.infos.get(owner)
+        if plugin is not None and owner != plugin:
+            continue
+        if distribution is not None and (info is None or info.distribution != distribution):
+            continue
+        names.append(n)
+    return names
+
+
+def check_component(kind: str, name: str, fields: dict[str, Any] | None = None, **inputs: Any) -> Any:
+    """Build component ``name`` of ``kind`` from the catalog, as a recipe entry ``{type: name, **fields}``
+    would, and run the check of its kind on it; ``inputs`` go to the check (``features=``,
+    ``store=``, ``bundle=``, ``dataset=``, ``samples=``, ``limit=``)."""
+    from clipforge.core.errors import KIND_NOUNS
+    from clipforge.core.plugins import get_plugin_manager
+
+    if kind not in CHECKS:
+        raise ValueError(f"unknown component kind {kind!r}; one of: {', '.join(CHECKS)}")
+    component = get_plugin_manager().catalog.create(kind, {"type": name, **(fields or {})})
+    return CHECKS[kind](component, name=f"{KIND_NOUNS[kind]} {name!r}", **inputs)

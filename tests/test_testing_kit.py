@@ -1,0 +1,304 @@
+"""clipforge.testing: every built-in component passes its conformance check; each kind of broken one fails it."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipforge
+from clipforge import Sample, Verdict
+from clipforge.testing import (
+    TINY_ENCODER_CONFIG,
+    ConformanceError,
+    check_component,
+    check_curation_step,
+    check_encoder,
+    check_loss,
+    components,
+    tiny_encoder_bundle,
+)
+from clipforge.testing.plugin import clipforge_bundle, clipforge_features, clipforge_store  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The fields a built-in needs to be built tiny; a new built-in with required fields must be added here.
+TINY_FIELDS = {
+    "open-clip": {"config": TINY_ENCODER_CONFIG},
+    "synthetic-shapes": {"size": 24, "image_size": 32},
+    "caption-length": {"min_words": 2},
+}
+
+
+def _builtins():
+    return [(kind, name) for kind in clipforge.testing.CHECKS for name in components(kind, distribution="clipforge")]
+
+
+@pytest.mark.parametrize(("kind", "name"), _builtins())
+def test_every_builtin_component_conforms(kind, name):
+    check_component(kind, name, TINY_FIELDS.get(name))
+
+
+def test_the_builtins_cover_every_kind():
+    assert {kind for kind, _ in _builtins()} == set(clipforge.testing.CHECKS)
+
+
+# -- deliberately broken components, registered through the hooks as a plugin would -----------
+
+
+def _contrastive(img, txt, scale):
+    logits = scale * img @ txt.T
+    labels = torch.arange(len(img))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class _Loss(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        return self.fn(image_features, text_features, logit_scale)
+
+
+class _UnusedParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.margin = torch.nn.Parameter(torch.tensor(0.1))  # never used: AdamW would never update it
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        return _contrastive(image_features, text_features, logit_scale)
+
+
+def _bundle_with(**changes):
+    def factory():
+        bundle = tiny_encoder_bundle()
+        for key, value in changes.items():
+            value(bundle) if callable(value) else setattr(bundle, key, value)
+        return bundle
+
+    return factory
+
+
+class _Dataset:
+    def __init__(self, samples, classes=None, length=None):
+        self.samples, self.length = samples, length
+        if classes is not None:
+            self.classes = classes
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __len__(self):
+        return len(self.samples) if self.length is None else self.length
+
+
+def _png(color="red") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(n=3, **overrides):
+    return [Sample(**{"key": f"s{i}", "image": _png(), "caption": f"a red square number {i}", "label": 0, **overrides}) for i in range(n)]
+
+
+class _Evaluator:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def evaluate(self, bundle, dataset, device):
+        return self.fn(bundle)
+
+
+def _train_a_little(bundle):
+    with torch.no_grad():
+        bundle.model.logit_scale.add_(1.0)
+    return {"acc1": 0.5}
+
+
+def _step(fn):
+    return lambda: fn
+
+
+BROKEN = {
+    "losses": {
+        "nan-loss": (lambda: _Loss(lambda i, t, s: _contrastive(i, t, s) * float("nan")), "not a finite float"),
+        "per-sample-loss": (lambda: _Loss(lambda i, t, s: ((i - t) ** 2).sum(dim=1) * s), "must return a scalar"),
+        "detached-loss": (lambda: _Loss(lambda i, t, s: _contrastive(i, t, s).detach()), "detached"),
+        "image-detached-loss": (lambda: _Loss(lambda i, t, s: _contrastive(i.detach(), t, s)), "no gradient reaches image_features"),
+        "fixed-temperature-loss": (lambda: _Loss(lambda i, t, s: _contrastive(i, t, 14.0)), "no gradient reaches logit_scale"),
+        "unused-parameter-loss": (_UnusedParameter, "no gradient reaches parameter margin"),
+        "dict-without-loss": (lambda: _Loss(lambda i, t, s: {"total": _contrastive(i, t, s)}), "without a 'loss' key"),
+        "function-loss": (lambda: (lambda i, t, s, b=None: _contrastive(i, t, s)), "must be a torch.nn.Module"),
+        "zero-gradient-loss": (lambda: _Loss(lambda i, t, s: (i.sum() + t.sum() + s) * 0.0), "all zeros"),
+    },
+    "encoders": {
+        "wrong-dim-encoder": (_bundle_with(arch={**TINY_ENCODER_CONFIG, "embed_dim": 64}), "declares embed_dim=64"),
+        "extra-layer-encoder": (
+            _bundle_with(model=lambda b: b.model.add_module("adapter", torch.nn.Linear(32, 32))),
+            "does not survive a save/load round trip",
+        ),
+        "mislabelled-preprocessing-encoder": (
+            _bundle_with(preprocess_cfg=lambda b: b.preprocess_cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
+            "preprocessed differently",
+        ),
+        "model-only-encoder": (lambda: tiny_encoder_bundle().model, "must return a clipforge.EncoderBundle"),
+        "nan-encoder": (
+            _bundle_with(model=lambda b: torch.nn.init.constant_(b.model.text_projection, float("nan"))),
+            "text embeddings are not finite",
+        ),
+    },
+    "datasets": {
+        "dict-dataset": (lambda: [{"key": "a", "image": _png(), "caption": "a red square"}], "not a clipforge.Sample"),
+        "duplicate-key-dataset": (lambda: _samples(2, key="same"), "occurs twice"),
+        "undecodable-dataset": (lambda: _samples(2, image=b"<html>404</html>"), "would be dropped by curation: undecodable image"),
+        "one-pass-dataset": (lambda: (s for s in _samples(3)), "second iteration"),
+        "label-out-of-range-dataset": (lambda: _Dataset(_samples(2, label=5), classes=["red", "blue"]), "not an index into its 2 classes"),
+        "wrong-length-dataset": (lambda: _Dataset(_samples(3), length=100), "len() is 100 but iterating yields 3"),
+        "empty-dataset": (lambda: [], "yielded no samples"),
+    },
+    "evaluators": {
+        "nan-evaluator": (lambda: _Evaluator(lambda b: {"acc1": float("nan")}), "not finite"),
+        "tensor-evaluator": (lambda: _Evaluator(lambda b: {"acc1": torch.tensor(0.5)}), "not a float"),
+        "scalar-evaluator": (lambda: _Evaluator(lambda b: 0.5), "must return a dict"),
+        "silent-evaluator": (lambda: _Evaluator(lambda b: {}), "returned no metrics"),
+        "training-evaluator": (lambda: _Evaluator(_train_a_little), "changed the model's weights"),
+    },
+    "curation_steps": {
+        "short-step": (_step(lambda samples: [Verdict.kept() for _ in samples][:-1]), "verdicts for 8 samples"),
+        "bool-step": (_step(lambda samples: [True for _ in samples]), "not a clipforge.Verdict"),
+        "silent-drop-step": (_step(lambda samples: [Verdict(False) for _ in samples]), "without a reason"),
+        "nan-score-step": (_step(lambda samples: [Verdict.kept(sharpness=float("nan")) for _ in samples]), "not a finite float"),
+        "editing-step": (
+            _step(lambda samples: [setattr(s, "caption", "edited") or Verdict.kept() for s in samples]),
+            "changed the samples",
+        ),
+        "padding-step": (_step(lambda samples: [Verdict.kept() for _ in samples] or [Verdict.kept()]), "for an empty batch"),
+    },
+}
+
+
+class BrokenComponents:
+    """A plugin registering every broken component above, one registration hook per kind."""
+
+    def _register(self, kind, register):
+        for name, (factory, _) in BROKEN[kind].items():
+            register(name, factory)
+
+    @clipforge.hookimpl
+    def register_losses(self, register):
+        self._register("losses", register)
+
+    @clipforge.hookimpl
+    def register_encoders(self, register):
+        self._register("encoders", register)
+
+    @clipforge.hookimpl
+    def register_datasets(self, register):
+        self._register("datasets", register)
+
+    @clipforge.hookimpl
+    def register_evaluators(self, register):
+        self._register("evaluators", register)
+
+    @clipforge.hookimpl
+    def register_curation_steps(self, register):
+        self._register("curation_steps", register)
+
+
+@pytest.fixture
+def broken(fresh_plugins):
+    pm = fresh_plugins()
+    pm.add_plugin(BrokenComponents(), "broken")
+    return pm
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "message"),
+    [(kind, name, message) for kind, entries in BROKEN.items() for name, (_, message) in entries.items()],
+)
+def test_each_check_fails_on_a_broken_component(broken, kind, name, message):
+    assert components(kind, plugin="broken") == sorted(BROKEN[kind])
+    with pytest.raises(ConformanceError) as e:
+        check_component(kind, name)
+    assert message in str(e.value)
+    assert str(e.value).startswith(f"{clipforge.core.errors.KIND_NOUNS[kind]} {name!r}: ")
+
+
+def test_a_fixed_temperature_loss_passes_when_told_so(clipforge_features):
+    loss = BROKEN["losses"]["fixed-temperature-loss"][0]()
+    value = check_loss(loss, clipforge_features, temperature_grad=False)
+    assert value.dim() == 0 and clipforge_features.image_features.grad is not None
+
+
+def test_a_loss_with_a_logit_bias_gets_its_gradient_checked():
+    from open_clip.loss import SigLipLoss
+
+    class SigLip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = SigLipLoss()
+
+        def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+            return self.inner(image_features, text_features, logit_scale, logit_bias)
+
+    features = clipforge.testing.tiny_features(logit_bias=True)
+    assert torch.isfinite(check_loss(SigLip(), features))
+    assert features.logit_bias.grad is not None
+
+
+def test_the_encoder_round_trip_goes_through_the_store(clipforge_bundle, clipforge_store):
+    out = check_encoder(clipforge_bundle, clipforge_store)
+    assert out["image"].shape == out["text"].shape == (2, 32)
+    assert set(clipforge_store.ls("conformance/encoder")) == {"open_clip_config.json", "open_clip_model.safetensors"}
+
+
+def test_a_curation_step_sees_single_captions_caption_lists_and_decoded_images():
+    seen = []
+    check_curation_step(lambda samples: seen.extend(samples) or [Verdict.kept() for _ in samples])
+    assert any(isinstance(s.caption, list) for s in seen) and any(len(s.caption.split()) == 1 for s in seen if isinstance(s.caption, str))
+    assert all(s.image.mode == "RGB" for s in seen)
+
+
+# -- the pytest plugin ----------------------------------------------------------------------
+
+
+def test_the_pytest_plugin_is_declared_as_a_pytest11_entry_point():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["pytest11"] == {"clipforge": "clipforge.testing.plugin"}
+
+
+def test_the_pytest_plugin_fixtures_work_in_a_plugin_authors_test_session(tmp_path):
+    (tmp_path / "test_author.py").write_text(textwrap.dedent('''
+        import pytest
+        from clipforge.testing import check_curation_step, check_loss, check_dataset
+
+        def test_fixtures(clipforge_features, clipforge_samples, clipforge_dataset, clipforge_store, clipforge_bundle):
+            assert clipforge_features.image_features.requires_grad
+            assert len(check_curation_step(lambda s: [__import__("clipforge").Verdict.kept() for _ in s], clipforge_samples)) == 8
+            assert len(check_dataset(clipforge_dataset)) == 16
+            assert clipforge_store.ls() == []
+            assert clipforge_bundle.model.encode_text(clipforge_bundle.tokenizer(["x"])).shape == (1, 32)
+
+        def test_a_failed_check_is_a_test_failure(clipforge_features):
+            check_loss(lambda *a: 0.0, clipforge_features)
+    '''))
+    # Autoload off and the plugin by name: the same session whether or not clipforge is installed.
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "clipforge.testing.plugin", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
+    assert "ConformanceError: loss: must be a torch.nn.Module" in proc.stdout
