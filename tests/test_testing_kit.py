@@ -30,11 +30,50 @@ from clipforge.testing.plugin import clipforge_bundle, clipforge_features, clipf
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def _input_files() -> dict[str, str]:
+    """A tar shard, a CSV and a Parquet table of the tiny dataset, and a scoring model folder, for the inputs' fields."""
+    import tarfile
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    from clipforge.core.checkpoint import save_open_clip_dir
+    from clipforge.testing import tiny_dataset
+
+    folder = Path(tempfile.mkdtemp(prefix="clipforge-kit-"))
+    paths, captions = [], []
+    with tarfile.open(folder / "shard.tar", "w") as tar:
+        for s in tiny_dataset(6):
+            buf = io.BytesIO()
+            s.image.save(buf, format="PNG")
+            (folder / f"{s.key}.png").write_bytes(buf.getvalue())
+            paths.append(f"{s.key}.png")
+            captions.append(s.caption)
+            for name, data in ((f"{s.key}.png", buf.getvalue()), (f"{s.key}.txt", s.caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    table = pa.table({"filepath": paths, "caption": captions})
+    pyarrow.csv.write_csv(table, str(folder / "pairs.csv"))
+    pyarrow.parquet.write_table(table, str(folder / "pairs.parquet"))
+    save_open_clip_dir(tiny_encoder_bundle(), folder / "scorer")
+    return {"dir": str(folder)}
+
+
+_FILES = _input_files()["dir"]
+
 #: The fields a built-in needs to be built tiny; a new built-in with required fields must be added here.
 TINY_FIELDS = {
     "open-clip": {"config": TINY_ENCODER_CONFIG},
     "synthetic-shapes": {"size": 24, "image_size": 32},
+    "webdataset": {"urls": f"{_FILES}/shard.tar"},
+    "csv": {"path": f"{_FILES}/pairs.csv"},
+    "parquet": {"path": f"{_FILES}/pairs.parquet"},
     "caption-length": {"min_words": 2},
+    "clip-score": {"model": f"{_FILES}/scorer", "threshold": -1.0},
+    "balance": {"entries": ["red", "circle", "blue square"], "t": 2},
 }
 
 

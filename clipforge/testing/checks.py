@@ -266,11 +266,13 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
 
     Default samples: :func:`tiny_samples`. Returns the verdicts.
     """
-    if not callable(step):
-        raise _fail(name, f"must be callable on a list of samples, got {type(step).__name__}")
+    from clipforge.engine.curation import is_global
+
+    if not callable(step) and not is_global(step):
+        raise _fail(name, f"must be callable on a list of samples (or have features and decide), got {type(step).__name__}")
     samples = list(samples) if samples is not None else tiny_samples()
     snapshot = [(s.key, copy.deepcopy(s.caption), s.label, copy.deepcopy(s.meta)) for s in samples]
-    verdicts = list(step(samples))
+    verdicts = _judge(step, samples, name)
     if len(verdicts) != len(samples):
         raise _fail(name, f"returned {len(verdicts)} verdicts for {len(samples)} samples; one per sample, in order")
     for s, v in zip(samples, verdicts):
@@ -283,10 +285,24 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
                 raise _fail(name, f"score {key!r} on {s.key!r} is {score!r}, not a finite float")
     if [(s.key, s.caption, s.label, s.meta) for s in samples] != snapshot:
         raise _fail(name, "changed the samples it judged; a step decides keep or drop, it does not edit")
-    empty = list(step([]))
+    empty = _judge(step, [], name)
     if empty:
         raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
     return verdicts
+
+
+def _judge(step: Any, samples: list[Sample], name: str) -> list[Any]:
+    """Verdicts as the curate stage gets them: a call, or, for a whole-dataset step, features then a decision."""
+    from clipforge.engine.curation import is_global
+
+    if not is_global(step):
+        return list(step(samples))
+    features = step.features(samples)
+    if len(features) != len(samples):
+        raise _fail(name, f"features() returned {len(features)} values for {len(samples)} samples; one per sample")
+    if hasattr(features, "astype"):  # arrays reach decide() as float32, as the reduce phase hands them
+        features = features.astype("float32")
+    return list(step.decide([s.key for s in samples], features))
 
 
 # -- by name, through the catalog ----------------------------------------------------------

@@ -45,6 +45,8 @@ def model_embeddings(bundle, samples: Sequence[Any], device: str = "cpu") -> tup
     """Normalised image and caption embeddings of a batch (the first caption of a list)."""
     import torch
 
+    if not samples:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
     captions = [s.caption if isinstance(s.caption, str) else s.caption[0] for s in samples]
     with torch.no_grad():
         images = torch.stack([bundle.preprocess_val(s.image) for s in samples]).to(device)
