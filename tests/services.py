@@ -134,7 +134,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self._body()
-        if self.server.should_fail(f"{self.command} {self.path}"):
+        agent = (self.headers.get("User-Agent") or "-").split()[0]  # which client: aiobotocore, Boto3...
+        if self.server.should_fail(f"{self.command} {self.path} {agent}"):
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(_SLOW_DOWN)))
