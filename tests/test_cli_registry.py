@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import socket
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -28,15 +29,21 @@ def workdir(tmp_path, monkeypatch):
         version = register_version("models/any", MODEL, tags={}, metrics={METRIC: value}, run_id=None)
         promote_if_better(MODEL, version.version, metric=METRIC)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the CLI finds the store through --workdir
+    monkeypatch.chdir(tmp_path)  # and the helpers below through the same URI, explicitly
     yield str(tmp_path)
 
 
+def client() -> MlflowClient:
+    uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # the test's working directory is its --workdir
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def champion() -> str:
-    return str(MlflowClient().get_model_version_by_alias(MODEL, "champion").version)
+    return str(client().get_model_version_by_alias(MODEL, "champion").version)
 
 
 def tags(version: str) -> dict[str, str]:
-    return MlflowClient().get_model_version(MODEL, version).tags
+    return client().get_model_version(MODEL, version).tags
 
 
 def test_promote_and_rollback_record_who_and_why(workdir, capsys):
