@@ -103,6 +103,7 @@ class Store:
 
     @retry
     def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache(self.path(rel))  # s3fs answers from cached listings otherwise
         return self.fs.exists(self.path(rel))
 
     @retry
