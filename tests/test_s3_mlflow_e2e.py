@@ -84,6 +84,7 @@ def test_the_retrain_survives_injected_503s(retrained):
     result, proxy = retrained["result"], retrained["proxy"]
     assert result["register"]["version"] == "1" and result["register"]["promoted"] is True
     failed = proxy.failed
+    print(f"proxy: {proxy.requests} requests, {len(failed)} answered 503 SlowDown")
     assert len(failed) >= 5
     assert any(line.startswith("PUT") for line in failed)
     assert {"aiobotocore", "Boto3"} <= {line.rsplit(" ", 1)[-1].split("/")[0] for line in failed}, failed  # store and server
