@@ -168,8 +168,8 @@ def cmd_promote(args) -> int:
     from clipforge.registry import set_champion
 
     mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
-    set_champion(args.model, args.version, reason=args.reason, user=os.environ.get("USER"))
-    console.print(f"{args.model}: champion -> version {args.version}")
+    previous = set_champion(args.model, args.version, reason=args.reason, user=args.user)
+    console.print(f"{args.model}: champion -> version {args.version} (was {previous or 'none'})")
     return 0
 
 
@@ -179,7 +179,7 @@ def cmd_rollback(args) -> int:
     from clipforge.registry import rollback
 
     mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
-    version = rollback(args.model, reason=args.reason)
+    version = rollback(args.model, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion rolled back to version {version}")
     return 0
 
@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("promote", cmd_promote, "move the champion alias to a version by hand")
     sp.add_argument("model")
     sp.add_argument("version")
-    sp.add_argument("--reason", default="manual promotion")
+    sp.add_argument("--reason", default="manual promotion", help="recorded in the version's tag promotion_reason")
+    sp.add_argument("--user", help="recorded in the version's tag promoted_by (default: USER@HOST)")
     workdir(sp)
     sp = add("rollback", cmd_rollback, "move the champion alias back to the previous champion")
     sp.add_argument("model")
-    sp.add_argument("--reason", default="manual rollback")
+    sp.add_argument("--reason", default="manual rollback", help="recorded in the version's tags")
+    sp.add_argument("--user", help="recorded in the version's tag promoted_by (default: USER@HOST)")
     workdir(sp)
     return p
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -398,6 +399,43 @@ def test_concurrent_promotions_from_threads_end_on_the_best(store):
     assert not errors, errors
     assert champion_metrics(MODEL) == {"eval/retrieval/mean_recall_at_1": max(values)}
     assert aliases()["challenger"] == str(len(values))
+
+
+def test_concurrent_promotions_without_a_shared_lock_end_on_the_best(store, monkeypatch):
+    """Promoters on different machines share no lock: the generation tag and the settle re-read decide."""
+    import contextlib
+
+    from clipforge.registry import promotion
+
+    monkeypatch.setattr(promotion, "_registry_lock", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(promotion, "_settle_s", lambda: 1.0)
+    slow = random.Random(0)
+    get_version = MlflowClient.get_model_version
+
+    def slow_read(self, name, version):  # a slow network between reading the champion and deciding
+        time.sleep(slow.uniform(0, 0.1))
+        return get_version(self, name, version)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version", slow_read)
+    values = [random.Random(seed).random() for seed in range(10, 16)]
+    versions = [register(v).version for v in values]
+    start = threading.Barrier(len(values))
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            start.wait()
+            promote_if_better(MODEL, version, metric=METRIC)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert champion_metrics(MODEL) == {"eval/retrieval/mean_recall_at_1": max(values)}
 
 
 @pytest.mark.slow

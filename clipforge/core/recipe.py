@@ -47,8 +47,19 @@ class EvaluatorRef(ComponentRef):
 class StorageConfig(_Strict):
     root: str = Field("./clipforge-store", description="local folder or s3://bucket/prefix")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options (endpoint_url, ...); credentials come from the environment"
+        default_factory=dict,
+        description="fsspec storage options (endpoint_url, ...); credentials only as ${ENV_VAR} references, resolved at run time",
     )
+
+    @pydantic.field_validator("options")
+    @classmethod
+    def _no_clear_text_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from clipforge.core.secrets import clear_text_credentials
+
+        if found := clear_text_credentials(options):
+            # the message names the fields, never their values
+            raise ValueError(f"credentials must be ${{ENV_VAR}} references, not clear text: {', '.join(found)}")
+        return options
 
 
 class DataConfig(_Strict):

@@ -17,9 +17,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from clipforge.core.secrets import resolve_env_refs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,12 +58,28 @@ def retry(fn: Callable[..., T], attempts: int = 5, base_delay: float = 0.2) -> C
     return wrapper
 
 
+#: botocore's "standard" retry mode retries 5xx answers, throttling (SlowDown) and connection errors
+#: with jittered exponential backoff; the Store's own :func:`retry` wraps whole operations on top.
+S3_RETRIES = {"max_attempts": 8, "mode": "standard"}
+
+
+def _with_s3_retries(options: dict[str, Any]) -> dict[str, Any]:
+    """S3 options with botocore retries set, unless the user's ``config_kwargs`` already sets them."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", S3_RETRIES)
+    return {**options, "config_kwargs": config}
+
+
 class Store:
     """Relative paths under ``root`` on any fsspec filesystem."""
 
     def __init__(self, root: str, options: dict[str, Any] | None = None):
+        # the recipe's options, ${ENV_VAR} references unresolved: what sub() passes on
         self.options = dict(options or {})
-        self.fs, path = fsspec.core.url_to_fs(root, **self.options)
+        resolved = resolve_env_refs(self.options)
+        if urlsplit(root).scheme in ("s3", "s3a"):
+            resolved = _with_s3_retries(resolved)
+        self.fs, path = fsspec.core.url_to_fs(root, **resolved)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(path).resolve()) if self.local else path.rstrip("/")
         self.url = self.root if self.local else self.fs.unstrip_protocol(self.root)
@@ -84,6 +103,7 @@ class Store:
 
     @retry
     def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache(self.path(rel))  # s3fs answers from cached listings otherwise
         return self.fs.exists(self.path(rel))
 
     @retry
@@ -137,6 +157,7 @@ class Store:
         """Copy the folder ``rel`` to ``local_dir`` (returned)."""
         local_dir = Path(local_dir)
         src = self.path(rel)
+        self.fs.invalidate_cache(src)  # another process (an earlier stage, a resumed run) wrote it
         for f in self.fs.find(src):
             target = local_dir / posixpath.relpath(f, src)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +167,7 @@ class Store:
     @retry
     def ls(self, rel: str = "") -> list[str]:
         """Names directly under ``rel`` (empty when it does not exist)."""
+        self.fs.invalidate_cache(self.path(rel) if rel else self.root)
         try:
             entries = self.fs.ls(self.path(rel) if rel else self.root, detail=False)
         except FileNotFoundError:

@@ -79,6 +79,14 @@ import mlflow, pandas as pd
 
 model = mlflow.pyfunc.load_model("models:/{model_name}@champion")  # or "{uri}"
 embeddings = model.predict(pd.DataFrame({{"text": ["a photo of a cat"]}}))
+```
+
+As a REST endpoint (images as base64 strings; the answer holds one embedding per row):
+
+```bash
+mlflow models serve -m "models:/{model_name}@champion" --env-manager local -p 5001
+curl -X POST localhost:5001/invocations -H 'Content-Type: application/json' \\
+  -d '{{"dataframe_split": {{"columns": ["image", "text"], "data": [[null, "a photo of a cat"]]}}}}'
 ```"""
 
 

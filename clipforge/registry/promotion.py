@@ -6,11 +6,18 @@ reading runs. Every move of ``champion`` records on the new champion ``promoted_
 ``promotion_reason``, ``promoted_at`` and ``previous_champion`` (the version it displaced),
 which is what :func:`rollback` walks back.
 
-Concurrency: MLflow has no compare-and-set on aliases, so every alias move happens under a
-file lock keyed on the registry URI and model name, and is re-read and re-checked after it is
-written. The lock serializes processes that share its folder: one machine, or several when
-``CLIPFORGE_LOCK_DIR`` points at a shared filesystem. Processes that do not share it are only
-protected by the re-check, which narrows the race but cannot close it.
+Concurrency: MLflow has no compare-and-set on aliases. Two mechanisms keep two promotions
+racing each other from leaving the worse version champion:
+
+- a file lock keyed on the registry URI and model name serializes the processes that share its
+  folder (one machine, or several when ``CLIPFORGE_LOCK_DIR`` is on a shared filesystem);
+- across machines, every move of ``champion`` first claims the registered model's tag
+  ``clipforge.champion_generation`` (the generation read plus one, with a random token) and
+  re-reads it; the alias is written only while the decision is fresh (younger than half of
+  :data:`SETTLE_S`), and after :data:`SETTLE_S` the promoter re-reads alias and generation: if
+  another promoter claimed a later generation, it waits for the champion to settle and decides
+  again against whoever holds it. On a tracking server this closes the race as long as a request
+  reaches the server within ``SETTLE_S / 2`` of being sent (see docs/registry.md).
 """
 
 from __future__ import annotations
@@ -20,13 +27,16 @@ import hashlib
 import logging
 import math
 import os
+import random
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -47,6 +57,11 @@ METRIC_TAG_PREFIX = "metric."
 LOCK_TIMEOUT_S = 300.0
 #: How many times an alias move is re-read and redone before giving up.
 MAX_ROUNDS = 5
+#: The registered-model tag holding ``<generation>:<token>`` of the last move of ``champion``.
+GENERATION_TAG = "clipforge.champion_generation"
+#: On a remote registry: how long a promoter waits after moving ``champion`` before it checks that
+#: no other promoter moved it meanwhile; a decision older than half of it is taken again.
+SETTLE_S = 2.0
 
 
 class PromotionError(ConfigError):
@@ -105,21 +120,42 @@ def promote_if_better(
         raise PromotionError(f"promotion mode must be 'max' or 'min', not {mode!r}")
     version = str(version)
     client = MlflowClient()
+    settle = _settle_s()
+    fresh_for = settle / 2 if settle else math.inf
     with _registry_lock(name):
         candidate = _metric_of(_get_version(client, name, version), metric)
         previous: str | None = None
-        for _ in range(MAX_ROUNDS):
-            champion = _aliases(client, name).get(CHAMPION)
-            if champion == version:  # our last write held
-                return True, previous
+        moves = retries = 0
+        waited_on: str | None = None
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while moves < MAX_ROUNDS and time.monotonic() < deadline:
+            read_at = time.monotonic()
+            champion, generation = _champion_state(client, name)
+            if champion == version:
+                # our move held, unless a later claim is still in flight: a claim unchanged for a
+                # whole settle period is void (its owner would have moved within half of it)
+                if not settle or generation.endswith(f":{version}") or generation == waited_on:
+                    return True, previous
+                waited_on = generation
+                time.sleep(settle)
+                continue
             incumbent = None if champion is None else _metric_of(client.get_model_version(name, champion), metric)
             better, reason = _verdict(metric, candidate, champion, incumbent, mode, min_delta)
             if not better:
                 log.info("%s v%s %s", name, version, reason)
                 client.set_model_version_tag(name, version, "promotion_reason", reason)
                 return False, champion
-            _move_champion(client, name, version, champion, reason=reason, user=f"auto:{_whoami()}")
+            fresh_until = read_at + fresh_for
+            if not _claim_generation(client, name, generation, version) or not _move_champion(
+                client, name, version, champion, reason=reason, user=f"auto:{_whoami()}", fresh_until=fresh_until
+            ):
+                # another promoter claimed the generation, or our decision went stale: back off
+                retries += 1
+                time.sleep(random.uniform(0, settle / 4 * 2 ** min(retries, 4)))
+                continue
             previous = champion
+            moves += 1
+            time.sleep(settle)  # lets a racing promoter's write land before we re-read
     raise PromotionError(f"{name}: champion kept moving while v{version} was being promoted; try again")
 
 
@@ -132,8 +168,9 @@ def set_champion(name: str, version: str, *, reason: str, user: str | None = Non
     client = MlflowClient()
     _get_version(client, name, version)
     with _registry_lock(name):
-        champion = _aliases(client, name).get(CHAMPION)
+        champion, generation = _champion_state(client, name)
         if champion != version:
+            _claim_generation(client, name, generation, version)  # automatic promoters in flight notice it
             _move_champion(client, name, version, champion, reason=reason, user=user or _whoami())
         return champion
 
@@ -153,6 +190,7 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
         if not target:
             raise PromotionError(f"{name}: champion v{champion} has no previous champion to roll back to")
         _get_version(client, name, target)
+        _claim_generation(client, name, _champion_state(client, name)[1], target)
         client.set_registered_model_alias(name, CHAMPION, target)
         _tag(client, name, target, promoted_by=user or _whoami(), promotion_reason=f"{reason} (from v{champion})")
         client.set_model_version_tag(name, champion, "rolled_back", reason)
@@ -179,14 +217,27 @@ def champion_metrics(name: str) -> dict[str, float] | None:
     return {k[len(METRIC_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
 
 
-def _move_champion(client: MlflowClient, name: str, version: str, champion: str | None, *, reason: str, user: str):
+def _move_champion(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    champion: str | None,
+    *,
+    reason: str,
+    user: str,
+    fresh_until: float = math.inf,
+) -> bool:
+    """Tag ``version`` with who/why, then point ``champion`` at it, unless the decision is stale by then."""
     # tags first: whoever sees the alias move also sees why it moved
     tags = {"promoted_by": user, "promotion_reason": reason, "promoted_at": datetime.now(timezone.utc).isoformat()}
     if champion is not None:
         tags["previous_champion"] = champion
     _tag(client, name, version, **tags)
+    if time.monotonic() > fresh_until:
+        return False
     client.set_registered_model_alias(name, CHAMPION, version)
     log.info("%s: champion v%s -> v%s (%s)", name, champion, version, reason)
+    return True
 
 
 def _verdict(
@@ -214,6 +265,26 @@ def _metric_of(version: ModelVersion, metric: str) -> float:
     raise PromotionError(
         f"{version.name} v{version.version} has no metric {metric!r}; it has: {', '.join(known) or 'none'}"
     )
+
+
+def _champion_state(client: MlflowClient, name: str) -> tuple[str | None, str]:
+    """The champion version and the generation tag, from one read of the registered model."""
+    model = client.get_registered_model(name)
+    aliases = {alias: str(v) for alias, v in model.aliases.items()}
+    return aliases.get(CHAMPION), model.tags.get(GENERATION_TAG, "0")
+
+
+def _claim_generation(client: MlflowClient, name: str, seen: str, version: str) -> bool:
+    """Write generation ``seen + 1`` for ``version`` and read it back: False when another claim won."""
+    number = int(seen.split(":", 1)[0] or 0) + 1
+    token = f"{number}:{uuid.uuid4().hex[:12]}:{version}"
+    client.set_registered_model_tag(name, GENERATION_TAG, token)
+    return client.get_registered_model(name).tags.get(GENERATION_TAG) == token
+
+
+def _settle_s() -> float:
+    """:data:`SETTLE_S` on a remote registry; none on a local one, where the file lock serializes."""
+    return SETTLE_S if urlparse(mlflow.get_registry_uri()).scheme in ("http", "https", "databricks") else 0.0
 
 
 def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
