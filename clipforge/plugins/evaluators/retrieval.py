@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 NAME = "retrieval"
 # Queries scored per step: bounds the similarity block to about this many floats (64 MiB)
 SCORES_PER_CHUNK = 1 << 24
+#: Images (with their first caption) shown in the similarity heatmap.
+FIGURE_PAIRS = 32
 
 
 class RetrievalParams(BaseModel):
@@ -37,6 +39,8 @@ class Retrieval:
 
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 256
+    #: After ``evaluate``: the data of its figures (recall@k curves, a similarity matrix).
+    details: dict = field(default_factory=dict, init=False, repr=False)
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
@@ -54,19 +58,40 @@ class Retrieval:
         # the image each caption belongs to
         owner = torch.repeat_interleave(torch.tensor([len(cs) for cs in captions]))
 
-        images, texts, owner = images.to(device), texts.to(device), owner.to(device)
+        metrics, ranks = retrieval_metrics(images.to(device), texts.to(device), owner.to(device), self.ks)
+        # for the figures: recall@k for every k up to the largest, and the first images' similarities
+        n = min(FIGURE_PAIRS, len(samples))
+        first = torch.tensor([0, *torch.cumsum(torch.tensor([len(cs) for cs in captions]), 0)[:-1].tolist()])[:n]
         kmax = max(self.ks)
-        text_to_image = first_hit_ranks(texts, images, kmax, lambda q, top: top == owner[q, None])
-        image_to_text = first_hit_ranks(images, texts, kmax, lambda q, top: owner[top] == q[:, None])
-
-        metrics = {}
-        for k in self.ks:
-            image_recall = (text_to_image < k).float().mean().item()
-            text_recall = (image_to_text < k).float().mean().item()
-            metrics[f"image_retrieval_recall@{k}"] = image_recall
-            metrics[f"text_retrieval_recall@{k}"] = text_recall
-            metrics[f"mean_recall@{k}"] = (image_recall + text_recall) / 2
+        self.details = {
+            "recall_curve": {
+                "k": list(range(1, kmax + 1)),
+                "image_retrieval": [(ranks["image_retrieval"] < k).float().mean().item() for k in range(1, kmax + 1)],
+                "text_retrieval": [(ranks["text_retrieval"] < k).float().mean().item() for k in range(1, kmax + 1)],
+            },
+            "similarity": (images[:n] @ texts[first].T).tolist(),
+        }
         return metrics
+
+
+def retrieval_metrics(
+    images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor, ks: list[int]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """recall@k both ways from normalised embeddings; ``owner[t]`` is the image of text ``t``.
+
+    Returns the metrics and, per direction, each query's first-hit rank (``max(ks)`` when missed).
+    """
+    kmax = max(ks)
+    text_to_image = first_hit_ranks(texts, images, kmax, lambda q, top: top == owner[q, None])
+    image_to_text = first_hit_ranks(images, texts, kmax, lambda q, top: owner[top] == q[:, None])
+    metrics = {}
+    for k in ks:
+        image_recall = (text_to_image < k).float().mean().item()
+        text_recall = (image_to_text < k).float().mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = image_recall
+        metrics[f"text_retrieval_recall@{k}"] = text_recall
+        metrics[f"mean_recall@{k}"] = (image_recall + text_recall) / 2
+    return metrics, {"image_retrieval": text_to_image, "text_retrieval": image_to_text}
 
 
 def first_hit_ranks(
