@@ -7,9 +7,10 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from clipforge.engine.evaluation import evaluate
+from clipforge.engine.evaluation import evaluate_model
 from clipforge.flows.common import open_context, require, stage
-from clipforge.flows.tracking import mlflow_run
+from clipforge.flows.figures import evaluation_figures
+from clipforge.flows.tracking import log_figure, mlflow_run
 from clipforge.registry import log_metrics
 
 
@@ -19,9 +20,12 @@ def evaluate_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
     ctx = open_context(recipe, run_id)
     trained = require(ctx, "evaluate", "train")
     with stage(ctx, "evaluate") as result:
-        metrics = evaluate(ctx.recipe, ctx.plugins.catalog, ctx.store, trained["model"], device=ctx.recipe.train.device)
+        evaluation = evaluate_model(ctx.recipe, ctx.plugins.catalog, ctx.store, trained["model"], device=ctx.recipe.train.device)
+        metrics = evaluation.metrics
         uri = ctx.store.write_json(f"{ctx.run_dir}/evaluate/metrics.json", metrics)
         log_metrics(metrics, run_id=mlflow_run(ctx))
+        for path, fig in evaluation_figures(evaluation.details).items():
+            log_figure(ctx, fig, path)
         ctx.plugins.hook.after_evaluation(context=ctx, metrics=metrics)
         rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()))
         create_markdown_artifact(

@@ -5,7 +5,12 @@ BUILTINS = (
     "clipforge.plugins.encoders.open_clip",
     "clipforge.plugins.losses.contrastive",
     "clipforge.plugins.datasets.synthetic_shapes",
+    "clipforge.plugins.datasets.digits",
     "clipforge.plugins.curation.caption_length",
     "clipforge.plugins.evaluators.zero_shot",
     "clipforge.plugins.evaluators.retrieval",
+    "clipforge.plugins.evaluators.linear_probe",
+    "clipforge.plugins.evaluators.geometry",
+    "clipforge.plugins.evaluators.compositionality",
+    "clipforge.plugins.evaluators.digits",
 )

@@ -48,7 +48,7 @@ class Retrieval:
         from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(
-            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=_check_captions
+            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)
         )
         if not samples:
             raise clipforge.ConfigError(f"{NAME}: the dataset is empty")
@@ -121,10 +121,15 @@ def first_hit_ranks(
     return torch.cat(ranks).cpu()
 
 
-def _check_captions(s: Sample) -> None:
-    # an image without a caption cannot be retrieved by text and would skew text recall to 0
-    if not s.caption or not (isinstance(s.caption, str) or all(isinstance(c, str) and c for c in s.caption)):
-        raise clipforge.ConfigError(f"{NAME}: sample {s.key!r} has an empty or non-text caption: {s.caption!r}")
+def caption_check(evaluator: str) -> Callable[[Sample], None]:
+    """A check that each sample has a non-empty caption or list of captions (errors name ``evaluator``)."""
+
+    def check(s: Sample) -> None:
+        # an image without a caption cannot be retrieved by text and would skew text recall to 0
+        if not s.caption or not (isinstance(s.caption, str) or all(isinstance(c, str) and c for c in s.caption)):
+            raise clipforge.ConfigError(f"{evaluator}: sample {s.key!r} has an empty or non-text caption: {s.caption!r}")
+
+    return check
 
 
 @clipforge.hookimpl
