@@ -81,9 +81,7 @@ def retrieval_metrics(
 
     Returns the metrics and, per direction, each query's first-hit rank (``max(ks)`` when missed).
     """
-    kmax = max(ks)
-    text_to_image = first_hit_ranks(texts, images, kmax, lambda q, top: top == owner[q, None])
-    image_to_text = first_hit_ranks(images, texts, kmax, lambda q, top: owner[top] == q[:, None])
+    text_to_image, image_to_text = first_hit_ranks(texts, images, owner, max(ks))
     metrics = {}
     for k in ks:
         image_recall = (text_to_image < k).float().mean().item()
@@ -95,30 +93,40 @@ def retrieval_metrics(
 
 
 def first_hit_ranks(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    kmax: int,
-    is_hit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """For each query, the rank (0-based) of its first relevant key among its ``kmax`` best, else ``kmax``.
+    texts: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, kmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per text and per image, the rank (0-based) of the first relevant item among its ``kmax`` best, else ``kmax``.
 
-    Scores are dot products (cosine similarities for normalised inputs). ``is_hit(q, top)`` gets
-    the query indices of a chunk and their top key indices ``(len(q), k)`` and says which are
-    relevant. recall@k for every k <= kmax is then ``(ranks < k).mean()``; a k past the number of
-    keys counts every key as retrieved.
+    Scores are dot products (cosine similarities for normalised inputs), each computed once:
+    the texts go by chunks of rows of the score matrix; a chunk's top images give the texts'
+    ranks, and its top texts per image are merged into each image's running ``kmax`` best.
+    recall@k for every k <= kmax is then ``(ranks < k).mean()``; a k past the number of
+    candidates counts every candidate as retrieved.
     """
     import torch
 
-    k = min(kmax, len(keys))
-    chunk = max(1, SCORES_PER_CHUNK // max(1, len(keys)))
-    ranks = []
-    for start in range(0, len(queries), chunk):
-        q = torch.arange(start, min(start + chunk, len(queries)), device=queries.device)
-        top = (queries[q] @ keys.T).topk(k, dim=1).indices
-        hits = is_hit(q, top)
-        # argmax finds the first True; rows without one get kmax
-        ranks.append(torch.where(hits.any(dim=1), hits.int().argmax(dim=1), kmax))
-    return torch.cat(ranks).cpu()
+    n_images = len(images)
+    chunk = max(1, SCORES_PER_CHUNK // max(1, n_images))
+    text_ranks = []
+    best_scores = images.new_empty(n_images, 0)
+    best_texts = torch.empty(n_images, 0, dtype=torch.long, device=images.device)
+    for start in range(0, len(texts), chunk):
+        scores = texts[start : start + chunk] @ images.T
+        top = scores.topk(min(kmax, n_images), dim=1).indices
+        text_ranks.append(_first_hit(top == owner[start : start + len(scores), None], kmax))
+        values, index = scores.T.topk(min(kmax, len(scores)), dim=1)
+        merged = torch.cat([best_scores, values], dim=1)
+        best_scores, pick = merged.topk(min(kmax, merged.shape[1]), dim=1)
+        best_texts = torch.cat([best_texts, index + start], dim=1).gather(1, pick)
+    image_hits = owner[best_texts] == torch.arange(n_images, device=images.device)[:, None]
+    return torch.cat(text_ranks).cpu(), _first_hit(image_hits, kmax).cpu()
+
+
+def _first_hit(hits: torch.Tensor, kmax: int) -> torch.Tensor:
+    import torch
+
+    # argmax finds the first True; rows without one get kmax
+    return torch.where(hits.any(dim=1), hits.int().argmax(dim=1), kmax)
 
 
 def caption_check(evaluator: str) -> Callable[[Sample], None]:
