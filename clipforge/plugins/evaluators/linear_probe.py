@@ -36,9 +36,9 @@ class LinearProbeParams(BaseModel):
     test_fraction: float = Field(0.5, gt=0, lt=1, description="without train_dataset: the evaluation data held out")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="of the training data, held out to pick weight_decay")
     weight_decays: list[Annotated[float, Field(ge=0)]] = Field(
-        [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="L2 penalties tried"
+        [1e-4, 1e-3, 1e-2, 1e-1], min_length=1, description="L2 penalties tried"
     )
-    max_iter: int = Field(200, gt=0, description="L-BFGS iterations per fit")
+    max_iter: int = Field(100, gt=0, description="L-BFGS iterations per fit")
     seed: int = Field(0, description="seeds the splits")
     batch_size: int = Field(256, gt=0, description="images per forward pass")
 
@@ -57,8 +57,8 @@ class LinearProbe:
     train_dataset: dict[str, Any] | None = None
     test_fraction: float = 0.5
     val_fraction: float = 0.2
-    weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    max_iter: int = 200
+    weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    max_iter: int = 100
     seed: int = 0
     batch_size: int = 256
 
@@ -112,7 +112,7 @@ class LinearProbe:
         return x, torch.tensor([s.label for s in samples])
 
 
-def fit_logistic(x, y, n_classes: int, weight_decay: float, max_iter: int = 200):
+def fit_logistic(x, y, n_classes: int, weight_decay: float, max_iter: int = 100):
     """Weights ``(C, D)`` and bias ``(C,)`` minimising mean cross-entropy + ``weight_decay/2 * |W|^2``."""
     import torch
     import torch.nn.functional as F
