@@ -331,3 +331,30 @@ def test_report_without_champion():
         rule=None, promoted=True, reason="first version",
     )  # fmt: skip
     assert report["rows"][0]["winner"] == "n/a" and "There is no champion yet" in render_markdown(report)
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ([], "embedding-geometry: the dataset has 0 samples; it needs at least 2"),
+        ([Sample("s0", picture(0), "x")], "embedding-geometry: the dataset has 1 samples"),
+        ([Sample("s0", picture(0), ""), Sample("s1", picture(1), "x")], "embedding-geometry: sample 's0' has an empty or non-text caption"),
+    ],
+)
+def test_geometry_refuses_bad_datasets(dataset, message):
+    with pytest.raises(clipforge.ConfigError) as e:
+        EmbeddingGeometry().evaluate(table_bundle([onehot(0, 2), onehot(1, 2)], {"x": onehot(0, 2)}), dataset, "cpu")
+    assert message in str(e.value)
+
+
+def test_linear_probe_train_dataset_must_share_the_classes(monkeypatch):
+    from clipforge.plugins.evaluators import linear_probe
+
+    x, y = blobs(n_per_class=5, spread=0.05)
+    bundle, data = probe_dataset(x, y, ["a", "b", "c"])
+    monkeypatch.setattr(linear_probe, "_create_dataset", lambda entry: Labelled(list(data), ["a", "b", "d"]))
+    with pytest.raises(clipforge.ConfigError, match="linear-probe: train_dataset's classes differ"):
+        LinearProbe(train_dataset={"type": "any"}).evaluate(bundle, data, "cpu")
+    # with the same classes, the whole evaluation set is the test set: separable blobs score 1
+    monkeypatch.setattr(linear_probe, "_create_dataset", lambda entry: Labelled(list(data), ["a", "b", "c"]))
+    assert LinearProbe(train_dataset={"type": "any"}).evaluate(bundle, data, "cpu")["acc1"] == 1.0
