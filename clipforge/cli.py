@@ -1,4 +1,4 @@
-"""``clipforge``: demo, run, validate, plugins, schedule, promote, rollback, schema.
+"""``clipforge``: demo, run, evaluate, validate, plugins, schedule, promote, rollback, schema.
 
 Exit codes: 0 success, 1 a failed run, 2 bad input. Errors print as one message; ``--debug``
 shows the traceback.
@@ -110,6 +110,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import mlflow
+
+    from clipforge.flows.evaluate import evaluate_uri
+
+    recipe = _recipe(args.recipe, args.set)
+    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
+    table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+        console.print(f"metrics written to {args.output}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     recipe = _recipe(args.recipe, args.set)
     kinds = {kind for kind, _, _ in recipe.component_entries()}
@@ -211,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe")
     sp.add_argument("--stage", default="all", choices=["all", "curate", "train", "evaluate", "register"])
     sp.add_argument("--run-id", help="continue this run: completed stages are skipped")
+    overrides(sp)
+    workdir(sp)
+    sp = add("evaluate", cmd_evaluate, "evaluate a registered model or a checkpoint on a recipe's evaluators, without training")
+    sp.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a store URI")
+    sp.add_argument("--recipe", required=True, help="the recipe whose evaluation: section (and data.eval) to run")
+    sp.add_argument("--device", help="default: the recipe's train.device")
+    sp.add_argument("--output", help="also write the metrics to this JSON file")
     overrides(sp)
     workdir(sp)
     sp = add("validate", cmd_validate, "check a recipe and its components' parameters")

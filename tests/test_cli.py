@@ -76,3 +76,34 @@ def test_run_a_recipe_from_the_command_line(tmp_path, tiny_recipe):
     (ui,) = [line for line in proc.stdout.splitlines() if "mlflow ui" in line]
     assert f"sqlite:///{tmp_path}/mlflow.db" in ui
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_evaluate_a_checkpoint_folder_prints_a_table_and_writes_json(tmp_path, tiny_recipe, capsys):
+    import torch
+
+    from clipforge.core.checkpoint import save_open_clip_dir
+    from clipforge.core.plugins import get_plugin_manager
+
+    torch.manual_seed(0)
+    bundle = get_plugin_manager().catalog.create("encoders", tiny_recipe["model"])
+    folder = save_open_clip_dir(bundle, tmp_path / "model")
+    tiny_recipe["data"]["eval"]["size"] = 20
+    tiny_recipe["evaluation"] = [{"type": "retrieval", "ks": [1, 5]}, {"type": "embedding-geometry"}]
+    path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(folder), "--recipe", str(path), "--device", "cpu", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    assert "eval/retrieval/mean_recall@5" in printed and "eval/embedding-geometry/logit_scale" in printed
+    assert metrics["eval/embedding-geometry/logit_scale"] == pytest.approx(1 / 0.07, rel=1e-4)
+    # a store URI of the same folder gives the same numbers
+    assert main(["evaluate", f"file://{folder}", "--recipe", str(path), "--device", "cpu", "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == metrics
+
+
+@pytest.mark.parametrize("uri", ["{tmp}/nowhere", "{tmp}"])
+def test_evaluate_refuses_what_is_no_model(tmp_path, tiny_recipe, capsys, uri):
+    path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
+    assert main(["evaluate", uri.format(tmp=tmp_path), "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not an open_clip model folder" in err and "Traceback" not in err

@@ -13,7 +13,9 @@ from tests.conftest import write_yaml
 def test_the_embedded_default_is_valid():
     recipe = load_recipe(builtin_recipe("shapes"))
     assert recipe.name == "shapes" and recipe.model_name == "shapes-clip"
-    assert [ev.type for ev in recipe.evaluation] == ["zero-shot-classification", "retrieval"]
+    assert [ev.type for ev in recipe.evaluation] == [
+        "zero-shot-classification", "retrieval", "embedding-geometry", "compositionality", "linear-probe", "digits"
+    ]
 
 
 def test_defaults_and_model_name(tiny_recipe):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import mlflow
 import pandas as pd
@@ -67,7 +68,7 @@ def test_every_lifecycle_hook_is_exercised_here():
     assert {n for n in specs if not n.startswith("register_")} == set(LIFECYCLE)
 
 
-def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_server, recorder):
+def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_server, recorder, tmp_path):
     from clipforge.flows import retrain_flow
 
     result = retrain_flow(tiny_recipe, tracking_uri=tracking)
@@ -94,6 +95,12 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     assert {"recipe.yaml", "MODEL_CARD.md", "open_clip_model", "figures", "curate"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert figures == {"figures/curation_funnel.png", "figures/loss_curve.png"}
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/champion_report.md", "evaluation/champion_report.json", "evaluation/retrieval"} <= evaluation
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/retrieval")} == {
+        "evaluation/retrieval/recall_at_k.png", "evaluation/retrieval/similarity.png"
+    }
+    assert client.list_artifacts(run.info.run_id, "evaluation/zero-shot-classification")[0].path.endswith("confusion.png")
 
     version = client.get_model_version_by_alias("tiny-clip", "champion")
     assert str(version.version) == "1" and version.run_id == run.info.run_id
@@ -115,6 +122,24 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     assert again["register"]["version"] == "2" and again["register"]["promoted"] is False
     assert client.get_model_version_by_alias("tiny-clip", "challenger").version in (2, "2")
     assert str(client.get_model_version_by_alias("tiny-clip", "champion").version) == "1"
+    report = mlflow.artifacts.load_dict(f"runs:/{again['mlflow_run_id']}/evaluation/champion_report.json")
+    assert report["champion"] == {"version": "1"} and report["decision"]["promoted"] is False
+    assert "does not beat champion v1" in report["decision"]["reason"]
+    (rule,) = [r for r in report["rows"] if r["promotion_metric"]]
+    assert rule["metric"] == "eval/retrieval/mean_recall@1" and rule["champion"] == metrics["eval/retrieval/mean_recall_at_1"]
+
+    # the champion evaluated again, on its own, from the registry: the run's metrics
+    from clipforge.cli import main
+    from tests.conftest import write_yaml
+
+    out = tmp_path / "metrics.json"
+    path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
+    assert main(["evaluate", "models:/tiny-clip@champion", "--recipe", str(path), "--output", str(out), "--device", "cpu"]) == 0
+    again_metrics = json.loads(out.read_text())
+    assert again_metrics.keys() == result["evaluate"]["metrics"].keys()
+    for name, value in result["evaluate"]["metrics"].items():
+        assert again_metrics[name] == pytest.approx(value, abs=1e-6), name
+    assert main(["evaluate", "models:/tiny-clip@nope", "--recipe", str(path)]) == 2
 
 
 def test_a_failed_retrain_leaves_the_registry_alone_and_resumes(tiny_recipe, tracking, prefect_server, recorder):

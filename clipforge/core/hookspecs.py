@@ -63,7 +63,9 @@ def register_evaluators(register: RegisterFn) -> None:
     """Register benchmarks.
 
     Runs once, when the catalogs are first built. Each factory returns an object with
-    ``evaluate(bundle, dataset, device) -> dict[str, float]``.
+    ``evaluate(bundle, dataset, device) -> dict[str, float]``; after it, an optional ``details``
+    dict attribute holds the data of its figures (``similarity``, ``recall_curve``, ``confusion``
+    with ``classes``), which the evaluate stage draws and logs.
     """
 
 

@@ -43,3 +43,62 @@ def loss_figure(history: list[dict[str, float]]):
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def similarity_figure(similarity: list[list[float]], title: str = "image-caption similarity"):
+    """Cosine similarities of the first images (rows) with their captions (columns): a bright diagonal is good."""
+    n = len(similarity)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    im = ax.imshow(similarity, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="cosine similarity")
+    ax.set_xlabel(f"caption of image j (first {n})")
+    ax.set_ylabel("image i")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def recall_curve_figure(curve: dict[str, list[float]], title: str = "recall@k"):
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(curve["k"], curve["image_retrieval"], marker=".", label="image retrieval (text -> image)")
+    ax.plot(curve["k"], curve["text_retrieval"], marker=".", label="text retrieval (image -> text)")
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str = "confusion matrix"):
+    """Rows: true class; columns: predicted class; each row normalised to the class's recall."""
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=float)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(12, 2.5 + 0.3 * len(classes))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="fraction of the true class")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def evaluation_figures(details: dict[str, dict]) -> dict[str, object]:
+    """Figures of the evaluators' details, by artifact path (``evaluation/<evaluator>/<figure>.png``)."""
+    figures = {}
+    for label, d in details.items():
+        if d.get("similarity"):
+            figures[f"evaluation/{label}/similarity.png"] = similarity_figure(d["similarity"], f"{label}: image-caption similarity")
+        if d.get("recall_curve"):
+            figures[f"evaluation/{label}/recall_at_k.png"] = recall_curve_figure(d["recall_curve"], f"{label}: recall@k")
+        if d.get("confusion"):
+            figures[f"evaluation/{label}/confusion.png"] = confusion_figure(d["confusion"], d["classes"], f"{label}: confusion")
+    return figures

@@ -7,6 +7,7 @@ BUILTINS = (
     "clipforge.plugins.datasets.synthetic_shapes",
     "clipforge.plugins.datasets.webdataset",
     "clipforge.plugins.datasets.tables",
+    "clipforge.plugins.datasets.digits",
     "clipforge.plugins.curation.caption_length",
     "clipforge.plugins.curation.image_size",
     "clipforge.plugins.curation.duplicates",
@@ -14,4 +15,8 @@ BUILTINS = (
     "clipforge.plugins.curation.balance",
     "clipforge.plugins.evaluators.zero_shot",
     "clipforge.plugins.evaluators.retrieval",
+    "clipforge.plugins.evaluators.linear_probe",
+    "clipforge.plugins.evaluators.geometry",
+    "clipforge.plugins.evaluators.compositionality",
+    "clipforge.plugins.evaluators.digits",
 )

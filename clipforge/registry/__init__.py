@@ -6,6 +6,7 @@
 - :mod:`~clipforge.registry.promotion`: register versions (alias ``challenger``) and move alias
   ``champion`` only to a better version, safely when several retrains finish at once.
 - :mod:`~clipforge.registry.model_card`: the Markdown model card.
+- :mod:`~clipforge.registry.report`: the champion-vs-challenger report on every metric.
 
 Importing this package imports mlflow; only the flows and the command line do.
 """
@@ -20,6 +21,7 @@ from clipforge.registry.promotion import (
     rollback,
     set_champion,
 )
+from clipforge.registry.report import build_report, render_markdown
 from clipforge.registry.pyfunc import ClipEmbeddingModel, log_pyfunc_model
 from clipforge.registry.tracking import (
     default_tracking_uri,
@@ -31,6 +33,8 @@ from clipforge.registry.tracking import (
 
 __all__ = [
     "ClipEmbeddingModel",
+    "build_report",
+    "render_markdown",
     "PromotionError",
     "champion_metrics",
     "champion_version",

@@ -2,6 +2,11 @@
 
 Both functions return float32 CPU tensors, whatever the model's device and dtype, so that the
 metrics code sees one kind of input.
+
+Inside ``with shared_embeddings():`` (the evaluate stage opens one around all its evaluators)
+the embeddings of a dataset object and of a list of texts are computed once per model and
+handed to every evaluator that asks again: retrieval, geometry and compositionality on the
+same ``data.eval`` encode its images once. Outside it, every call computes afresh.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -49,7 +55,33 @@ def embed_images(
     The samples are read once, in a stream (a dataset may be a one-pass iterable), and their
     images are dropped so that only one batch of pixels is held at a time. ``check`` sees each
     sample first and raises on a bad one, so bad input fails before every image is embedded.
+    Within :func:`shared_embeddings` a dataset already embedded by this model is not read
+    again: ``check`` runs on its kept samples and the cached embeddings are returned.
     """
+    cache = _CACHE.get()
+    key = (id(bundle.model), id(samples))
+    if cache is not None and key in cache.images:
+        features, kept = cache.images[key]
+        if check is not None:
+            for sample in kept:
+                check(sample)
+        return features, kept
+    features, kept = _embed_images(bundle, samples, device, batch_size, desc, check)
+    if cache is not None:
+        # the dataset is kept alive with its entry so that its id is not reused by another object
+        cache.images[key] = (features, kept)
+        cache.keep.append(samples)
+    return features, kept
+
+
+def _embed_images(
+    bundle: EncoderBundle,
+    samples: Iterable[Sample],
+    device: str,
+    batch_size: int,
+    desc: str,
+    check: Callable[[Sample], None] | None,
+) -> tuple[torch.Tensor, list[Sample]]:
     kept: list[Sample] = []
     chunks: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
@@ -75,13 +107,47 @@ def embed_images(
 def embed_texts(
     bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts"
 ) -> torch.Tensor:
-    """Normalised text embeddings ``(len(texts), D)``."""
+    """Normalised text embeddings ``(len(texts), D)``; within :func:`shared_embeddings`, once per model and text list."""
+    cache = _CACHE.get()
+    key = (id(bundle.model), tuple(texts))
+    if cache is not None and key in cache.texts:
+        return cache.texts[key]
     chunks: list[torch.Tensor] = []
     with _inference(bundle.model, device) as (model, _):
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=None):
             tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
             chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+    features = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    if cache is not None:
+        cache.texts[key] = features
+    return features
+
+
+@dataclasses.dataclass
+class EmbeddingCache:
+    """Embeddings computed during one evaluation, by (model, dataset object) and (model, texts)."""
+
+    images: dict[tuple[int, int], tuple[torch.Tensor, list[Sample]]] = dataclasses.field(default_factory=dict)
+    texts: dict[tuple[int, tuple[str, ...]], torch.Tensor] = dataclasses.field(default_factory=dict)
+    keep: list[Any] = dataclasses.field(default_factory=list)
+
+
+_CACHE: ContextVar[EmbeddingCache | None] = ContextVar("clipforge_embedding_cache", default=None)
+
+
+@contextmanager
+def shared_embeddings() -> Iterator[EmbeddingCache]:
+    """Share embeddings between the evaluators run inside; the cache is dropped on exit.
+
+    The model must not change inside (the evaluate stage evaluates one frozen model): entries
+    are keyed by object identity, not by weights.
+    """
+    cache = EmbeddingCache()
+    token = _CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _CACHE.reset(token)
 
 
 @contextmanager

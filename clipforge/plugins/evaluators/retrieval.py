@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 NAME = "retrieval"
 # Queries scored per step: bounds the similarity block to about this many floats (64 MiB)
 SCORES_PER_CHUNK = 1 << 24
+#: Images (with their first caption) shown in the similarity heatmap.
+FIGURE_PAIRS = 32
 
 
 class RetrievalParams(BaseModel):
@@ -37,6 +39,8 @@ class Retrieval:
 
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 256
+    #: After ``evaluate``: the data of its figures (recall@k curves, a similarity matrix).
+    details: dict = field(default_factory=dict, init=False, repr=False)
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
@@ -44,7 +48,7 @@ class Retrieval:
         from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(
-            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=_check_captions
+            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)
         )
         if not samples:
             raise clipforge.ConfigError(f"{NAME}: the dataset is empty")
@@ -54,52 +58,86 @@ class Retrieval:
         # the image each caption belongs to
         owner = torch.repeat_interleave(torch.tensor([len(cs) for cs in captions]))
 
-        images, texts, owner = images.to(device), texts.to(device), owner.to(device)
+        metrics, ranks = retrieval_metrics(images.to(device), texts.to(device), owner.to(device), self.ks)
+        # for the figures: recall@k for every k up to the largest, and the first images' similarities
+        n = min(FIGURE_PAIRS, len(samples))
+        first = torch.tensor([0, *torch.cumsum(torch.tensor([len(cs) for cs in captions]), 0)[:-1].tolist()])[:n]
         kmax = max(self.ks)
-        text_to_image = first_hit_ranks(texts, images, kmax, lambda q, top: top == owner[q, None])
-        image_to_text = first_hit_ranks(images, texts, kmax, lambda q, top: owner[top] == q[:, None])
-
-        metrics = {}
-        for k in self.ks:
-            image_recall = (text_to_image < k).float().mean().item()
-            text_recall = (image_to_text < k).float().mean().item()
-            metrics[f"image_retrieval_recall@{k}"] = image_recall
-            metrics[f"text_retrieval_recall@{k}"] = text_recall
-            metrics[f"mean_recall@{k}"] = (image_recall + text_recall) / 2
+        self.details = {
+            "recall_curve": {
+                "k": list(range(1, kmax + 1)),
+                "image_retrieval": [(ranks["image_retrieval"] < k).float().mean().item() for k in range(1, kmax + 1)],
+                "text_retrieval": [(ranks["text_retrieval"] < k).float().mean().item() for k in range(1, kmax + 1)],
+            },
+            "similarity": (images[:n] @ texts[first].T).tolist(),
+        }
         return metrics
 
 
-def first_hit_ranks(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    kmax: int,
-    is_hit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """For each query, the rank (0-based) of its first relevant key among its ``kmax`` best, else ``kmax``.
+def retrieval_metrics(
+    images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor, ks: list[int]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """recall@k both ways from normalised embeddings; ``owner[t]`` is the image of text ``t``.
 
-    Scores are dot products (cosine similarities for normalised inputs). ``is_hit(q, top)`` gets
-    the query indices of a chunk and their top key indices ``(len(q), k)`` and says which are
-    relevant. recall@k for every k <= kmax is then ``(ranks < k).mean()``; a k past the number of
-    keys counts every key as retrieved.
+    Returns the metrics and, per direction, each query's first-hit rank (``max(ks)`` when missed).
+    """
+    text_to_image, image_to_text = first_hit_ranks(texts, images, owner, max(ks))
+    metrics = {}
+    for k in ks:
+        image_recall = (text_to_image < k).float().mean().item()
+        text_recall = (image_to_text < k).float().mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = image_recall
+        metrics[f"text_retrieval_recall@{k}"] = text_recall
+        metrics[f"mean_recall@{k}"] = (image_recall + text_recall) / 2
+    return metrics, {"image_retrieval": text_to_image, "text_retrieval": image_to_text}
+
+
+def first_hit_ranks(
+    texts: torch.Tensor, images: torch.Tensor, owner: torch.Tensor, kmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per text and per image, the rank (0-based) of the first relevant item among its ``kmax`` best, else ``kmax``.
+
+    Scores are dot products (cosine similarities for normalised inputs), each computed once:
+    the texts go by chunks of rows of the score matrix; a chunk's top images give the texts'
+    ranks, and its top texts per image are merged into each image's running ``kmax`` best.
+    recall@k for every k <= kmax is then ``(ranks < k).mean()``; a k past the number of
+    candidates counts every candidate as retrieved.
     """
     import torch
 
-    k = min(kmax, len(keys))
-    chunk = max(1, SCORES_PER_CHUNK // max(1, len(keys)))
-    ranks = []
-    for start in range(0, len(queries), chunk):
-        q = torch.arange(start, min(start + chunk, len(queries)), device=queries.device)
-        top = (queries[q] @ keys.T).topk(k, dim=1).indices
-        hits = is_hit(q, top)
-        # argmax finds the first True; rows without one get kmax
-        ranks.append(torch.where(hits.any(dim=1), hits.int().argmax(dim=1), kmax))
-    return torch.cat(ranks).cpu()
+    n_images = len(images)
+    chunk = max(1, SCORES_PER_CHUNK // max(1, n_images))
+    text_ranks = []
+    best_scores = images.new_empty(n_images, 0)
+    best_texts = torch.empty(n_images, 0, dtype=torch.long, device=images.device)
+    for start in range(0, len(texts), chunk):
+        scores = texts[start : start + chunk] @ images.T
+        top = scores.topk(min(kmax, n_images), dim=1).indices
+        text_ranks.append(_first_hit(top == owner[start : start + len(scores), None], kmax))
+        values, index = scores.T.topk(min(kmax, len(scores)), dim=1)
+        merged = torch.cat([best_scores, values], dim=1)
+        best_scores, pick = merged.topk(min(kmax, merged.shape[1]), dim=1)
+        best_texts = torch.cat([best_texts, index + start], dim=1).gather(1, pick)
+    image_hits = owner[best_texts] == torch.arange(n_images, device=images.device)[:, None]
+    return torch.cat(text_ranks).cpu(), _first_hit(image_hits, kmax).cpu()
 
 
-def _check_captions(s: Sample) -> None:
-    # an image without a caption cannot be retrieved by text and would skew text recall to 0
-    if not s.caption or not (isinstance(s.caption, str) or all(isinstance(c, str) and c for c in s.caption)):
-        raise clipforge.ConfigError(f"{NAME}: sample {s.key!r} has an empty or non-text caption: {s.caption!r}")
+def _first_hit(hits: torch.Tensor, kmax: int) -> torch.Tensor:
+    import torch
+
+    # argmax finds the first True; rows without one get kmax
+    return torch.where(hits.any(dim=1), hits.int().argmax(dim=1), kmax)
+
+
+def caption_check(evaluator: str) -> Callable[[Sample], None]:
+    """A check that each sample has a non-empty caption or list of captions (errors name ``evaluator``)."""
+
+    def check(s: Sample) -> None:
+        # an image without a caption cannot be retrieved by text and would skew text recall to 0
+        if not s.caption or not (isinstance(s.caption, str) or all(isinstance(c, str) and c for c in s.caption)):
+            raise clipforge.ConfigError(f"{evaluator}: sample {s.key!r} has an empty or non-text caption: {s.caption!r}")
+
+    return check
 
 
 @clipforge.hookimpl

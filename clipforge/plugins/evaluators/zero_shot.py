@@ -12,8 +12,8 @@ import numbers
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -52,6 +52,10 @@ class ZeroShotClassification:
 
     templates: list[str] | None = None
     batch_size: int = 256
+    #: After ``evaluate``: the data of its figures (the confusion matrix and the class names).
+    details: dict = field(default_factory=dict, init=False, repr=False)
+    #: The evaluator's name in error messages.
+    name: ClassVar[str] = NAME
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
@@ -59,17 +63,17 @@ class ZeroShotClassification:
 
         from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
 
-        classes = _classes(dataset)
+        classes = classes_of(dataset, self.name)
         templates = self._templates(dataset)
         images, samples = embed_images(
-            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=_label_check(len(classes))
+            bundle, dataset, device, self.batch_size, desc=f"{self.name}: images", check=label_check(len(classes), self.name)
         )
         if not samples:
-            raise clipforge.ConfigError(f"{NAME}: the dataset is empty")
+            raise clipforge.ConfigError(f"{self.name}: the dataset is empty")
         labels = torch.tensor([s.label for s in samples])
 
         prompts = [t.format(c=c) for c in classes for t in templates]
-        texts = embed_texts(bundle, prompts, device, self.batch_size, desc=f"{NAME}: prompts")
+        texts = embed_texts(bundle, prompts, device, self.batch_size, desc=f"{self.name}: prompts")
         weights = F.normalize(texts.view(len(classes), len(templates), -1).mean(dim=1), dim=-1)
         logits = images @ weights.T
 
@@ -82,6 +86,9 @@ class ZeroShotClassification:
         per_class = torch.bincount(labels, weights=hits[:, 0].double(), minlength=len(classes))
         counts = torch.bincount(labels, minlength=len(classes))
         metrics["mean_per_class_recall"] = (per_class[counts > 0] / counts[counts > 0]).mean().item()
+        # confusion[true, predicted]
+        confusion = torch.bincount(labels * len(classes) + ranked[:, 0], minlength=len(classes) ** 2)
+        self.details = {"confusion": confusion.view(len(classes), len(classes)).tolist(), "classes": classes}
         return metrics
 
     def _templates(self, dataset: object) -> list[str]:
@@ -90,33 +97,36 @@ class ZeroShotClassification:
             return [check_template(t) for t in templates]
         except ValueError as e:
             source = "templates" if self.templates else "the dataset's templates"
-            raise clipforge.ConfigError(f"{NAME}: {source}: {e}") from None
+            raise clipforge.ConfigError(f"{self.name}: {source}: {e}") from None
 
 
-def _classes(dataset: object) -> list[str]:
+def classes_of(dataset: object, evaluator: str) -> list[str]:
+    """The dataset's class names, checked: present, not empty, no duplicates (errors name ``evaluator``)."""
     classes = getattr(dataset, "classes", None)
     if classes is None:
         raise clipforge.ConfigError(
-            f"{NAME}: the dataset has no `classes`; zero-shot classification needs a classification dataset"
+            f"{evaluator}: the dataset has no `classes`; {evaluator} needs a classification dataset"
         )
     classes = list(classes)
     if not classes:
-        raise clipforge.ConfigError(f"{NAME}: the dataset's `classes` is empty")
+        raise clipforge.ConfigError(f"{evaluator}: the dataset's `classes` is empty")
     duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
     if duplicates:
-        raise clipforge.ConfigError(f"{NAME}: the dataset's `classes` has duplicate names: {', '.join(duplicates)}")
+        raise clipforge.ConfigError(f"{evaluator}: the dataset's `classes` has duplicate names: {', '.join(duplicates)}")
     return classes
 
 
-def _label_check(n_classes: int) -> Callable[[Sample], None]:
+def label_check(n_classes: int, evaluator: str) -> Callable[[Sample], None]:
+    """A check that each sample's ``label`` is a class index (errors name ``evaluator``)."""
+
     def check(s: Sample) -> None:
         if not isinstance(s.label, numbers.Integral):
             raise clipforge.ConfigError(
-                f"{NAME}: sample {s.key!r} has label {s.label!r}; every sample needs its class index (an int)"
+                f"{evaluator}: sample {s.key!r} has label {s.label!r}; every sample needs its class index (an int)"
             )
         if not 0 <= s.label < n_classes:
             raise clipforge.ConfigError(
-                f"{NAME}: sample {s.key!r} has label {s.label}, outside the {n_classes} classes"
+                f"{evaluator}: sample {s.key!r} has label {s.label}, outside the {n_classes} classes"
             )
 
     return check

@@ -1,0 +1,62 @@
+"""``digits``: scikit-learn's real handwritten digits (``load_digits``), as captioned images.
+
+1,797 scans of digits written by 43 people (the UCI "Optical Recognition of Handwritten
+Digits" test set), 8 x 8 pixels of 17 grey levels, shipped inside scikit-learn: no download.
+Each becomes dark ink on a white square of ``image_size`` pixels, captioned "a photo of the
+digit seven"; classes are the digits' English names, so that zero-shot prompts read naturally.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+import clipforge
+from clipforge.core.components import Sample
+
+CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEMPLATES = ["a photo of the digit {c}.", "a photo of the number {c}.", "a handwritten {c}.", "the digit {c}."]
+
+
+class DigitsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int | None = Field(None, gt=0, le=1797, description="a seeded random subset of this many; default all 1,797")
+    seed: int = Field(0, description="picks the subset")
+    image_size: int = Field(32, ge=8, description="side of the square images, in pixels")
+
+
+class Digits:
+    """scikit-learn's handwritten digits; labels are the digit, classes its English name."""
+
+    def __init__(self, size: int | None = None, seed: int = 0, image_size: int = 32) -> None:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        self._images, self._labels = data.images, data.target
+        order = list(range(len(self._labels)))
+        if size is not None:
+            order = sorted(random.Random(seed).sample(order, size))
+        self._order, self.image_size = order, image_size
+        self.classes: list[str] = list(CLASSES)
+        self.templates: list[str] = list(TEMPLATES)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> Sample:
+        index = self._order[i]
+        pixels = (255 - self._images[index] * (255 / 16)).round().clip(0, 255).astype("uint8")
+        image = Image.fromarray(pixels, mode="L").resize((self.image_size,) * 2, Image.Resampling.BILINEAR).convert("RGB")
+        label = int(self._labels[index])
+        return Sample(f"digits-{index:04d}", image, f"a photo of the digit {CLASSES[label]}", label=label)
+
+
+@clipforge.hookimpl
+def register_datasets(register):
+    register("digits", Digits, params=DigitsParams, description="scikit-learn's 1,797 real handwritten digits, 8x8 scans")
