@@ -78,7 +78,7 @@ def test_run_a_recipe_from_the_command_line(tmp_path, tiny_recipe):
     assert (tmp_path / "mlflow.db").exists()
 
 
-def test_evaluate_a_checkpoint_folder_prints_a_table_and_writes_json(tmp_path, tiny_recipe, capsys):
+def test_evaluate_a_checkpoint_folder_prints_a_table_and_writes_json(tmp_path, tiny_recipe, capsys, tracking):
     import torch
 
     from clipforge.core.checkpoint import save_open_clip_dir
@@ -102,7 +102,7 @@ def test_evaluate_a_checkpoint_folder_prints_a_table_and_writes_json(tmp_path, t
 
 
 @pytest.mark.parametrize("uri", ["{tmp}/nowhere", "{tmp}"])
-def test_evaluate_refuses_what_is_no_model(tmp_path, tiny_recipe, capsys, uri):
+def test_evaluate_refuses_what_is_no_model(tmp_path, tiny_recipe, capsys, uri, tracking):
     path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
     assert main(["evaluate", uri.format(tmp=tmp_path), "--recipe", str(path)]) == 2
     err = capsys.readouterr().err

@@ -73,7 +73,7 @@ def template_db(tmp_path_factory) -> Path:
 def store(tmp_path, monkeypatch, template_db) -> str:
     """This test's own tracking and registry URI; nothing of it outlives the test."""
     shutil.copy(template_db, tmp_path / "mlflow.db")
-    uri = default_tracking_uri(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not default_tracking_uri: it would honour a leaked env variable
     # mlflow.set_tracking_uri would leave a module global behind: reset it and go through the env
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
