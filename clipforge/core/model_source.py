@@ -31,12 +31,10 @@ def fetch_model(uri: str, dest: str | Path, storage_options: dict | None = None)
         import mlflow
 
         try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{uri.rstrip('/')}/artifacts/{OPEN_CLIP_ARTIFACT}", dst_path=str(dest)
-            )
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest))
         except Exception as e:  # MLflow raises several types for a missing model or alias
-            raise ConfigError(f"{uri}: cannot fetch the registered model's open_clip folder ({e})") from None
-        folder = Path(path)
+            raise ConfigError(f"{uri}: cannot fetch the registered model ({e})") from None
+        folder = _pyfunc_artifact(Path(path), uri)
     else:
         uri = uri.removeprefix("local-dir:")
         store = Store(uri, storage_options)
@@ -55,3 +53,14 @@ def weights_file(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise ConfigError(f"{folder}: no {WEIGHTS_NAME} or {CHECKPOINT_WEIGHTS}")
+
+
+def _pyfunc_artifact(model_dir: Path, uri: str) -> Path:
+    """The open_clip folder a clipforge pyfunc carries as its artifact (clipforge.registry.pyfunc)."""
+    import yaml
+
+    spec = yaml.safe_load((model_dir / "MLmodel").read_text())
+    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if OPEN_CLIP_ARTIFACT not in artifacts:
+        raise ConfigError(f"{uri}: not a clipforge model (its pyfunc has no {OPEN_CLIP_ARTIFACT!r} artifact)")
+    return model_dir / artifacts[OPEN_CLIP_ARTIFACT]["path"]

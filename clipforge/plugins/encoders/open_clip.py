@@ -92,6 +92,11 @@ def create_open_clip(
         if config is not None:
             # open_clip builds inline configs from a local-dir: folder holding only the config
             (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+            hf_tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name")
+            if hf_tokenizer:  # open_clip reads a local-dir model's HF tokenizer from the folder itself
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(hf_tokenizer).save_pretrained(tmp)
             name, model_cfg = f"local-dir:{tmp}", config
         else:
             name, model_cfg = arch, open_clip.get_model_config(arch)
