@@ -5,6 +5,7 @@ BUILTINS = (
     "clipforge.plugins.encoders.open_clip",
     "clipforge.plugins.losses.contrastive",
     "clipforge.plugins.datasets.synthetic_shapes",
+    "clipforge.plugins.datasets.tables",
     "clipforge.plugins.curation.caption_length",
     "clipforge.plugins.evaluators.zero_shot",
     "clipforge.plugins.evaluators.retrieval",
