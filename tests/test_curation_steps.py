@@ -107,7 +107,8 @@ def test_tables_resolve_relative_paths_and_report_missing_files(tmp_path, fmt):
 
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png())
-    table = pa.table({"filepath": ["img/a.png", "img/missing.png", None], "caption": ["a red square", "lost", "no path"]})
+    column = "title" if fmt == "csv" else "caption"  # open_clip_train's and img2dataset's defaults
+    table = pa.table({"filepath": ["img/a.png", "img/missing.png", None], column: ["a red square", "lost", "no path"]})
     path = tmp_path / f"pairs.{fmt}"
     (pq.write_table if fmt == "parquet" else pyarrow.csv.write_csv)(table, str(path))
     summary, rows = _curate(tmp_path, {"type": fmt, "path": str(path)})

@@ -109,7 +109,7 @@ def test_a_broken_plugin_is_reported_and_the_others_still_load(monkeypatch, fres
 def test_load_and_disable_env_lists(monkeypatch, fresh_plugins):
     _with_entry_points(monkeypatch, [_EP("a", _loss_plugin("loss-a")), _EP("b", _loss_plugin("loss-b"))])
     monkeypatch.setenv("CLIPFORGE_LOAD_PLUGINS", "a")
-    assert set(fresh_plugins().catalog.names("losses")) == {"clip", "loss-a"}
+    assert set(fresh_plugins().catalog.names("losses")) == {"clip", "dcl", "distill", "siglip", "loss-a"}
     clipforge.core.plugins.reset_plugin_manager()
     monkeypatch.delenv("CLIPFORGE_LOAD_PLUGINS")
     monkeypatch.setenv("CLIPFORGE_DISABLE_PLUGINS", "b, clipforge.plugins.losses.contrastive")

@@ -47,6 +47,8 @@ def save_open_clip_dir(bundle: EncoderBundle, path: str | Path, extra: dict[str,
         config["clipforge"] = extra
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     save_file(state_dict_for_safetensors(bundle.model), str(path / WEIGHTS_NAME))
+    if hasattr(bundle.tokenizer, "save_pretrained"):  # a Hugging Face tokenizer travels inside the folder
+        bundle.tokenizer.save_pretrained(str(path))
     return path
 
 

@@ -67,6 +67,12 @@ class DataConfig(_Strict):
     eval: ComponentRef | None = None
 
 
+class WeightAverage(_Strict):
+    alpha: Annotated[float, Field(ge=0, le=1)] = Field(
+        description="theta = (1 - alpha) * initial + alpha * trained (WiSE-FT); 1 is plain fine-tuning"
+    )
+
+
 class TrainConfig(_Strict):
     epochs: Annotated[int, Field(gt=0)] = 1
     batch_size: Annotated[int, Field(gt=1)] = 64
@@ -86,6 +92,21 @@ class TrainConfig(_Strict):
     checkpoint_every: Annotated[int, Field(gt=0)] | None = Field(
         None, description="steps between checkpoints; one is always written at the end"
     )
+    accum_steps: Annotated[int, Field(gt=0)] = Field(
+        1, description="micro-batches per optimizer step; the loss sees the whole accumulated batch (open_clip_train's accum_freq)"
+    )
+    grad_checkpointing: bool = False
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU)")
+    init_from: str | None = Field(
+        None, description="warm start: models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a checkpoint"
+    )
+    weight_average: WeightAverage | None = Field(None, description="WiSE-FT with the init_from weights after training")
+
+    @pydantic.model_validator(mode="after")
+    def _averaging_needs_a_start(self) -> TrainConfig:
+        if self.weight_average is not None and self.init_from is None:
+            raise ValueError("weight_average averages with the initial weights: set train.init_from")
+        return self
 
 
 class ParallelConfig(_Strict):

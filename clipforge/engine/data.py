@@ -37,6 +37,11 @@ class ShardPairs(torch.utils.data.IterableDataset):
     Every random choice is a function of (seed, epoch, position), and augmentations are seeded
     per sample, so the stream does not depend on the number of loader workers' timing, and
     ``skip_batches`` lets a resumed run start exactly where the interrupted one stopped.
+
+    Under DDP every rank reads the same stream of global batches of ``batch_size * world``
+    pairs and decodes only its own slice of each, so the global batch does not depend on the
+    number of processes (a 2-process run sees the batches of a 1-process run with twice the
+    batch size).
     """
 
     def __init__(
@@ -52,10 +57,13 @@ class ShardPairs(torch.utils.data.IterableDataset):
         workers: int,
         skip_batches: int = 0,
         buffer: int = 2000,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.store, self.shards, self.transform, self.tokenizer = store, shards, transform, tokenizer
         self.seed, self.epoch, self.batch_size, self.workers = seed, epoch, batch_size, max(workers, 1)
         self.skip_batches, self.buffer = skip_batches, buffer
+        self.rank, self.world = rank, world
 
     def _raw(self, worker: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"buffer-{self.seed}-{self.epoch}-{worker}")
@@ -74,9 +82,10 @@ class ShardPairs(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         # The loader hands out batches round-robin over workers: batch b comes from worker b % workers.
-        skip = len(range(worker, self.skip_batches, self.workers)) * self.batch_size
+        global_batch = self.batch_size * self.world
+        skip = len(range(worker, self.skip_batches, self.workers)) * global_batch
         for position, raw in enumerate(self._raw(worker)):
-            if position < skip:
+            if position < skip or (position % global_batch) // self.batch_size != self.rank:
                 continue
             sample_seed = zlib.crc32(f"{self.seed}-{self.epoch}-{raw['key']}".encode())
             caption = raw["caption"]

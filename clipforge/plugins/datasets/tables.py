@@ -17,7 +17,7 @@ class TableParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="the table: a local path or a URL (s3://...)")
     image_column: str = "filepath"
-    caption_column: str = "caption"
+    caption_column: str | None = Field(None, description="default: 'title' for csv (open_clip_train), 'caption' for parquet")
     key_column: str | None = Field(None, description="defaults to the row number")
     separator: str = Field(",", description="csv only")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the table and images")
@@ -26,11 +26,12 @@ class TableParams(BaseModel):
 class Table:
     """Rows of (image path, caption); relative image paths are resolved against the table's folder."""
 
-    def __init__(self, fmt: str, path: str, image_column: str = "filepath", caption_column: str = "caption",
+    def __init__(self, fmt: str, path: str, image_column: str = "filepath", caption_column: str | None = None,
                  key_column: str | None = None, separator: str = ",", storage_options: dict[str, Any] | None = None):  # fmt: skip
         import fsspec
 
         self.fmt, self.path, self.separator = fmt, path, separator
+        caption_column = caption_column or ("title" if fmt == "csv" else "caption")
         self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
         self.storage_options = dict(storage_options or {})
         self.fs, self._table_path = fsspec.core.url_to_fs(path, **self.storage_options)

@@ -53,6 +53,13 @@ class OpenClipParams(BaseModel):
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
     aug_cfg: dict[str, Any] | None = Field(None, description="open_clip AugmentationCfg for the train transform")
+    # Tower locking, as open_clip_train's --lock-image / --lock-text (LiT: a pretrained text tower frozen)
+    lock_image: bool = False
+    lock_image_unlocked_groups: Annotated[int, Field(ge=0)] = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: Annotated[int, Field(ge=0)] = 0
+    lock_text_freeze_layer_norm: bool = False
 
     @model_validator(mode="after")
     def _one_architecture(self) -> OpenClipParams:
@@ -68,6 +75,12 @@ def create_open_clip(
     image_mean=None,
     image_std=None,
     aug_cfg=None,
+    lock_image: bool = False,
+    lock_image_unlocked_groups: int = 0,
+    lock_image_freeze_bn_stats: bool = False,
+    lock_text: bool = False,
+    lock_text_unlocked_layers: int = 0,
+    lock_text_freeze_layer_norm: bool = False,
 ) -> EncoderBundle:
     """Any open_clip model: a config name, a ``local-dir:`` folder, or an inline config."""
     import open_clip
@@ -79,6 +92,11 @@ def create_open_clip(
         if config is not None:
             # open_clip builds inline configs from a local-dir: folder holding only the config
             (Path(tmp) / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+            hf_tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name")
+            if hf_tokenizer:  # open_clip reads a local-dir model's HF tokenizer from the folder itself
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(hf_tokenizer).save_pretrained(tmp)
             name, model_cfg = f"local-dir:{tmp}", config
         else:
             name, model_cfg = arch, open_clip.get_model_config(arch)
@@ -92,6 +110,10 @@ def create_open_clip(
         with _expected_random_init(config is not None or pretrained is None):
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
         tokenizer = open_clip.get_tokenizer(name)
+    if lock_image:
+        model.lock_image_tower(unlocked_groups=lock_image_unlocked_groups, freeze_bn_stats=lock_image_freeze_bn_stats)
+    if lock_text:
+        model.lock_text_tower(unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=lock_text_freeze_layer_norm)
     return EncoderBundle(
         model=model,
         tokenizer=tokenizer,

@@ -1,39 +1,54 @@
-"""``clip``: the symmetric InfoNCE loss of CLIP, as open_clip's ``ClipLoss`` computes it."""
+"""The contrastive losses: ``clip`` (InfoNCE), ``siglip`` (sigmoid), ``dcl`` (decoupled) and ``distill``.
+
+Each works under ``torch.distributed`` as open_clip's losses do: features are gathered from
+every rank (``gather_with_grad``: gradients flow through the gathered copies; ``local_loss``:
+a rank computes only its own rows). With ``gather_with_grad`` the DDP-averaged gradients equal
+those of one process holding the whole global batch; without it they are ``1/world_size`` of
+them, as in open_clip.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
 
 
-class ClipLossParams(BaseModel):
+class GatherParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    local_loss: bool = False
-    gather_with_grad: bool = False
+    local_loss: bool = Field(False, description="each rank computes only its own rows of the logits")
+    gather_with_grad: bool = Field(False, description="gradients flow through the features gathered from other ranks")
 
 
-def create_clip_loss(local_loss: bool = False, gather_with_grad: bool = False):
-    """Cross-entropy over the rows and the columns of the scaled similarity matrix (open_clip ClipLoss)."""
-    import torch
-    from open_clip.loss import ClipLoss
+class SigLipParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dist_impl: str = Field(
+        "bidir", pattern="^(bidir|shift|reduce|gather)$", description="how text features travel between ranks"
+    )
 
-    class Clip(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            rank, world = (
-                (torch.distributed.get_rank(), torch.distributed.get_world_size())
-                if torch.distributed.is_available() and torch.distributed.is_initialized()
-                else (0, 1)
-            )
-            self.inner = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
 
-        def forward(self, image_features, text_features, logit_scale, logit_bias=None):
-            return self.inner(image_features, text_features, logit_scale)
+class DistillParams(GatherParams):
+    teacher: str = Field(
+        description="the frozen teacher: models:/NAME@champion, models:/NAME/VERSION, or an open_clip folder (local-dir:PATH, s3://...)"
+    )
+    weight: float = Field(1.0, ge=0, description="weight of the distillation term beside the contrastive loss")
 
-    return Clip()
+
+def _lazy(name: str):
+    """A factory that imports torch only when the loss is built (listing plugins must stay light)."""
+
+    def factory(**fields):
+        from clipforge.plugins.losses import modules
+
+        return getattr(modules, name)(**fields)
+
+    factory.__doc__ = f"the {name} loss module"
+    return factory
 
 
 @clipforge.hookimpl
 def register_losses(register):
-    register("clip", create_clip_loss, params=ClipLossParams)
+    register("clip", _lazy("Clip"), params=GatherParams, description="CLIP's symmetric InfoNCE (open_clip ClipLoss)")
+    register("siglip", _lazy("SigLip"), params=SigLipParams, description="SigLIP's pairwise sigmoid loss (open_clip SigLipLoss)")
+    register("dcl", _lazy("DecoupledClip"), params=GatherParams, description="decoupled contrastive loss: the positive left out of the denominator")
+    register("distill", _lazy("Distill"), params=DistillParams, description="contrastive loss plus distillation from a frozen teacher")

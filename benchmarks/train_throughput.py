@@ -1,0 +1,167 @@
+"""Training throughput: clipforge against ``open_clip_train.main``, one after the other, same model,
+batch size, precision and CSV of PNG images.
+
+    python benchmarks/train_throughput.py                      # CPU, fp32, the tiny model
+    python benchmarks/train_throughput.py --model ViT-B-32 --precision bf16 --device cuda \
+        --image-size 224 --batch-size 256 --samples 5120 --workers 8
+
+Three runs: open_clip_train reading the CSV; clipforge reading the same PNGs (the CSV curated
+into shards without changing the images); clipforge reading shards whose images were resized
+to the model's input size at curation. Samples/s are steady-state figures: the time of every
+step after the first ``--skip`` (data waits included, as open_clip_train's "Batch (t)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+TINY = {  # ENVIRONMENT.md's tiny config: 3.4 M parameters
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_csv(folder: Path, samples: int, image_size: int) -> Path:
+    """PNG files of the synthetic-shapes dataset and a CSV (filepath, title) listing them."""
+    from clipforge.plugins.datasets.synthetic_shapes import SyntheticShapes
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for i, sample in enumerate(SyntheticShapes(size=samples, seed=0, image_size=image_size)):
+        path = images / f"{i:06d}.png"
+        image = sample.image
+        if isinstance(image, (bytes, bytearray)):
+            path.write_bytes(image)
+        else:
+            image.save(path, format="PNG")
+        rows.append({"filepath": str(path), "title": sample.caption if isinstance(sample.caption, str) else sample.caption[0]})
+    table = folder / "train.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["filepath", "title"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+def steady_rate(step_seconds: list[float], batch: int, skip: int) -> float:
+    times = step_seconds[skip:]
+    return batch * len(times) / sum(times)
+
+
+def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
+    name = f"bench-{uuid.uuid4().hex[:8]}"  # a reused name makes open_clip_train skip training
+    precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
+    cmd = [
+        sys.executable, "-m", "open_clip_train.main",
+        "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", ",",
+        "--csv-img-key", "filepath", "--csv-caption-key", "title",
+        "--model", model, "--precision", precision, "--workers", str(args.workers),
+        "--batch-size", str(args.batch_size), "--epochs", "1", "--lr", "5e-4", "--wd", "0.1", "--warmup", "0",
+        "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(logs), "--name", name,
+        "--device", args.device, "--seed", "0",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    log = (logs / name / "out.log").read_text() if (logs / name / "out.log").exists() else done.stdout + done.stderr
+    times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
+    if done.returncode != 0 or len(times) <= args.skip:
+        raise SystemExit(f"open_clip_train failed or trained too few steps:\n{log[-3000:]}\n{done.stderr[-3000:]}")
+    return steady_rate(times, args.batch_size, args.skip)
+
+
+def resized_shards(store, shards, size: int) -> list[dict]:
+    """The curated shards again, every image resized to the model's input size (as a curation step that resizes would store them)."""
+    from PIL import Image
+
+    from clipforge.core.components import Sample
+    from clipforge.engine.shards import decode, iter_shard, write_shard
+
+    out = []
+    for shard in shards:
+        items = []
+        for raw in iter_shard(store, shard["path"]):
+            image = Image.open(io.BytesIO(raw["image"])).convert("RGB").resize((size, size), Image.BICUBIC)
+            items.append(decode(Sample(raw["key"], image, raw["caption"], raw["label"], raw["meta"])))
+        out.append(write_shard(store, shard["path"].replace("/shards/", "/resized/"), items))
+    return out
+
+
+def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
+    import clipforge
+    from clipforge.core.recipe import load_recipe
+    from clipforge.core.storage import Store
+    from clipforge.engine.curation import curate
+    from clipforge.engine.trainer import train
+
+    model = {"type": "open-clip", "config": TINY} if args.model == "tiny" else {"type": "open-clip", "arch": args.model}
+    recipe = load_recipe({
+        "name": "bench",
+        "storage": {"root": str(root)},
+        "data": {"train": {"type": "csv", "path": str(table), "caption_column": "title"}},
+        "model": model,
+        "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 5e-4, "weight_decay": 0.1, "precision": args.precision,
+                  "device": args.device, "workers": args.workers, "seed": 0},
+    })  # fmt: skip
+    catalog = clipforge.get_plugin_manager().catalog
+    store = Store(str(root))
+    shards = curate(recipe, catalog, store, "curated", progress=False)["shards"]
+    rates = []
+    for name, run_shards in (("same-pngs", shards), ("resized", None)):
+        if run_shards is None:
+            size = TINY["vision_cfg"]["image_size"] if args.model == "tiny" else catalog.create("encoders", model).preprocess_cfg["size"]
+            size = size if isinstance(size, int) else size[0]
+            run_shards = resized_shards(store, shards, size)
+        train(recipe, catalog, store, f"{name}/train", run_shards, progress=False)
+        history = store.read_json(f"{name}/train/history.json")
+        rates.append(steady_rate([args.batch_size / h["samples_per_s"] for h in history], args.batch_size, args.skip))
+    return rates[0], rates[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny", help="'tiny' (ENVIRONMENT.md's 3.4 M config) or an open_clip config name")
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--image-size", type=int, default=64, help="side of the PNG files")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the rates")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        t0 = time.perf_counter()
+        table = write_csv(work / "data", args.samples, args.image_size)
+        print(f"{args.samples} PNG files ({args.image_size} px) and {table} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.model == "tiny":
+            folder = work / "tiny-model"
+            folder.mkdir()
+            (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
+            oc_model = f"local-dir:{folder}"
+        else:
+            oc_model = args.model
+        open_clip_rate = run_open_clip_train(args, table, oc_model, work / "open_clip_logs")
+        print(f"open_clip_train (csv):               {open_clip_rate:8.1f} samples/s", flush=True)
+        same, resized = run_clipforge(args, table, work / "store")
+        print(f"clipforge (shards of the same PNGs): {same:8.1f} samples/s  ratio {same / open_clip_rate:.2f}x")
+        print(f"clipforge (shards, resized images):  {resized:8.1f} samples/s  ratio {resized / open_clip_rate:.2f}x")
+        print(json.dumps({"model": args.model, "precision": args.precision, "device": args.device, "batch_size": args.batch_size,
+                          "open_clip_train": round(open_clip_rate, 1), "clipforge_same_pngs": round(same, 1),
+                          "clipforge_resized": round(resized, 1)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The loss modules behind the ``clip``, ``siglip``, ``dcl`` and ``distill`` plugins (torch is imported here only)."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clipforge.core.errors import ConfigError
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _clip_loss(cls, local_loss: bool, gather_with_grad: bool):
+    rank, world = rank_and_world()
+    return cls(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+
+
+class Clip(torch.nn.Module):
+    """Cross-entropy over the rows and the columns of the scaled similarity matrix (open_clip ClipLoss)."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        from open_clip.loss import ClipLoss
+
+        self.inner = _clip_loss(ClipLoss, local_loss, gather_with_grad)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        return self.inner(image_features, text_features, logit_scale)
+
+
+class DecoupledClip(torch.nn.Module):
+    """DCL (Yeh et al. 2022): row i costs ``-L_ii + log sum_{j != i} exp(L_ij)``, both directions averaged."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        from open_clip.loss import ClipLoss
+
+        # ClipLoss gathers the features across ranks and places the targets; the loss is ours
+        self.inner = _clip_loss(ClipLoss, local_loss, gather_with_grad)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        per_image, per_text = self.inner.get_logits(image_features, text_features, logit_scale)
+        labels = self.inner.get_ground_truth(image_features.device, per_image.shape[0])
+        return (decoupled_nce(per_image, labels) + decoupled_nce(per_text, labels)) / 2
+
+
+def decoupled_nce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-logits[i, labels[i]] + logsumexp of the row without that entry``."""
+    positive = logits.gather(1, labels[:, None])[:, 0]
+    is_positive = F.one_hot(labels, logits.shape[1]).bool()
+    negatives = logits.float().masked_fill(is_positive, float("-inf")).logsumexp(dim=1)
+    return (negatives - positive.float()).mean()
+
+
+class SigLip(torch.nn.Module):
+    """Sigmoid loss (open_clip SigLipLoss); the model needs a learned ``logit_bias``."""
+
+    def __init__(self, dist_impl: str = "bidir"):
+        super().__init__()
+        from open_clip.loss import SigLipLoss
+
+        rank, world = rank_and_world()
+        self.inner = SigLipLoss(rank=rank, world_size=world, dist_impl=dist_impl)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        if logit_bias is None:
+            raise ConfigError(
+                "loss 'siglip' needs a model with a logit bias: set init_logit_bias (e.g. -10) and "
+                "init_logit_scale (e.g. 2.3026 = log 10) in the open_clip model config"
+            )
+        return self.inner(image_features, text_features, logit_scale, logit_bias)
+
+
+class Distill(torch.nn.Module):
+    """Contrastive loss plus cross-entropy to a frozen teacher's softmax over the logits, both directions (open_clip DistillClipLoss).
+
+    It needs the batch itself (the teacher embeds it): the trainer passes ``images`` and ``texts``
+    to losses whose ``needs_inputs`` is true, and calls ``prepare(bundle)`` before training.
+    """
+
+    needs_inputs = True
+
+    def __init__(self, teacher: str, weight: float = 1.0, local_loss: bool = False, gather_with_grad: bool = False):
+        super().__init__()
+        from open_clip.loss import DistillClipLoss
+
+        from clipforge.core.checkpoint import CONFIG_NAME, load_open_clip_dir
+        from clipforge.core.model_source import fetch_model
+
+        self.inner = _clip_loss(DistillClipLoss, local_loss, gather_with_grad)
+        self.weight = weight
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = fetch_model(teacher, tmp)
+            if not (folder / CONFIG_NAME).is_file():
+                raise ConfigError(f"loss 'distill': the teacher {teacher} is a checkpoint without {CONFIG_NAME}; give a model folder")
+            bundle = load_open_clip_dir(folder)
+        self.teacher_uri, self.teacher_arch = teacher, bundle.arch
+        self.teacher_preprocess = bundle.preprocess_cfg
+        self.teacher = bundle.model.eval().requires_grad_(False)
+
+    def prepare(self, bundle) -> None:
+        """Check that the teacher reads the student's inputs: same image preprocessing and tokens."""
+        from clipforge.core.checkpoint import model_cfg_of
+
+        student = model_cfg_of(bundle.arch)
+        for key in ("size", "mean", "std"):
+            ours, theirs = _plain(bundle.preprocess_cfg.get(key)), _plain(self.teacher_preprocess.get(key))
+            if ours != theirs:
+                raise ConfigError(f"loss 'distill': the teacher's image {key} {theirs} differs from the model's {ours}")
+        for key in ("context_length", "vocab_size", "hf_tokenizer_name", "hf_model_name"):
+            ours, theirs = student["text_cfg"].get(key), self.teacher_arch["text_cfg"].get(key)
+            if ours != theirs:
+                raise ConfigError(f"loss 'distill': the teacher's text_cfg.{key} {theirs!r} differs from the model's {ours!r}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen, also its dropout and norm statistics
+        return self
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, *, images, texts):
+        with torch.no_grad():
+            out = self.teacher(images, texts)
+        losses = self.inner(
+            image_features, text_features, logit_scale,
+            out["image_features"], out["text_features"], out["logit_scale"], output_dict=True,
+        )  # fmt: skip
+        distill = losses["distill_loss"] * self.weight
+        return {"loss": losses["contrastive_loss"] + distill, "contrastive_loss": losses["contrastive_loss"], "distill_loss": distill}
+
+
+def _plain(value: Any) -> Any:
+    """A preprocessing value comparable across configs: 224 and (224, 224) are one size."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * 2
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return value
