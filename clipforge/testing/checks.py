@@ -47,7 +47,7 @@ def check_loss(loss: Any, features: Features | None = None, *, temperature_grad:
     for t in (f.image_features, f.text_features, f.logit_scale, f.logit_bias):
         if t is not None:
             t.grad = None
-    out = loss(f.image_features, f.text_features, f.logit_scale, f.logit_bias)
+    out = loss(f.image_features, f.text_features, f.logit_scale, f.logit_bias, **_batch_inputs(loss, len(f.image_features)))
     if isinstance(out, Mapping):
         if "loss" not in out:
             raise _fail(name, f"returned a dict without a 'loss' key (keys: {', '.join(map(str, out)) or 'none'})")
@@ -289,6 +289,21 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
     if empty:
         raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
     return verdicts
+
+
+def _batch_inputs(loss: Any, batch_size: int) -> dict[str, Any]:
+    """For a loss that ``needs_inputs`` (a distillation teacher reads the batch): tiny images and tokens,
+    after ``prepare(bundle)`` as the trainer calls it."""
+    if not getattr(loss, "needs_inputs", False):
+        return {}
+    import torch
+
+    bundle = tiny_encoder_bundle()
+    if hasattr(loss, "prepare"):
+        loss.prepare(bundle)
+    samples = list(tiny_dataset(batch_size))
+    images = torch.stack([bundle.preprocess_val(s.image) for s in samples])
+    return {"images": images, "texts": bundle.tokenizer([s.caption for s in samples])}
 
 
 def _judge(step: Any, samples: list[Sample], name: str) -> list[Any]:
