@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
+from clipforge.core.recipe import Recipe
+from clipforge.core.storage import Store
 from clipforge.engine.trainer import train
 from clipforge.flows.common import open_context, require, stage
 from clipforge.flows.figures import loss_figure
@@ -42,19 +46,56 @@ class _StepLogger:
         self.pending.clear()
 
 
+def training_key(recipe: Recipe, curated: dict[str, Any]) -> str:
+    """What a training's result depends on: the curated data's content, the model, the loss, the train settings."""
+    spec = {
+        "data": curated["content_hash"],
+        "model": recipe.model.entry(),
+        "loss": recipe.loss.entry(),
+        "train": recipe.train.model_dump(mode="json", exclude={"log_every"}),  # how often to log changes nothing
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_training(store: Store, key: str) -> dict[str, Any] | None:
+    """The result of an earlier complete training with this key, if the store still holds it."""
+    index = f"cache/train/{key}.json"
+    if not store.exists(index):
+        return None
+    result = store.read_json(index)["result"]
+    done = result["model"].rsplit("/", 1)[0]
+    return result if store.exists(f"{done}/result.json") else None
+
+
 @flow(name="train", log_prints=True)
 def train_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Train the recipe's model on the run's curated data; resumes from the run's latest checkpoint."""
+    """Train the recipe's model on the run's curated data; resumes from the run's latest checkpoint.
+
+    A training that already finished with the same data and settings (in an earlier, failed
+    retrain for instance) is reused instead of redone: ``cache/train/<key>.json`` points at it.
+    """
     ctx = open_context(recipe, run_id)
     curated = require(ctx, "train", "curate")
     with stage(ctx, "train") as result:
         run = mlflow_run(ctx)
-        logger = _StepLogger(ctx, run, ctx.recipe.train.log_every)
+        key = training_key(ctx.recipe, curated)
         out = f"{ctx.run_dir}/train"
-        try:
-            summary = train(ctx.recipe, ctx.plugins.catalog, ctx.store, out, curated["shards"], on_step=logger)
-        finally:
-            logger.flush()
+        earlier = finished_training(ctx.store, key)
+        if earlier and not ctx.store.exists(f"{out}/result.json"):
+            summary = {**earlier, "reused": True}
+            out = earlier["model"].rsplit("/", 1)[0]
+            print(f"train: reusing the finished training {ctx.store.uri(out)} (same data and settings)")
+            MlflowClient().set_tag(run, "clipforge.train_reused_from", ctx.store.uri(out))
+        else:
+            logger = _StepLogger(ctx, run, ctx.recipe.train.log_every)
+            try:
+                summary = train(ctx.recipe, ctx.plugins.catalog, ctx.store, out, curated["shards"], on_step=logger)
+            finally:
+                logger.flush()
+            summary = {**summary, "reused": False}
+            # each run trains in its own folder, so overlapping retrains never write into one another;
+            # the index entry is written atomically once the training is complete (the last one wins)
+            ctx.store.write_json(f"cache/train/{key}.json", {"run_id": ctx.run_id, "result": summary})
         log_metrics(
             {"train/samples_per_s_mean": summary["samples_per_s"] or 0.0, "train/steps": float(summary["steps"])},
             run_id=run,
@@ -63,5 +104,5 @@ def train_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
         if history:
             log_figure(ctx, loss_figure(history), "figures/loss_curve.png")
         MlflowClient().set_tag(run, "clipforge.checkpoint_uri", ctx.store.uri(summary["checkpoint"]))
-        result.update(summary)
+        result.update(summary, key=key)
     return ctx.state["train"]
