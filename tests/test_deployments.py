@@ -105,7 +105,6 @@ def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp
     state = api.get(f"/flow_runs/{flow_run_id}").json()["state"]
     assert state["type"] == "COMPLETED", state
 
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking)
@@ -119,7 +118,6 @@ def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp
     assert keys == {"mlflow-run", "curation-funnel", "evaluation"}
     link = next(a for a in artifacts.json() if a["key"] == "mlflow-run")
     assert version.run_id in link["data"] and "mlflow ui" in link["data"]
-    assert mlflow.__version__
 
 
 def test_clipforge_schedule_serves_the_retrain_on_its_cron(server, tmp_path):
@@ -142,6 +140,7 @@ def test_clipforge_schedule_serves_the_retrain_on_its_cron(server, tmp_path):
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 4 * * 0"]
         assert deployment["parameters"]["recipe"]["train"]["epochs"] == 1
         assert deployment["parameters"]["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+        assert deployment["global_concurrency_limit"]["limit"] == 1
         assert proc.poll() is None  # still serving
     finally:
         os.killpg(proc.pid, signal.SIGINT)

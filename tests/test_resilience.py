@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -37,8 +40,22 @@ def watcher(fresh_plugins):
     return w
 
 
-def test_a_rerun_without_the_run_id_reuses_the_finished_curation_and_training(tiny_recipe, tracking, prefect_server, watcher):
+def docs_notification_plugin() -> types.ModuleType:
+    """The example plugin of docs/scheduling.md, run as it is written there."""
+    text = (Path(__file__).resolve().parents[1] / "docs/scheduling.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "after_model_registered" in c]
+    module = types.ModuleType("notify_file")
+    exec(compile(code, "docs/scheduling.md", "exec"), module.__dict__)
+    return module
+
+
+def test_a_rerun_without_the_run_id_reuses_the_finished_curation_and_training(
+    tiny_recipe, tracking, prefect_server, watcher, fresh_plugins, tmp_path, monkeypatch
+):
     from clipforge.flows import retrain_flow
+
+    monkeypatch.setenv("CLIPFORGE_NOTIFY_FILE", str(tmp_path / "notifications.log"))
+    fresh_plugins().add_plugin(docs_notification_plugin(), "notify-file")
 
     watcher.fail = True
     with pytest.raises(RuntimeError, match="unreachable"):
@@ -49,6 +66,7 @@ def test_a_rerun_without_the_run_id_reuses_the_finished_curation_and_training(ti
     (failed,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert failed.info.status == "FAILED" and "unreachable" in failed.data.tags["clipforge.error"]
     assert client.search_registered_models() == []
+    assert not (tmp_path / "notifications.log").exists()
 
     watcher.fail = False
     result = retrain_flow(tiny_recipe, tracking_uri=tracking)  # a new run, as the next scheduled try would be
@@ -61,6 +79,8 @@ def test_a_rerun_without_the_run_id_reuses_the_finished_curation_and_training(ti
     assert run.info.status == "FINISHED"
     assert run.data.tags["clipforge.train_reused_from"].endswith(f"runs/{failed_run}/train")
     assert "figures/loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    (line,) = (tmp_path / "notifications.log").read_text().splitlines()
+    assert line.endswith(f"tiny-clip version 1 is the new champion (run {result['run_id']})")
 
     # other training settings: a training of their own
     changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 5e-4}}

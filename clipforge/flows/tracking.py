@@ -92,13 +92,13 @@ def log_figure(ctx: RunContext, fig, path: str) -> None:
     from clipforge.flows.figures import close
 
     try:
-        _log_figure(mlflow_run(ctx), fig, path)
+        log_figure_to_run(mlflow_run(ctx), fig, path)
     finally:
         close(fig)
 
 
 @tracking_io
-def _log_figure(run_id: str, fig, path: str) -> None:
+def log_figure_to_run(run_id: str, fig, path: str) -> None:
     MlflowClient().log_figure(run_id, fig, path)
 
 
