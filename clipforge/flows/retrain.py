@@ -6,6 +6,7 @@ so that ``prefect deployment run ... --param`` can change them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from pathlib import Path
@@ -55,7 +56,8 @@ def retrain_flow(
             ctx = open_context(ctx.recipe, ctx.run_id)
     except BaseException as e:
         finish_mlflow_run(run, e, traceback.format_exc())
-        link_mlflow_run(client, run, ctx.run_id, failed=True)
+        with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
+            link_mlflow_run(client, run, ctx.run_id, failed=True)
         raise
     finish_mlflow_run(run)
     link_mlflow_run(client, run, ctx.run_id)
