@@ -148,3 +148,18 @@ def test_clipforge_schedule_serves_the_retrain_on_its_cron(server, tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server):
+    env, api = server
+    env = {**env, "CLIPFORGE_HOME": str(REPO)}
+    template = "deployments/k8s-gpu-job-template.json"
+    _run([*PREFECT, "work-pool", "create", "clipforge-k8s-gpu", "--type", "kubernetes", "--base-job-template", template], env)
+    _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly-gpu"], env)
+    pool = api.get("/work_pools/clipforge-k8s-gpu").json()
+    container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    deployment = api.get("/deployments/name/retrain-recipe/shapes-weekly-gpu").json()
+    assert deployment["job_variables"]["gpu_count"] == 1
+    assert "train.device=cuda" in deployment["parameters"]["overrides"]
+    assert [s["active"] for s in deployment["schedules"]] == [False]
