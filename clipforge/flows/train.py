@@ -19,11 +19,17 @@ from clipforge.registry import log_metrics
 
 
 class _StepLogger:
-    """Fires ``after_train_step`` every step; sends metrics to MLflow in batches, not one call a step."""
+    """Fires ``after_train_step`` every step; sends metrics to MLflow in batches, not one call a step.
+
+    The batches are logged in the background (MLflow's asynchronous logging), so that a slow
+    tracking server never holds up training; :meth:`close` waits until all of them are stored.
+    """
 
     def __init__(self, ctx, run_id: str, every: int):
         self.ctx, self.run_id, self.every = ctx, run_id, every
         self.pending: list[tuple[int, dict[str, float]]] = []
+        self.client = MlflowClient()
+        self.operations: list[Any] = []
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.ctx.plugins.hook.after_train_step(context=self.ctx, step=step, metrics=metrics)
@@ -42,8 +48,15 @@ class _StepLogger:
             for k, v in metrics.items()
         ]
         for i in range(0, len(items), 1000):
-            MlflowClient().log_batch(self.run_id, metrics=items[i : i + 1000])
+            self.operations.append(self.client.log_batch(self.run_id, metrics=items[i : i + 1000], synchronous=False))
         self.pending.clear()
+
+    def close(self) -> None:
+        """Send what is pending and wait until MLflow stored every batch (raising what failed)."""
+        self.flush()
+        for operation in self.operations:
+            operation.wait()
+        self.operations.clear()
 
 
 def training_key(recipe: Recipe, curated: dict[str, Any]) -> str:
@@ -91,7 +104,7 @@ def train_flow(recipe: dict[str, Any], run_id: str) -> dict[str, Any]:
             try:
                 summary = train(ctx.recipe, ctx.plugins.catalog, ctx.store, out, curated["shards"], on_step=logger)
             finally:
-                logger.flush()
+                logger.close()
             summary = {**summary, "reused": False}
             # each run trains in its own folder, so overlapping retrains never write into one another;
             # the index entry is written atomically once the training is complete (the last one wins)
