@@ -79,7 +79,9 @@ def create_mlflow_run(ctx: RunContext, artifact_root: str | None = None) -> str:
     if flow_run.id:
         tags["prefect.flow_run_id"] = str(flow_run.id)
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=ctx.run_id, tags=tags)
+    # a retry after a partial success (or a crash before run.json was saved) finds the run it created
+    earlier = client.search_runs([experiment_id], f"tags.`clipforge.run_id` = '{ctx.run_id}'", max_results=1)
+    run = earlier[0] if earlier else client.create_run(experiment_id, run_name=ctx.run_id, tags=tags)
     params = flat_params(ctx.recipe.as_dict())
     items = [mlflow.entities.Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
