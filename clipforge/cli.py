@@ -178,6 +178,7 @@ def cmd_schedule(args) -> int:
         name=args.name or f"retrain-{recipe.name}",
         cron=args.cron,
         parameters={"recipe": recipe.as_dict(), "tracking_uri": uri, "artifact_root": artifact_root},
+        global_limit=1,  # a run that comes due while the last one still trains waits for it
     )
     return 0
 

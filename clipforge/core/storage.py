@@ -30,7 +30,8 @@ T = TypeVar("T")
 _TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
 
 
-def _is_transient(e: BaseException) -> bool:
+def is_transient(e: BaseException) -> bool:
+    """A connection drop, a timeout, throttling or a 5xx answer: worth retrying."""
     if isinstance(e, _TRANSIENT):
         return True
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -49,7 +50,7 @@ def retry(fn: Callable[..., T], attempts: int = 5, base_delay: float = 0.2) -> C
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
-                if attempt == attempts or not _is_transient(e):
+                if attempt == attempts or not is_transient(e):
                     raise
                 delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
                 log.warning("storage: %s failed (%s); retry %d/%d in %.1fs", fn.__name__, e, attempt, attempts - 1, delay)

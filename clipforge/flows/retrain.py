@@ -1,20 +1,27 @@
-"""The retrain flow: curate -> train -> evaluate -> register, one MLflow run, resumable by run id."""
+"""The retrain flow: curate -> train -> evaluate -> register, one MLflow run, resumable by run id.
+
+``retrain_recipe`` is what deployments schedule: a recipe *path* and ``--set`` style overrides,
+so that ``prefect deployment run ... --param`` can change them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import traceback
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from clipforge.flows.common import STAGES, open_context
+from clipforge.flows.common import STAGES, new_run_id, open_context
 from clipforge.flows.curate import curate_flow
 from clipforge.flows.evaluate import evaluate_flow
 from clipforge.flows.register import register_flow
-from clipforge.flows.tracking import mlflow_run
+from clipforge.flows.tracking import finish_mlflow_run, mlflow_run
 from clipforge.flows.train import train_flow
 
 STAGE_FLOWS = {"curate": curate_flow, "train": train_flow, "evaluate": evaluate_flow, "register": register_flow}
@@ -48,13 +55,70 @@ def retrain_flow(
             STAGE_FLOWS[name](recipe_data, ctx.run_id)
             ctx = open_context(ctx.recipe, ctx.run_id)
     except BaseException as e:
-        client.set_tag(run, "clipforge.error", f"{type(e).__name__}: {e}"[:5000])
-        client.log_text(run, traceback.format_exc(), "error.txt")
-        client.set_terminated(run, status="FAILED")
+        finish_mlflow_run(run, e, traceback.format_exc())
+        with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
+            link_mlflow_run(client, run, ctx.run_id, failed=True)
         raise
-    client.set_terminated(run, status="FINISHED")
-    if mlflow.get_tracking_uri().startswith("http"):
-        experiment = client.get_run(run).info.experiment_id
-        url = f"{mlflow.get_tracking_uri()}/#/experiments/{experiment}/runs/{run}"
-        create_link_artifact(key="mlflow-run", link=url, description="The MLflow run of this retrain")
+    finish_mlflow_run(run)
+    link_mlflow_run(client, run, ctx.run_id)
     return {"run_id": ctx.run_id, "mlflow_run_id": run, "store": ctx.store.uri(ctx.run_dir), **ctx.state}
+
+
+def link_mlflow_run(client: MlflowClient, run: str, run_id: str, failed: bool = False) -> None:
+    """A Prefect artifact that leads from the flow run to its MLflow run (a link, or how to open a local store)."""
+    from clipforge.registry import mlflow_ui_command
+
+    uri = mlflow.get_tracking_uri()
+    experiment = client.get_run(run).info.experiment_id
+    fragment = f"#/experiments/{experiment}/runs/{run}"
+    what = f"MLflow run of retrain {run_id}" + (" (failed: its error is in the run's tags and error.txt)" if failed else "")
+    if uri.startswith(("http://", "https://")):
+        create_link_artifact(key="mlflow-run", link=f"{uri.rstrip('/')}/{fragment}", link_text=run, description=what)
+        return
+    # A local store has no address to link to: say how to serve it and where the run will be.
+    create_markdown_artifact(
+        key="mlflow-run",
+        description=what,
+        markdown=(
+            f"# {what}\n\n- tracking URI: `{uri}`\n- experiment id: `{experiment}`, run id: `{run}`\n"
+            f"- browse: `{mlflow_ui_command(uri)}`, then open "
+            f"[http://127.0.0.1:5000/{fragment}](http://127.0.0.1:5000/{fragment})\n"
+        ),
+    )
+
+
+def flow_run_id_or_new() -> str:
+    """A run id derived from the Prefect flow run, so that a retry of that flow run resumes the same run folder."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id and flow_run.scheduled_start_time:
+        return f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{str(flow_run.id).replace('-', '')[:6]}"
+    return new_run_id()
+
+
+@flow(name="retrain-recipe", log_prints=True, retries=1, retry_delay_seconds=600)
+def retrain_recipe(
+    recipe_path: str,
+    overrides: list[str] = [],
+    tracking_uri: str | None = None,
+    artifact_root: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Retrain the recipe at ``recipe_path`` with ``overrides`` (``train.epochs=3``, ...): what deployments schedule.
+
+    A failed attempt is retried once after 10 minutes; the retry continues the same run, so the
+    stages that had finished are skipped and training resumes from its latest checkpoint.
+    ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory.
+    """
+    from clipforge.core.recipe import load_recipe
+    from clipforge.registry import default_tracking_uri
+
+    recipe = load_recipe(recipe_path, overrides)
+    if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):  # as the command line: artifacts beside mlflow.db
+        artifact_root = artifact_root or str(Path("mlartifacts").resolve())
+    return retrain_flow(
+        recipe.as_dict(),
+        run_id=run_id or flow_run_id_or_new(),
+        tracking_uri=tracking_uri or default_tracking_uri(),
+        artifact_root=artifact_root,
+    )

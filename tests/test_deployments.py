@@ -1,0 +1,165 @@
+"""deployments/prefect.yaml and `clipforge schedule` against a real Prefect server started here."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import TINY_RECIPE, write_yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A Prefect server on a free port with its own database; the environment its clients need."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if api.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield env, api
+    finally:
+        api.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 120, **kw) -> str:
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
+    assert out.returncode == 0, f"{' '.join(cmd)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp_path):
+    env, api = server
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**env, "CLIPFORGE_HOME": str(REPO), "MLFLOW_TRACKING_URI": tracking}
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["storage"] = {"root": str(tmp_path / "store")}
+    recipe_path = write_yaml(tmp_path / "tiny.yaml", recipe)
+
+    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process"], env)
+    _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly"], env)
+    deployment = api.get("/deployments/name/retrain-recipe/shapes-weekly").json()
+    assert deployment["work_pool_name"] == "clipforge-process"
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
+    assert deployment["parameters"]["recipe_path"] == "deployments/recipes/shapes-weekly.yaml"
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
+    assert deployment["job_variables"]["env"]["MLFLOW_TRACKING_URI"] == tracking
+
+    # the parameters a user changes when triggering a run by hand
+    out = _run(
+        [*PREFECT, "deployment", "run", "retrain-recipe/shapes-weekly",
+         "--param", f"recipe_path={recipe_path}", "--param", 'overrides=["train.epochs=1"]'],
+        env,
+    )  # fmt: skip
+    flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    _run([*PREFECT, "worker", "start", "--pool", "clipforge-process", "--run-once"], env, timeout=240)
+    state = api.get(f"/flow_runs/{flow_run_id}").json()["state"]
+    assert state["type"] == "COMPLETED", state
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    version = client.get_model_version_by_alias("tiny-clip", "champion")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "1"  # the override reached the recipe
+    assert run.data.tags["prefect.flow_run_id"] != flow_run_id  # the retrain runs as a subflow of the deployment's run
+    artifacts = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["mlflow-run", "curation-funnel", "evaluation"]}}})
+    keys = {a["key"] for a in artifacts.json()}
+    assert keys == {"mlflow-run", "curation-funnel", "evaluation"}
+    link = next(a for a in artifacts.json() if a["key"] == "mlflow-run")
+    assert version.run_id in link["data"] and "mlflow ui" in link["data"]
+
+
+def test_clipforge_schedule_serves_the_retrain_on_its_cron(server, tmp_path):
+    env, api = server
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["storage"] = {"root": str(tmp_path / "store")}
+    path = write_yaml(tmp_path / "tiny.yaml", recipe)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipforge.cli", "schedule", str(path), "--cron", "0 4 * * 0", "--set", "train.epochs=1"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while (found := api.get("/deployments/name/retrain/retrain-tiny")).status_code == 404:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the served deployment never appeared"
+            time.sleep(0.5)
+        deployment = found.json()
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 4 * * 0"]
+        assert deployment["parameters"]["recipe"]["train"]["epochs"] == 1
+        assert deployment["parameters"]["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert proc.poll() is None  # still serving
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server):
+    env, api = server
+    env = {**env, "CLIPFORGE_HOME": str(REPO)}
+    template = "deployments/k8s-gpu-job-template.json"
+    _run([*PREFECT, "work-pool", "create", "clipforge-k8s-gpu", "--type", "kubernetes", "--base-job-template", template], env)
+    _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly-gpu"], env)
+    pool = api.get("/work_pools/clipforge-k8s-gpu").json()
+    container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    deployment = api.get("/deployments/name/retrain-recipe/shapes-weekly-gpu").json()
+    assert deployment["job_variables"]["gpu_count"] == 1
+    assert "train.device=cuda" in deployment["parameters"]["overrides"]
+    assert [s["active"] for s in deployment["schedules"]] == [False]
