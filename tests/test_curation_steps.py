@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import numpy as np
@@ -207,10 +206,6 @@ def test_a_per_sample_step_after_a_whole_dataset_step_is_refused(tmp_path):
 
 
 def test_clip_score_keeps_pairs_above_the_threshold(tmp_path):
-    import json as _json
-
-    import open_clip
-
     from clipforge.core.checkpoint import save_open_clip_dir
     from tests.conftest import TINY_CONFIG
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.conftest import TINY_RECIPE, write_yaml
+from tests.services import free_port, process
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A Prefect server on a free port with its own database; the environment its clients need."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -41,32 +34,10 @@ def server(tmp_path_factory):
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if api.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield env, api
-    finally:
-        api.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    args = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with process(args, f"{env['PREFECT_API_URL']}/health", home / "server.log", env=env, timeout_s=120):
+        with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30) as api:
+            yield env, api
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 120, **kw) -> str:

@@ -18,7 +18,6 @@ import clipforge
 from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
 from clipforge.engine.curation import curate, curation_key
-from clipforge.engine.trainer import train
 
 TRAINER = textwrap.dedent(
     """
@@ -52,13 +51,17 @@ def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(tiny_recipe
     (tmp_path / "recipe.json").write_text(json.dumps(tiny_recipe))
     (tmp_path / "shards.json").write_text(json.dumps(shards))
     (tmp_path / "trainer.py").write_text(TRAINER)
-    full = train(recipe, catalog, store, "full/train", shards, progress=False)
-    total = full["steps"]
+    args = [sys.executable, str(tmp_path / "trainer.py"), str(tmp_path / "recipe.json"), str(tmp_path / "shards.json")]
+    # both runs in fresh processes with one environment: thread counts set by earlier tests in this
+    # process would change the order of float sums, and identical means bit for bit
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run([*args, "full/train"], capture_output=True, text=True, env=env, timeout=120)
+    assert full.returncode == 0, full.stderr[-2000:]
+    total = store.read_json("full/train/result.json")["steps"]
     assert total == 2 * (160 // 16)
 
     kill_at = random.Random().randrange(4, total)  # after the first checkpoint (step 3)
-    cmd = [sys.executable, str(tmp_path / "trainer.py"), str(tmp_path / "recipe.json"), str(tmp_path / "shards.json"), "cut/train"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [*args, "cut/train"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.strip() == f"step {kill_at}":

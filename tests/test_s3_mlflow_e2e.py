@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path

@@ -64,8 +64,12 @@ def test_two_torchrun_processes_train_like_one_process_with_the_global_batch(tin
     assert ddp["world_size"] == 2 and ddp["steps"] == 160 // 32
 
     tiny_recipe["train"]["batch_size"] = 32  # one process, the global batch
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = train(load_recipe(tiny_recipe), catalog, store, "one/train", shards, progress=False)
+    try:
+        single = train(load_recipe(tiny_recipe), catalog, store, "one/train", shards, progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the tests after this one run with the machine's threads
     assert single["steps"] == ddp["steps"]
     a = load_file(store.path("ddp/train/model/open_clip_model.safetensors"))
     b = load_file(store.path("one/train/model/open_clip_model.safetensors"))
