@@ -378,25 +378,29 @@ def test_set_champion_and_rollback(store):
         set_champion(MODEL, "9", reason="typo")
 
 
-def test_concurrent_promotions_from_threads_end_on_the_best(store):
-    values = [random.Random(seed).random() for seed in range(8)]
-    start = threading.Barrier(len(values))
+def at_once(fn, args: list) -> None:
+    """``fn(arg)`` for every arg, each in its thread, all released together; their errors are raised here."""
+    start = threading.Barrier(len(args))
     errors: list[BaseException] = []
 
-    def retrain(value: float) -> None:
+    def run(arg) -> None:
         try:
             start.wait()
-            version = register(value)
-            promote_if_better(MODEL, version.version, metric=METRIC)
+            fn(arg)
         except BaseException as e:  # surfaced below: a thread's exception is otherwise lost
             errors.append(e)
 
-    threads = [threading.Thread(target=retrain, args=(v,)) for v in values]
+    threads = [threading.Thread(target=run, args=(a,)) for a in args]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert not errors, errors
+
+
+def test_concurrent_promotions_from_threads_end_on_the_best(store):
+    values = [random.Random(seed).random() for seed in range(8)]
+    at_once(lambda value: promote_if_better(MODEL, register(value).version, metric=METRIC), values)
     assert champion_metrics(MODEL) == {"eval/retrieval/mean_recall_at_1": max(values)}
     assert aliases()["challenger"] == str(len(values))
 
@@ -419,22 +423,7 @@ def test_concurrent_promotions_without_a_shared_lock_end_on_the_best(store, monk
     monkeypatch.setattr(MlflowClient, "get_model_version", slow_read)
     values = [random.Random(seed).random() for seed in range(10, 16)]
     versions = [register(v).version for v in values]
-    start = threading.Barrier(len(values))
-    errors: list[BaseException] = []
-
-    def promote(version: str) -> None:
-        try:
-            start.wait()
-            promote_if_better(MODEL, version, metric=METRIC)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    at_once(lambda version: promote_if_better(MODEL, version, metric=METRIC), versions)
     assert champion_metrics(MODEL) == {"eval/retrieval/mean_recall_at_1": max(values)}
 
 
