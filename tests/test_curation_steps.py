@@ -90,6 +90,20 @@ def test_bad_input_corpus_is_dropped_with_reasons_and_the_run_goes_on(tmp_path):
     assert sum(v["dropped"] for v in summary["funnel"].values()) == summary["input"] - 4
 
 
+def test_the_bad_corpus_gets_the_same_verdicts_behind_filters_that_read_no_pixels(tmp_path):
+    """Images are only opened until a step reads pixels: a truncated image still drops at decode, counted as if decoded first."""
+    write_tar(tmp_path / "shard-000000.tar", BAD_CORPUS + [("short.png", png()[:60]), ("short.txt", b"x")])
+    steps = [{"type": "caption-length", "min_words": 2}, {"type": "image-size", "min_side": 10}]
+    summary, rows = _curate(tmp_path, {"type": "webdataset", "urls": str(tmp_path / "shard-000000.tar")}, steps)
+    for key, reason in EXPECTED.items():
+        assert not rows[key]["kept"] and rows[key]["step"] == "decode" and rows[key]["reason"].startswith(reason), rows[key]
+    # a truncated image with a one-word caption is dropped by the caption filter, never decoded
+    assert rows["short"]["step"] == "caption-length" and rows["short"]["reason"].startswith("too few words")
+    funnel = summary["funnel"]
+    assert funnel["caption-length"]["seen"] == funnel["decode"]["kept"] == len(rows) - len(EXPECTED)
+    assert funnel["image-size"]["seen"] == funnel["caption-length"]["kept"] == 2 and summary["kept"] == 2
+
+
 def test_webdataset_glob_and_missing_shards(tmp_path):
     write_tar(tmp_path / "a.tar", [("k1.png", png()), ("k1.txt", b"one red square")])
     write_tar(tmp_path / "b.tar", [("k2.png", png()), ("k2.txt", b"two red squares")])

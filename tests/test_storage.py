@@ -32,6 +32,54 @@ def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # no temporary file left
 
 
+def test_a_stream_shows_under_its_name_only_once_complete(tmp_path):
+    store = Store(str(tmp_path))
+    with store.open_atomic("d/f.bin") as f:
+        f.write(b"one")
+        assert store.ls("d") != ["f.bin"]
+        f.write(b"two")
+    assert store.read_bytes("d/f.bin") == b"onetwo"
+    with pytest.raises(RuntimeError, match="producer failed"):
+        with store.open_atomic("d/g.bin") as f:
+            f.write(b"half")
+            raise RuntimeError("producer failed")
+    assert store.ls("d") == ["f.bin"]  # no g.bin, no temporary file
+
+
+def test_a_shard_writer_publishes_a_whole_tar_or_nothing(tmp_path):
+    import hashlib
+
+    from clipforge.core.components import Sample
+    from clipforge.engine.shards import ShardWriter, decode, iter_shard
+
+    store = Store(str(tmp_path))
+    items = [decode(Sample(f"k{i}", bytes(_png(i)), f"caption {i}")) for i in range(40)]
+    with ShardWriter(store, "s.tar") as writer:
+        writer.FLUSH_BYTES = 2048  # several background writes
+        for item in items:
+            writer.add(item)
+        written = writer.close()
+    assert written["samples"] == 40 and written["sha256"] == hashlib.sha256(store.read_bytes("s.tar")).hexdigest()
+    assert [(r["key"], r["image"], r["caption"]) for r in iter_shard(store, "s.tar")] == [
+        (i.sample.key, i.image_bytes, i.sample.caption) for i in items
+    ]
+    with pytest.raises(ValueError, match="bad sample"):
+        with ShardWriter(store, "t.tar") as writer:
+            writer.add(items[0])
+            raise ValueError("bad sample")
+    assert store.ls() == ["s.tar"]
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_paths_cannot_leave_the_root(tmp_path):
     store = Store(str(tmp_path))
     for bad in ("../x", "a/../../x", "/etc/passwd"):

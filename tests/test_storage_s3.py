@@ -88,6 +88,25 @@ def test_store_survives_503_answers_and_leaves_no_partial_object(s3, creds, monk
     assert {p.name: p.read_bytes() for p in out.iterdir()} == payloads
 
 
+def test_a_stream_to_s3_appears_whole_or_not_at_all(s3, creds, monkeypatch):
+    monkeypatch.setenv("CF_TEST_ENDPOINT", s3)
+    create_bucket(s3, "streams")
+    store = Store("s3://streams/p", OPTIONS)
+    chunk = b"\1" * (1 << 20)
+    with store.open_atomic("whole.bin") as f:
+        f.blocksize = 5 << 20  # S3's smallest part: 12 MiB go up as a multipart upload
+        for _ in range(12):
+            f.write(chunk)
+    with pytest.raises(RuntimeError, match="producer failed"):
+        with store.open_atomic("half.bin") as f:
+            f.blocksize = 5 << 20
+            for _ in range(12):
+                f.write(chunk)
+            raise RuntimeError("producer failed")
+    assert list_objects(s3, "streams") == {"p/whole.bin": 12 << 20}
+    assert incomplete_uploads(s3, "streams") == []
+
+
 def _folder(root):
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "small.txt").write_text("small")

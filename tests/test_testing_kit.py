@@ -173,6 +173,15 @@ def _step(fn):
     return lambda: fn
 
 
+class _PixelPeeker:
+    """Claims to read sizes only, but looks at a pixel."""
+
+    reads_pixels = False
+
+    def __call__(self, samples):
+        return [Verdict.kept() if s.image.getpixel((0, 0)) else Verdict.dropped("black corner") for s in samples]
+
+
 BROKEN = {
     "losses": {
         "nan-loss": (lambda: _Loss(lambda i, t, s: _contrastive(i, t, s) * float("nan")), "not a finite float"),
@@ -227,6 +236,7 @@ BROKEN = {
             "changed the samples",
         ),
         "padding-step": (_step(lambda samples: [Verdict.kept() for _ in samples] or [Verdict.kept()]), "for an empty batch"),
+        "pixel-peeking-step": (_PixelPeeker, "says reads_pixels = False but decoded the pixels"),
     },
 }
 

@@ -6,6 +6,7 @@ by size; transient errors are retried with exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -14,7 +15,7 @@ import posixpath
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -117,27 +118,46 @@ class Store:
     @retry
     def write_bytes(self, rel: str, data: bytes) -> str:
         """Write ``data`` under ``rel`` atomically; return its URI."""
+        with self.open_atomic(rel) as f:
+            f.write(data)
+        return self.uri(rel)
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator[Any]:
+        """A binary file that streams to ``rel`` and appears under that name only if the block exits cleanly.
+
+        Locally a temporary file beside the target is synced and renamed; on an object store the
+        upload (multipart when large) completes on exit and is aborted on an error. Not retried:
+        the data is gone once written, so a caller that must retry holds it and uses write_bytes.
+        """
         final = self.path(rel)
         if self.local:
             os.makedirs(posixpath.dirname(final), exist_ok=True)
             tmp = f"{final}.tmp-{uuid.uuid4().hex}"
             try:
                 with open(tmp, "wb") as f:
-                    f.write(data)
+                    yield f
                     f.flush()
                     os.fsync(f.fileno())
+                    written = f.tell()
                 os.replace(tmp, final)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            # An object store's PUT is atomic: the key shows only once the upload completed.
-            self.fs.pipe_file(final, data)
+            f = self.fs.open(final, "wb")
+            try:
+                yield f
+                written = f.tell()
+            except BaseException:
+                f.discard()  # aborts a multipart upload; a small one was never sent
+                f.closed = True  # discarded: closing (also on garbage collection) would send the rest
+                raise
+            f.close()  # an object store's PUT is atomic: the key shows only once the upload completed
             self.fs.invalidate_cache(final)
         size = self.fs.info(final)["size"]
-        if size != len(data):
-            raise OSError(f"{self.uri(rel)}: wrote {len(data)} bytes but the store holds {size}")
-        return self.uri(rel)
+        if size != written:
+            raise OSError(f"{self.uri(rel)}: wrote {written} bytes but the store holds {size}")
 
     def write_json(self, rel: str, obj: Any) -> str:
         return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())

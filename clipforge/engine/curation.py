@@ -29,7 +29,7 @@ from clipforge.core.components import Sample
 from clipforge.core.errors import ConfigError, StageError
 from clipforge.core.recipe import Recipe
 from clipforge.core.storage import Store
-from clipforge.engine.shards import BadSample, Decoded, decode, iter_shard, write_shard
+from clipforge.engine.shards import BadSample, Decoded, ShardWriter, decode, iter_shard, load_pixels
 
 FORMAT_VERSION = 2
 DECODE_STEP = "decode"
@@ -62,6 +62,11 @@ def input_size(recipe: Recipe) -> int | None:
 def is_global(step: Any) -> bool:
     """A step that decides over the whole dataset: ``features(samples)`` per part, ``decide(keys, features)`` once."""
     return hasattr(step, "features") and hasattr(step, "decide")
+
+
+def reads_pixels(step: Any) -> bool:
+    """Whether a per-sample step looks at pixels; steps that read only captions and sizes say ``reads_pixels = False``."""
+    return bool(getattr(step, "reads_pixels", True))
 
 
 def step_labels(recipe: Recipe) -> list[str]:
@@ -153,55 +158,79 @@ def curate_part(recipe: Recipe, catalog: Catalog, store: Store, out: str, index:
     funnel = Funnel([DECODE_STEP, *[label for label, _ in local]])
     rows: dict[str, list[Any]] = {c: [] for c in _MANIFEST_COLUMNS}
     features: dict[str, list[Any]] = {label: [] for label, _ in global_steps}
-    staged: list[Decoded] = []
     seen_keys: set[str] = set()
     start = time.perf_counter()
 
-    def record(key: str, kept: bool, step: str, reason: str, detail: str, scores: dict[str, float]) -> None:
-        for col, value in zip(_MANIFEST_COLUMNS, (key, kept, step, reason, detail, json.dumps(scores, sort_keys=True) if scores else "")):
-            rows[col].append(value)
+    columns = [rows[c].append for c in _MANIFEST_COLUMNS]
+    # Images are only opened until the first step that reads pixels (and always before staging), so
+    # a sample that steps reading sizes and captions drop is never fully decoded.
+    pixels_from = next((i for i, (_, s) in enumerate(local) if reads_pixels(s)), len(local))
 
-    for batch in _batches(catalog.create("datasets", entry), BATCH):
-        alive: list[tuple[Decoded, dict[str, float]]] = []
-        for raw in batch:
-            funnel.seen[DECODE_STEP] += 1
-            key = raw.key if isinstance(raw, Sample) and isinstance(raw.key, str) else repr(getattr(raw, "key", raw))[:200]
+    def record(key: str, kept: bool, step: str, reason: str, detail: str, scores: dict[str, float]) -> None:
+        for append, value in zip(columns, (key, kept, step, reason, detail, json.dumps(scores) if scores else "")):
+            append(value)
+
+    def with_pixels(alive: list[tuple[Decoded, dict[str, float]]], passed: list[str]) -> list[tuple[Decoded, dict[str, float]]]:
+        """Decode the survivors' pixels; an image that fails counts as dropped at decode, as if decoded first."""
+        out = []
+        for item, scores in alive:
             try:
-                if not isinstance(raw, Sample):
-                    raise BadSample(f"not a Sample ({type(raw).__name__})")
-                if key in seen_keys:
-                    raise BadSample("duplicate key")
-                item = decode(raw)
+                out.append((load_pixels(item), scores))
             except BadSample as e:
                 funnel.drop(DECODE_STEP, str(e))
-                record(key, False, DECODE_STEP, str(e), "", {})
-                continue
-            seen_keys.add(key)
-            alive.append((item, {}))
-        for label, step in local:
-            if not alive:
-                break
-            funnel.seen[label] += len(alive)
-            verdicts = list(step([item.sample for item, _ in alive]))
-            if len(verdicts) != len(alive):
-                raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(alive)} samples")
-            survivors = []
-            for (item, scores), verdict in zip(alive, verdicts):
-                scores.update({f"{label}/{k}": float(v) for k, v in verdict.scores.items()})
-                if verdict.keep:
-                    survivors.append((item, scores))
-                else:
-                    funnel.drop(label, verdict.reason or "dropped")
-                    record(item.sample.key, False, label, verdict.reason or "dropped", verdict.detail, scores)
-            alive = survivors
-        for label, step in global_steps:
-            if alive:
-                features[label].extend(_as_list(step.features([item.sample for item, _ in alive])))
-        for item, scores in alive:
-            record(item.sample.key, True, "", "", "", scores)
-            staged.append(item)
+                for label in passed:
+                    funnel.seen[label] -= 1
+                record(item.sample.key, False, DECODE_STEP, str(e), "", {})
+        return out
 
-    write_shard(store, f"{folder}/staged.tar", staged)
+    # survivors stream to the staging shard as tar bytes: a part's decoded images are never all held at once
+    with ShardWriter(store, f"{folder}/staged.tar") as staged:
+        for batch in _batches(catalog.create("datasets", entry), BATCH):
+            alive: list[tuple[Decoded, dict[str, float]]] = []
+            funnel.seen[DECODE_STEP] += len(batch)
+            for raw in batch:
+                key = raw.key if isinstance(raw, Sample) and isinstance(raw.key, str) else repr(getattr(raw, "key", raw))[:200]
+                try:
+                    if not isinstance(raw, Sample):
+                        raise BadSample(f"not a Sample ({type(raw).__name__})")
+                    if key in seen_keys:
+                        raise BadSample("duplicate key")
+                    item = decode(raw, pixels=pixels_from == 0)
+                except BadSample as e:
+                    funnel.drop(DECODE_STEP, str(e))
+                    record(key, False, DECODE_STEP, str(e), "", {})
+                    continue
+                seen_keys.add(key)
+                alive.append((item, {}))
+            for i, (label, step) in enumerate(local):
+                if i == pixels_from:
+                    alive = with_pixels(alive, [label for label, _ in local[:i]])
+                if not alive:
+                    break
+                funnel.seen[label] += len(alive)
+                verdicts = list(step([item.sample for item, _ in alive]))
+                if len(verdicts) != len(alive):
+                    raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(alive)} samples")
+                survivors = []
+                for (item, scores), verdict in zip(alive, verdicts):
+                    for k, v in verdict.scores.items():
+                        scores[f"{label}/{k}"] = float(v)
+                    if verdict.keep:
+                        survivors.append((item, scores))
+                    else:
+                        funnel.drop(label, verdict.reason or "dropped")
+                        record(item.sample.key, False, label, verdict.reason or "dropped", verdict.detail, scores)
+                alive = survivors
+            if pixels_from == len(local):
+                alive = with_pixels(alive, [label for label, _ in local])
+            for label, step in global_steps:
+                if alive:
+                    features[label].extend(_as_list(step.features([item.sample for item, _ in alive])))
+            for item, scores in alive:
+                record(item.sample.key, True, "", "", "", scores)
+                staged.add(item)
+        staged.close()
+
     for label, values in features.items():
         _save_features(store, f"{folder}/features-{label}", values)
     buf = io.BytesIO()
@@ -210,7 +239,7 @@ def curate_part(recipe: Recipe, catalog: Catalog, store: Store, out: str, index:
     done = {
         "index": index,
         "input": len(rows["key"]),
-        "kept": len(staged),
+        "kept": staged.samples,
         "funnel": funnel.as_dict(),
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -304,22 +333,24 @@ def finalize_part(store: Store, out: str, index: int, first: int, drops: dict[st
         return store.read_json(f"{folder}/final.json")
     dropped_positions = {int(k.rsplit("#", 1)[1]) for k in drops}
     shards: list[dict[str, Any]] = []
-    pending: list[Decoded] = []
-
-    def flush() -> None:
-        shards.append(write_shard(store, f"{out}/shard-{index:06d}-{len(shards):03d}.tar", pending))
-        pending.clear()
-
-    for position, raw in enumerate(iter_shard(store, f"{folder}/staged.tar"), start=first):
-        if position in dropped_positions:
-            continue
-        sample = Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"])
-        item = decode(sample)
-        pending.append(_resized(item, size) if size else item)
-        if len(pending) >= shard_size:
-            flush()
-    if pending:
-        flush()
+    writer: ShardWriter | None = None
+    try:
+        for position, raw in enumerate(iter_shard(store, f"{folder}/staged.tar"), start=first):
+            if position in dropped_positions:
+                continue
+            if writer is None:
+                writer = ShardWriter(store, f"{out}/shard-{index:06d}-{len(shards):03d}.tar")
+            item = decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]))
+            writer.add(_resized(item, size) if size else item)
+            if writer.samples >= shard_size:
+                shards.append(writer.close())
+                writer = None
+        if writer is not None:
+            shards.append(writer.close())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     store.write_json(f"{folder}/final.json", shards)
     return shards
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,15 +29,24 @@ class BadSample(ValueError):
 
 @dataclass
 class Decoded:
-    """A sample checked and decoded: the PIL image for the curation steps, the bytes for the shard."""
+    """A sample checked and decoded: the PIL image for the curation steps, the bytes for the shard.
+
+    ``loaded`` is False while the image is only opened (format and size read, pixels not yet
+    decoded): see :func:`decode` with ``pixels=False`` and :func:`load_pixels`.
+    """
 
     sample: Sample
     image_bytes: bytes
     ext: str
+    loaded: bool = True
 
 
-def decode(sample: Sample) -> Decoded:
-    """Check a raw sample and decode its image, or raise :class:`BadSample` with the reason."""
+def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
+    """Check a raw sample and decode its image, or raise :class:`BadSample` with the reason.
+
+    With ``pixels=False`` a JPEG, PNG or WebP is only opened: its size, mode and format are
+    known (and a decompression bomb is caught), its pixels are decoded by :func:`load_pixels`.
+    """
     if sample.meta.get("error"):  # the dataset could not read this sample and says why
         raise BadSample(str(sample.meta["error"]))
     key = sample.key
@@ -57,37 +67,73 @@ def decode(sample: Sample) -> Decoded:
     if any(len(c) > MAX_CAPTION_CHARS for c in captions):
         raise BadSample(f"caption longer than {MAX_CAPTION_CHARS} characters")
     image = sample.image
-    try:
+    with _image_errors():
         if isinstance(image, (bytes, bytearray)):
             if not image:
                 raise BadSample("empty image file")
             pil = Image.open(io.BytesIO(image))
-            fmt = pil.format
-            pil.load()  # decodes fully: truncated files fail here, not later in training
-            ext = _FORMATS.get(fmt or "")
-            data = bytes(image) if ext else _png(pil)
-            ext = ext or "png"
+            ext = _FORMATS.get(pil.format or "")
+            if ext and not pixels:
+                data, loaded = bytes(image), False
+            else:
+                pil = _rgb(pil)  # decodes fully: truncated files fail here, not later in training
+                data, loaded = (bytes(image), True) if ext else (_png(pil), True)
+                ext = ext or "png"
         elif isinstance(image, Image.Image):
-            pil, data, ext = image, _png(image), "png"
+            pil, data, ext, loaded = _rgb(image), _png(image), "png", True
         else:
             raise BadSample("no image")
-        if pil.mode != "RGB":  # convert copies even when there is nothing to convert
-            pil = pil.convert("RGB")
+    caption = captions if isinstance(sample.caption, list) else captions[0]
+    clean = Sample(key=key, image=pil, caption=caption, label=sample.label, meta=dict(sample.meta))
+    return Decoded(clean, data, ext, loaded)
+
+
+def load_pixels(item: Decoded) -> Decoded:
+    """Decode the pixels of an image :func:`decode` only opened, or raise :class:`BadSample`."""
+    if not item.loaded:
+        with _image_errors():
+            item.sample.image = _rgb(item.sample.image)
+        item.loaded = True
+    return item
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert copies even when there is nothing to do
+
+
+@contextlib.contextmanager
+def _image_errors() -> Iterator[None]:
+    """PIL's many exception types for bad image data, as one :class:`BadSample` with a reason."""
+    try:
+        yield
     except BadSample:
         raise
     except Image.DecompressionBombError:
         raise BadSample("decompression bomb") from None
     except Exception as e:  # PIL raises a zoo of types for corrupt data
         raise BadSample(f"undecodable image ({type(e).__name__})") from None
-    caption = captions if isinstance(sample.caption, list) else captions[0]
-    clean = Sample(key=key, image=pil, caption=caption, label=sample.label, meta=dict(sample.meta))
-    return Decoded(clean, data, ext)
 
 
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _header_template() -> tuple[bytes, int]:
+    """A ustar header with every field but name, size and checksum filled, and the byte sum of those fields."""
+    header = bytearray(512)
+    header[100:108] = b"0000644\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    return bytes(header), sum(header)
+
+
+_HEADER, _HEADER_SUM = _header_template()
 
 
 def _member(name: str, data: bytes) -> bytes:
@@ -97,34 +143,107 @@ def _member(name: str, data: bytes) -> bytes:
         info.size = len(data)
         header = info.tobuf(format=tarfile.USTAR_FORMAT)
     else:
-        header = bytearray(512)
-        header[0 : len(name)] = name.encode()
-        header[100:108] = b"0000644\0"
-        header[108:116] = header[116:124] = b"0000000\0"
-        header[124:136] = b"%011o\0" % len(data)
-        header[136:148] = b"00000000000\0"
-        header[148:156] = b" " * 8
-        header[156:157] = b"0"
-        header[257:265] = b"ustar\x0000"
-        header[148:155] = b"%06o\0" % sum(header)
-        header = bytes(header)
+        encoded, size = name.encode(), b"%011o\0" % len(data)
+        checksum = b"%06o\0" % (_HEADER_SUM + sum(encoded) + sum(size))
+        header = b"".join((encoded, _HEADER[len(encoded) : 124], size, _HEADER[136:148], checksum, _HEADER[155:]))
     return header + data + b"\0" * (-len(data) % 512)
+
+
+class ShardWriter:
+    """A tar shard streamed to the store while samples are still being decoded.
+
+    Samples become tar bytes at once (no decoded image is held); a background thread writes and
+    hashes them, so storage I/O overlaps decoding. The shard appears under its name only when
+    :meth:`close` returns; :meth:`abort` (or an error inside a ``with`` block) leaves nothing.
+    """
+
+    FLUSH_BYTES = 1 << 20
+
+    def __init__(self, store: Store, rel: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.rel, self.samples = rel, 0
+        self._file_cm = store.open_atomic(rel)
+        self._file = self._file_cm.__enter__()
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writes: list[Any] = []
+        self._finished = False
+
+    def add(self, item: Decoded) -> None:
+        s = item.sample
+        text = s.caption if isinstance(s.caption, str) else s.caption[0]
+        meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
+        for member in (
+            _member(f"{s.key}.{item.ext}", item.image_bytes),
+            _member(f"{s.key}.txt", text.encode()),
+            _member(f"{s.key}.json", json.dumps(meta, default=str).encode()),
+        ):
+            self._pending.append(member)
+            self._pending_bytes += len(member)
+        self.samples += 1
+        if self._pending_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        for w in [w for w in self._writes if w.done()]:
+            w.result()  # a failed write stops the shard now, not at close
+            self._writes.remove(w)
+        self._writes.append(self._pool.submit(self._write, data))
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+
+    def close(self) -> dict[str, Any]:
+        """End the archive and publish the shard; return its path, sample count and sha256."""
+        try:
+            self._pending.append(b"\0" * 1024)  # two zero blocks end the archive
+            self._flush()
+            for w in self._writes:
+                w.result()
+        except BaseException as e:
+            self._finish(e)
+            raise
+        self._finish(None)
+        return {"path": self.rel, "samples": self.samples, "sha256": self._digest.hexdigest()}
+
+    def abort(self) -> None:
+        """Drop what was written: nothing appears under the shard's name."""
+        self._finish(RuntimeError("shard aborted"))
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._pool.shutdown(wait=True)
+        if error is None:
+            self._file_cm.__exit__(None, None, None)
+        else:
+            try:
+                self._file_cm.__exit__(type(error), error, error.__traceback__)
+            except BaseException as raised:  # open_atomic re-raises what it is given
+                if raised is not error:
+                    raise
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None:
+            self.abort()
 
 
 def write_shard(store: Store, rel: str, items: list[Decoded]) -> dict[str, Any]:
     """Write one tar shard atomically; return its path, sample count and sha256."""
-    chunks: list[bytes] = []
-    for item in items:
-        s = item.sample
-        text = s.caption if isinstance(s.caption, str) else s.caption[0]
-        meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
-        chunks.append(_member(f"{s.key}.{item.ext}", item.image_bytes))
-        chunks.append(_member(f"{s.key}.txt", text.encode()))
-        chunks.append(_member(f"{s.key}.json", json.dumps(meta, default=str).encode()))
-    chunks.append(b"\0" * 1024)  # end of archive
-    data = b"".join(chunks)
-    store.write_bytes(rel, data)
-    return {"path": rel, "samples": len(items), "sha256": hashlib.sha256(data).hexdigest()}
+    with ShardWriter(store, rel) as writer:
+        for item in items:
+            writer.add(item)
+        return writer.close()
 
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:

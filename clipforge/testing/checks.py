@@ -288,7 +288,27 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
     empty = _judge(step, [], name)
     if empty:
         raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
+    if getattr(step, "reads_pixels", True) is False:
+        _check_without_pixels(step, samples, verdicts, name)
     return verdicts
+
+
+def _check_without_pixels(step: Any, samples: list[Sample], verdicts: list[Verdict], name: str) -> None:
+    """A step that says ``reads_pixels = False`` judges images only opened (as curation gives them) alike, leaving them undecoded."""
+    import io
+
+    from clipforge.engine.shards import decode
+
+    opened = []
+    for s in samples:
+        buf = io.BytesIO()
+        s.image.save(buf, format="PNG")
+        opened.append(decode(Sample(s.key, buf.getvalue(), s.caption, s.label, dict(s.meta)), pixels=False).sample)
+    again = _judge(step, opened, name)
+    if [(v.keep, v.reason) for v in again] != [(v.keep, v.reason) for v in verdicts]:
+        raise _fail(name, "says reads_pixels = False but judges images only opened (size and mode known, pixels not decoded) differently")
+    if any(not s.image.tile for s in opened):  # PIL empties `tile` once it decoded the pixels
+        raise _fail(name, "says reads_pixels = False but decoded the pixels of the images it judged")
 
 
 def _batch_inputs(loss: Any, batch_size: int) -> dict[str, Any]:

@@ -40,6 +40,8 @@ class CaptionLengthParams(BaseModel):
 class CaptionLength:
     """Keeps captions whose word and character counts lie within bounds."""
 
+    reads_pixels = False  # captions only: curation need not decode the images it drops
+
     def __init__(
         self,
         min_words: int = 1,

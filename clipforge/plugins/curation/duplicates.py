@@ -100,8 +100,9 @@ class NearDuplicates:
 def near_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows (inner product) of every row: an inverted-file index (FAISS), never all pairs.
 
-    With ~3 sqrt(n) lists and 4 probed per query, each query scans about 1.3 sqrt(n) vectors, and a
-    near copy falls in its original's list or a neighbouring one.
+    With ~3 sqrt(n) lists and 6 probed per query, each query scans about 2 sqrt(n) vectors, and a
+    near copy falls in its original's list or a neighbouring one. The lists hold the vectors in
+    float16, which loses nothing: the parts store the embeddings in float16.
     """
     import faiss
 
@@ -111,11 +112,13 @@ def near_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if nlist <= 1:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        index.by_residual = False  # the vectors themselves, not their offsets from a centroid: exact in float16
         index.cp.min_points_per_centroid = 25  # coarse centroids suffice to route near copies together
+        index.cp.niter = 10
         rng = np.random.default_rng(0)
         index.train(x[rng.choice(n, size=min(n, nlist * 25), replace=False)])
-        index.nprobe = min(4, nlist)
+        index.nprobe = min(6, nlist)
     index.add(x)
     return index.search(x, k)
 

@@ -17,6 +17,10 @@ class ImageSizeParams(BaseModel):
 
 
 class ImageSize:
+    """Reads the size from the image header: curation need not decode the images it drops."""
+
+    reads_pixels = False
+
     def __init__(self, min_side: int = 0, max_aspect: float | None = None):
         self.min_side, self.max_aspect = min_side, max_aspect
 
