@@ -5,9 +5,9 @@ batch size, precision and CSV of PNG images.
     python benchmarks/train_throughput.py --model ViT-B-32 --precision bf16 --device cuda \
         --image-size 224 --batch-size 256 --samples 5120 --workers 8
 
-Three runs: open_clip_train reading the CSV; clipforge reading the same PNGs (the CSV curated
-into shards without changing the images); clipforge reading shards whose images were resized
-to the model's input size at curation. Samples/s are steady-state figures: the time of every
+Three runs: open_clip_train reading the CSV; clipforge reading the same PNGs (put into shards
+unchanged); clipforge reading the shards its curation wrote from the CSV (images resized to the
+model's input size). Samples/s are steady-state figures: the time of every
 step after the first ``--skip`` (data waits included, as open_clip_train's "Batch (t)").
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import re
 import subprocess
@@ -80,21 +79,12 @@ def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
     return steady_rate(times, args.batch_size, args.skip)
 
 
-def resized_shards(store, shards, size: int) -> list[dict]:
-    """The curated shards again, every image resized to the model's input size (as a curation step that resizes would store them)."""
-    from PIL import Image
+def png_shards(store, catalog, table: Path, per_shard: int = 1000) -> list[dict]:
+    """The CSV's PNG files as shards, bytes unchanged (curation would resize them to the model's input)."""
+    from clipforge.engine.shards import decode, write_shard
 
-    from clipforge.core.components import Sample
-    from clipforge.engine.shards import decode, iter_shard, write_shard
-
-    out = []
-    for shard in shards:
-        items = []
-        for raw in iter_shard(store, shard["path"]):
-            image = Image.open(io.BytesIO(raw["image"])).convert("RGB").resize((size, size), Image.BICUBIC)
-            items.append(decode(Sample(raw["key"], image, raw["caption"], raw["label"], raw["meta"])))
-        out.append(write_shard(store, shard["path"].replace("/shards/", "/resized/"), items))
-    return out
+    items = [decode(s) for s in catalog.create("datasets", {"type": "csv", "path": str(table), "caption_column": "title"})]
+    return [write_shard(store, f"pngs/shard-{i // per_shard:06d}.tar", items[i : i + per_shard]) for i in range(0, len(items), per_shard)]
 
 
 def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
@@ -115,14 +105,10 @@ def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
     })  # fmt: skip
     catalog = clipforge.get_plugin_manager().catalog
     store = Store(str(root))
-    shards = curate(recipe, catalog, store, "curated", progress=False)["shards"]
+    runs = {"same-pngs": png_shards(store, catalog, table), "resized": curate(recipe, catalog, store, "curated", progress=False)["shards"]}
     rates = []
-    for name, run_shards in (("same-pngs", shards), ("resized", None)):
-        if run_shards is None:
-            size = TINY["vision_cfg"]["image_size"] if args.model == "tiny" else catalog.create("encoders", model).preprocess_cfg["size"]
-            size = size if isinstance(size, int) else size[0]
-            run_shards = resized_shards(store, shards, size)
-        train(recipe, catalog, store, f"{name}/train", run_shards, progress=False)
+    for name, shards in runs.items():
+        train(recipe, catalog, store, f"{name}/train", shards, progress=False)
         history = store.read_json(f"{name}/train/history.json")
         rates.append(steady_rate([args.batch_size / h["samples_per_s"] for h in history], args.batch_size, args.skip))
     return rates[0], rates[1]

@@ -70,6 +70,32 @@ def test_a_shard_writer_publishes_a_whole_tar_or_nothing(tmp_path):
     assert store.ls() == ["s.tar"]
 
 
+def test_the_shard_reader_reads_tarfile_archives_and_refuses_damaged_ones(tmp_path):
+    import io
+    import tarfile
+
+    from clipforge.engine.shards import iter_shard
+
+    buf = io.BytesIO()
+    long_key = "d" * 60 + "/" + "k" * 60  # past the 100-byte name field: ustar's prefix field holds the folder
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in ((f"{long_key}.png", _png(1)), (f"{long_key}.txt", b"a long key"), ("k2.png", _png(2)), ("k2.txt", b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    store = Store(str(tmp_path))
+    store.write_bytes("ok.tar", buf.getvalue())
+    assert [(r["key"], r["caption"]) for r in iter_shard(store, "ok.tar")] == [(long_key, "a long key"), ("k2", "second")]
+    store.write_bytes("cut.tar", buf.getvalue()[:1300])
+    with pytest.raises(tarfile.ReadError, match="cut.tar: truncated archive"):
+        list(iter_shard(store, "cut.tar"))
+    damaged = bytearray(buf.getvalue())
+    damaged[5] ^= 0xFF
+    store.write_bytes("bad.tar", bytes(damaged))
+    with pytest.raises(tarfile.ReadError, match="bad.tar: bad tar header checksum"):
+        list(iter_shard(store, "bad.tar"))
+
+
 def _png(seed: int) -> bytes:
     import io
 

@@ -188,3 +188,29 @@ def test_accumulation_trains_and_counts_optimizer_steps(tiny_recipe, tmp_path):
     assert result["steps"] == 160 // 32
     history = store.read_json("run/train/history.json")
     assert all(h["samples_per_s"] > 0 for h in history) and len(history) == 5
+
+
+def test_cpu_training_leaves_a_core_to_each_loader_worker(monkeypatch):
+    import os
+
+    import torch
+
+    from clipforge.engine.trainer import cores_for_loader
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        with cores_for_loader(torch.device("cpu"), workers=3, world=1):
+            assert torch.get_num_threads() == 5
+        with cores_for_loader(torch.device("cpu"), workers=3, world=2):  # 4 cores per process under torchrun
+            assert torch.get_num_threads() == 1
+        with cores_for_loader(torch.device("cpu"), workers=0, world=1):
+            assert torch.get_num_threads() == 8
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's setting wins
+        with cores_for_loader(torch.device("cpu"), workers=3, world=1):
+            assert torch.get_num_threads() == 8
+        assert torch.get_num_threads() == 8  # restored after each
+    finally:
+        torch.set_num_threads(before)

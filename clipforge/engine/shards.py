@@ -248,19 +248,44 @@ def write_shard(store: Store, rel: str, items: list[Decoded]) -> dict[str, Any]:
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``."""
-    with store.open(rel) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with store.open(rel) as f:
         current: dict[str, Any] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
+        for name, data in _members(f, store.uri(rel)):
+            key, _, ext = name.partition(".")
             if current and current["key"] != key:
                 yield _finish(current)
                 current = {}
             current["key"] = key
-            current[ext] = tar.extractfile(member).read()
+            current[ext] = data
         if current:
             yield _finish(current)
+
+
+def _members(f: Any, uri: str) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a ustar archive as written by :class:`ShardWriter`: a header parse costs a tenth of tarfile's."""
+    while True:
+        header = f.read(512)
+        if 0 < len(header) < 512:
+            raise tarfile.ReadError(f"{uri}: truncated archive")
+        if not header or header == _ZERO_BLOCK:  # the end-of-archive marker (or a bare end)
+            return
+        if b"%06o" % (sum(header) - sum(header[148:156]) + 256) != header[148:154]:
+            raise tarfile.ReadError(f"{uri}: bad tar header checksum")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        data = f.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError(f"{uri}: truncated archive")
+        f.read(-size % 512)
+        kind = header[156:157]
+        if kind in (b"0", b"\0"):
+            name = header[0:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+            yield (f"{prefix}/{name}" if prefix else name), data
+        elif kind != b"5":  # directories carry nothing; the writer makes nothing else
+            raise tarfile.ReadError(f"{uri}: tar member type {kind!r} is not one clipforge writes")
+
+
+_ZERO_BLOCK = bytes(512)
 
 
 def _finish(raw: dict[str, Any]) -> dict[str, Any]:
