@@ -170,7 +170,28 @@ def curate_part(recipe: Recipe, catalog: Catalog, store: Store, out: str, index:
         for append, value in zip(columns, (key, kept, step, reason, detail, json.dumps(scores) if scores else "")):
             append(value)
 
-    def with_pixels(alive: list[tuple[Decoded, dict[str, float]]], passed: list[str]) -> list[tuple[Decoded, dict[str, float]]]:
+    def judge(alive: list[tuple[Decoded, dict[str, float]]], steps: list[tuple[str, Any]]) -> list[tuple[Decoded, dict[str, float]]]:
+        """The survivors of ``steps``, run in order; the others recorded with their step and reason."""
+        for label, step in steps:
+            if not alive:
+                break
+            funnel.seen[label] += len(alive)
+            verdicts = list(step([item.sample for item, _ in alive]))
+            if len(verdicts) != len(alive):
+                raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(alive)} samples")
+            survivors = []
+            for (item, scores), verdict in zip(alive, verdicts):
+                for k, v in verdict.scores.items():
+                    scores[f"{label}/{k}"] = float(v)
+                if verdict.keep:
+                    survivors.append((item, scores))
+                else:
+                    funnel.drop(label, verdict.reason or "dropped")
+                    record(item.sample.key, False, label, verdict.reason or "dropped", verdict.detail, scores)
+            alive = survivors
+        return alive
+
+    def with_pixels(alive: list[tuple[Decoded, dict[str, float]]]) -> list[tuple[Decoded, dict[str, float]]]:
         """Decode the survivors' pixels; an image that fails counts as dropped at decode, as if decoded first."""
         out = []
         for item, scores in alive:
@@ -178,7 +199,7 @@ def curate_part(recipe: Recipe, catalog: Catalog, store: Store, out: str, index:
                 out.append((load_pixels(item), scores))
             except BadSample as e:
                 funnel.drop(DECODE_STEP, str(e))
-                for label in passed:
+                for label, _ in local[:pixels_from]:
                     funnel.seen[label] -= 1
                 record(item.sample.key, False, DECODE_STEP, str(e), "", {})
         return out
@@ -202,27 +223,8 @@ def curate_part(recipe: Recipe, catalog: Catalog, store: Store, out: str, index:
                     continue
                 seen_keys.add(key)
                 alive.append((item, {}))
-            for i, (label, step) in enumerate(local):
-                if i == pixels_from:
-                    alive = with_pixels(alive, [label for label, _ in local[:i]])
-                if not alive:
-                    break
-                funnel.seen[label] += len(alive)
-                verdicts = list(step([item.sample for item, _ in alive]))
-                if len(verdicts) != len(alive):
-                    raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(alive)} samples")
-                survivors = []
-                for (item, scores), verdict in zip(alive, verdicts):
-                    for k, v in verdict.scores.items():
-                        scores[f"{label}/{k}"] = float(v)
-                    if verdict.keep:
-                        survivors.append((item, scores))
-                    else:
-                        funnel.drop(label, verdict.reason or "dropped")
-                        record(item.sample.key, False, label, verdict.reason or "dropped", verdict.detail, scores)
-                alive = survivors
-            if pixels_from == len(local):
-                alive = with_pixels(alive, [label for label, _ in local])
+            alive = with_pixels(judge(alive, local[:pixels_from]))
+            alive = judge(alive, local[pixels_from:])
             for label, step in global_steps:
                 if alive:
                     features[label].extend(_as_list(step.features([item.sample for item, _ in alive])))

@@ -73,19 +73,19 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
                 raise BadSample("empty image file")
             pil = Image.open(io.BytesIO(image))
             ext = _FORMATS.get(pil.format or "")
-            if ext and not pixels:
+            if ext:
                 data, loaded = bytes(image), False
-            else:
-                pil = _rgb(pil)  # decodes fully: truncated files fail here, not later in training
-                data, loaded = (bytes(image), True) if ext else (_png(pil), True)
-                ext = ext or "png"
+            else:  # stored as PNG, which needs the pixels now
+                pil = _rgb(pil)
+                data, ext, loaded = _png(pil), "png", True
         elif isinstance(image, Image.Image):
             pil, data, ext, loaded = _rgb(image), _png(image), "png", True
         else:
             raise BadSample("no image")
     caption = captions if isinstance(sample.caption, list) else captions[0]
     clean = Sample(key=key, image=pil, caption=caption, label=sample.label, meta=dict(sample.meta))
-    return Decoded(clean, data, ext, loaded)
+    item = Decoded(clean, data, ext, loaded)
+    return load_pixels(item) if pixels else item  # decodes fully: truncated files fail here, not later in training
 
 
 def load_pixels(item: Decoded) -> Decoded:
