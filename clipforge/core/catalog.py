@@ -9,8 +9,9 @@ from typing import Any, Protocol
 
 import pydantic
 
-from clipforge.core.components import KINDS
-from clipforge.core.errors import KIND_NOUNS, DuplicateComponentError, UnknownComponentError
+from clipforge.core.components import ScopedParams, WholeDatasetStep
+from clipforge.core.errors import DuplicateComponentError, RecipeError, UnknownComponentError
+from clipforge.core.kinds import KINDS, noun
 
 
 class RegisterFn(Protocol):
@@ -67,16 +68,31 @@ class Component:
         try:
             inspect.signature(self.factory).bind(**fields)
         except TypeError as e:
-            return {}, [("", f"{KIND_NOUNS[self.kind]} {self.name!r}: {e}")]
+            return {}, [("", f"{noun(self.kind)} {self.name!r}: {e}")]
         return dict(fields), []
 
     def create(self, fields: dict[str, Any]) -> Any:
         kwargs, errors = self.check(fields)
         if errors:
-            from clipforge.core.errors import RecipeError
-
             raise RecipeError(errors, source=f"{self.kind} {self.name!r}")
         return self.factory(**kwargs)
+
+    def whole_dataset(self, fields: dict[str, Any]) -> bool | None:
+        """Whether this curation step entry builds a whole-dataset step, known without building it.
+
+        A class factory says it by its methods; a function factory by its params model
+        (:class:`~clipforge.core.components.ScopedParams`). None when only building would tell.
+        """
+        if isinstance(self.factory, type):
+            return issubclass(self.factory, WholeDatasetStep)
+        if self.params is not None:
+            try:
+                params = self.params.model_validate(fields)
+            except pydantic.ValidationError:
+                return None  # reported by check()
+            if isinstance(params, ScopedParams):
+                return params.whole_dataset()
+        return None
 
 
 class Catalog:

@@ -36,13 +36,18 @@ def state_dict_for_safetensors(model: torch.nn.Module) -> dict[str, torch.Tensor
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def open_clip_config(bundle: EncoderBundle) -> dict[str, Any]:
+    """What ``open_clip_config.json`` holds for ``bundle``: ``model_cfg`` and ``preprocess_cfg``."""
+    return {"model_cfg": model_cfg_of(bundle.arch), "preprocess_cfg": _jsonable(bundle.preprocess_cfg)}
+
+
 def save_open_clip_dir(bundle: EncoderBundle, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``bundle`` as an open_clip ``local-dir:`` folder at ``path`` (a local folder)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": model_cfg_of(bundle.arch), "preprocess_cfg": _jsonable(bundle.preprocess_cfg)}
+    config = open_clip_config(bundle)
     if extra:
         config["clipforge"] = extra
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))

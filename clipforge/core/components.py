@@ -1,16 +1,19 @@
-"""What each kind of component hands to the host: the data types and protocols plugins implement."""
+"""What each kind of component hands to the host: the data types, the protocols plugins implement,
+and the optional capabilities a component may declare on top of its protocol.
+
+The host checks every capability with ``isinstance`` against the protocols below, never by
+probing attribute names, so that what a plugin may offer is written down in one place.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import string
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # torch is heavy: `clipforge validate` and `plugins` never need it
     import torch
-
-#: The kinds of component a plugin can register, in the order `clipforge plugins` lists them.
-KINDS = ("encoders", "losses", "datasets", "evaluators", "curation_steps")
 
 
 @dataclass
@@ -18,15 +21,22 @@ class Sample:
     """One image-text pair.
 
     ``image`` is a PIL image or its encoded bytes (PNG, JPEG, ...); ``caption`` a string or,
-    for datasets with several captions per image, a list of strings. ``label`` is the class
-    index for classification datasets.
+    for datasets with several captions per image, a list of strings (a dataset reading raw
+    crawls may hand in bytes or None: curation checks them and drops what is not text).
+    ``label`` is the class index for classification datasets.
     """
 
     key: str
     image: Any
-    caption: Union[str, list[str]]
+    caption: str | list[str] | bytes | None
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def captions(self) -> list[str]:
+        """The text captions as a list: one for a single caption (what is not text is left out)."""
+        raw = self.caption if isinstance(self.caption, list) else [self.caption]
+        return [c for c in raw if isinstance(c, str)]
 
 
 @dataclass
@@ -39,11 +49,11 @@ class EncoderBundle:
     open_clip model config (a name or a dict) that rebuilds ``model``.
     """
 
-    model: torch.nn.Module
+    model: Any  # a torch.nn.Module with the methods above: no type says both
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     preprocess_train: Callable[[Any], torch.Tensor]
     preprocess_val: Callable[[Any], torch.Tensor]
-    arch: Union[str, dict[str, Any]]
+    arch: str | dict[str, Any]
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,32 +79,20 @@ class Verdict:
         return cls(False, reason, dict(scores), detail)
 
 
-@runtime_checkable
-class ClassificationDataset(Protocol):
-    """A dataset whose samples carry labels, usable for zero-shot classification."""
-
-    classes: list[str]
-
-    def __iter__(self): ...
+# -- the protocol of each kind ----------------------------------------------------------------
 
 
 @runtime_checkable
-class Evaluator(Protocol):
-    """Computes metrics of a model on a dataset."""
+class Dataset(Protocol):
+    """``register_datasets``: an iterable of :class:`Sample`, the same ones each time it is iterated."""
 
-    def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]: ...
-
-
-@runtime_checkable
-class CurationStep(Protocol):
-    """Decides, for each sample of a batch, keep or drop (with a reason), with optional scores."""
-
-    def __call__(self, samples: Sequence[Sample]) -> Sequence[Verdict]: ...
+    def __iter__(self) -> Iterator[Sample]: ...
 
 
 @runtime_checkable
 class ContrastiveLoss(Protocol):
-    """``loss(image_features, text_features, logit_scale, logit_bias=None)`` -> tensor or ``{"loss": ...}``."""
+    """``register_losses``: ``loss(image_features, text_features, logit_scale, logit_bias=None)``
+    returns a scalar tensor or ``{"loss": ...}`` (a ``torch.nn.Module``)."""
 
     def __call__(
         self,
@@ -103,3 +101,126 @@ class ContrastiveLoss(Protocol):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """``register_evaluators``: computes metrics of a model on a dataset."""
+
+    def evaluate(self, bundle: EncoderBundle, dataset: Dataset, device: str) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class CurationStep(Protocol):
+    """``register_curation_steps``, per sample: a batch in, one :class:`Verdict` per sample out, in order."""
+
+    def __call__(self, samples: Sequence[Sample]) -> Sequence[Verdict]: ...
+
+
+@runtime_checkable
+class WholeDatasetStep(Protocol):
+    """``register_curation_steps``, over the whole dataset (deduplication, balancing, top fractions).
+
+    ``features(samples)`` runs on each part in parallel and returns one compact, JSON-able value
+    (or one row of a float array) per sample; ``decide(keys, features)`` runs once over every
+    surviving sample of the dataset and returns one :class:`Verdict` per key, in order. Such
+    steps come after every per-sample step of a recipe.
+    """
+
+    def features(self, samples: Sequence[Sample]) -> Sequence[Any]: ...
+
+    def decide(self, keys: list[str], features: Any) -> Sequence[Verdict]: ...
+
+
+@runtime_checkable
+class ScopedParams(Protocol):
+    """The params model of a curation step that is per-sample or whole-dataset depending on its
+    parameters (``clip-score``: a threshold or a top fraction) says which, so that a recipe's step
+    order is checked without building the step."""
+
+    def whole_dataset(self) -> bool: ...
+
+
+# -- optional capabilities: what a component may declare beyond its protocol ---------------------
+
+
+@runtime_checkable
+class ClassificationDataset(Protocol):
+    """A dataset whose samples carry labels (class indices): usable for zero-shot classification."""
+
+    classes: list[str]
+
+    def __iter__(self) -> Iterator[Sample]: ...
+
+
+@runtime_checkable
+class TemplatedDataset(Protocol):
+    """A classification dataset that brings its own zero-shot prompts, each with ``{c}`` for the class name."""
+
+    templates: list[str]
+
+
+@runtime_checkable
+class PartitionedDataset(Protocol):
+    """A dataset that splits into parts (shards, slices) that curation processes in parallel.
+
+    ``parts()`` returns dataset entries (``{"type": ..., **fields}``), together the whole dataset.
+    """
+
+    def parts(self) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class DeclaresPixels(Protocol):
+    """A per-sample curation step that says whether it looks at pixels.
+
+    With ``reads_pixels = False`` (captions, sizes and modes only) curation hands it images that
+    are only opened, and never decodes the samples it drops.
+    """
+
+    reads_pixels: bool
+
+
+@runtime_checkable
+class NeedsInputs(Protocol):
+    """A loss that reads the batch itself (a distillation teacher embeds it): with
+    ``needs_inputs = True`` the trainer also passes ``images=`` and ``texts=`` keyword arguments."""
+
+    needs_inputs: bool
+
+
+@runtime_checkable
+class Preparable(Protocol):
+    """A loss with ``prepare(bundle)``: called once with the model being trained, before the first step."""
+
+    def prepare(self, bundle: EncoderBundle) -> None: ...
+
+
+@runtime_checkable
+class ReportsDetails(Protocol):
+    """An evaluator that leaves the data of its figures in ``details`` after ``evaluate``:
+    ``similarity`` (a matrix), ``recall_curve`` (``k``, ``image_retrieval``, ``text_retrieval``),
+    ``confusion`` with ``classes``. The evaluate stage draws and logs them."""
+
+    details: dict[str, Any]
+
+
+def reads_pixels(step: Any) -> bool:
+    """Whether a per-sample step looks at pixels: True unless it declares otherwise (:class:`DeclaresPixels`)."""
+    return step.reads_pixels if isinstance(step, DeclaresPixels) else True
+
+
+def needs_inputs(loss: Any) -> bool:
+    """Whether a loss reads the batch (:class:`NeedsInputs`)."""
+    return isinstance(loss, NeedsInputs) and bool(loss.needs_inputs)
+
+
+def check_template(template: str) -> str:
+    """A prompt template has exactly one kind of placeholder, ``{c}``, the class name; else ValueError."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:  # unbalanced braces
+        raise ValueError(f"template {template!r} is not a format string: {e}") from None
+    if fields != {"c"}:
+        raise ValueError(f"template {template!r} must contain '{{c}}' (the class name) and no other placeholder")
+    return template

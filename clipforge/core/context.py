@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from clipforge.core.results import StageResults
 
 if TYPE_CHECKING:
     from clipforge.core.plugins import PluginManager
@@ -15,9 +17,9 @@ if TYPE_CHECKING:
 class RunContext:
     """One retrain: its recipe, its folder on the store (``runs/<run_id>``), its MLflow run.
 
-    ``state`` carries what a stage hands to the next (the manifest URI, the checkpoint, the
-    metrics, the model version) and is saved as ``run.json`` in the run folder, so that a
-    stage run on its own (``clipforge run --stage evaluate --run-id ...``) finds its inputs.
+    ``state`` holds the typed result of each stage run so far (the curated shards, the trained
+    model, the metrics, the registered version) and is saved as ``run.json`` in the run folder,
+    so that a stage run on its own (``clipforge run --stage evaluate --run-id ...``) finds its inputs.
     """
 
     recipe: Recipe
@@ -25,7 +27,7 @@ class RunContext:
     run_id: str
     plugins: PluginManager
     mlflow_run_id: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: StageResults = field(default_factory=StageResults)
 
     @property
     def run_dir(self) -> str:
@@ -34,5 +36,10 @@ class RunContext:
     def save_state(self) -> None:
         self.store.write_json(
             f"{self.run_dir}/run.json",
-            {"run_id": self.run_id, "mlflow_run_id": self.mlflow_run_id, "recipe": self.recipe.as_dict(), "state": self.state},
+            {
+                "run_id": self.run_id,
+                "mlflow_run_id": self.mlflow_run_id,
+                "recipe": self.recipe.as_dict(),
+                "state": self.state.as_dict(),
+            },
         )

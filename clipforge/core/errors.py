@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
+from clipforge.core.kinds import noun
+
 
 class ClipforgeError(Exception):
     """Base of every error clipforge raises on purpose."""
-
-
-KIND_NOUNS = {
-    "encoders": "encoder",
-    "losses": "loss",
-    "datasets": "dataset",
-    "evaluators": "evaluator",
-    "curation_steps": "curation step",
-}
 
 
 class ConfigError(ClipforgeError):
@@ -27,8 +20,8 @@ class RecipeError(ConfigError):
         self.errors = errors
         self.source = source
         lines = "\n".join(f"  {path}: {msg}" if path else f"  {msg}" for path, msg in errors)
-        noun = "error" if len(errors) == 1 else "errors"
-        super().__init__(f"{source}: {len(errors)} {noun}\n{lines}")
+        count = "1 error" if len(errors) == 1 else f"{len(errors)} errors"
+        super().__init__(f"{source}: {count}\n{lines}")
 
 
 class UnknownComponentError(ConfigError):
@@ -37,7 +30,7 @@ class UnknownComponentError(ConfigError):
     def __init__(self, kind: str, name: str, available: list[str]):
         self.kind, self.name, self.available = kind, name, available
         names = ", ".join(sorted(available)) or "none"
-        super().__init__(f"unknown {KIND_NOUNS.get(kind, kind)} {name!r}; available: {names}")
+        super().__init__(f"unknown {noun(kind)} {name!r}; available: {names}")
 
 
 class DuplicateComponentError(ClipforgeError):
@@ -45,7 +38,7 @@ class DuplicateComponentError(ClipforgeError):
 
     def __init__(self, kind: str, name: str, first: str, second: str):
         super().__init__(
-            f"{KIND_NOUNS.get(kind, kind)} {name!r} is registered twice: "
+            f"{noun(kind)} {name!r} is registered twice: "
             f"by {first!r} and by {second!r}; disable one (CLIPFORGE_DISABLE_PLUGINS) or rename it"
         )
 

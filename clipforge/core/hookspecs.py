@@ -7,7 +7,11 @@ one fails the stage that called it (a notification that must never fail a run sh
 its own errors).
 
 ``context`` is a :class:`clipforge.core.context.RunContext`: the recipe, the store, the run id
-and folder, the MLflow run id, and a ``state`` dict stages share.
+and folder, the MLflow run id, and ``state``, the typed result of each stage run so far.
+
+What each kind's factories return, and the optional capabilities a component may declare, are
+the protocols of :mod:`clipforge.core.components`; :data:`clipforge.core.kinds.KINDS` ties each
+kind to its registration hook below.
 """
 
 from __future__ import annotations
@@ -42,9 +46,10 @@ def register_encoders(register: RegisterFn) -> None:
 def register_losses(register: RegisterFn) -> None:
     """Register training objectives.
 
-    Runs once, when the catalogs are first built. Each factory returns a ``torch.nn.Module``
-    called as ``loss(image_features, text_features, logit_scale, logit_bias=None)`` that returns
-    a scalar tensor or a dict with a ``"loss"`` key.
+    Runs once, when the catalogs are first built. Each factory returns a
+    :class:`~clipforge.ContrastiveLoss` (a ``torch.nn.Module``) called as ``loss(image_features,
+    text_features, logit_scale, logit_bias=None)`` that returns a scalar tensor or a dict with a
+    ``"loss"`` key; optionally :class:`~clipforge.NeedsInputs` and :class:`~clipforge.Preparable`.
     """
 
 
@@ -52,9 +57,10 @@ def register_losses(register: RegisterFn) -> None:
 def register_datasets(register: RegisterFn) -> None:
     """Register sources of image-text pairs.
 
-    Runs once, when the catalogs are first built. Each factory returns an iterable of
-    :class:`~clipforge.Sample`; a classification dataset also has ``classes`` (and may have
-    ``templates``, a list of prompt strings with ``{c}``).
+    Runs once, when the catalogs are first built. Each factory returns a
+    :class:`~clipforge.Dataset`, an iterable of :class:`~clipforge.Sample`; optionally a
+    :class:`~clipforge.ClassificationDataset` (``classes``), a :class:`~clipforge.TemplatedDataset`
+    (``templates``, prompts with ``{c}``) and a :class:`~clipforge.PartitionedDataset` (``parts()``).
     """
 
 
@@ -62,10 +68,11 @@ def register_datasets(register: RegisterFn) -> None:
 def register_evaluators(register: RegisterFn) -> None:
     """Register benchmarks.
 
-    Runs once, when the catalogs are first built. Each factory returns an object with
-    ``evaluate(bundle, dataset, device) -> dict[str, float]``; after it, an optional ``details``
-    dict attribute holds the data of its figures (``similarity``, ``recall_curve``, ``confusion``
-    with ``classes``), which the evaluate stage draws and logs.
+    Runs once, when the catalogs are first built. Each factory returns an
+    :class:`~clipforge.Evaluator`, ``evaluate(bundle, dataset, device) -> dict[str, float]``;
+    optionally :class:`~clipforge.ReportsDetails`: after ``evaluate``, ``details`` holds the data
+    of its figures (``similarity``, ``recall_curve``, ``confusion`` with ``classes``), which the
+    evaluate stage draws and logs.
     """
 
 
@@ -73,8 +80,10 @@ def register_evaluators(register: RegisterFn) -> None:
 def register_curation_steps(register: RegisterFn) -> None:
     """Register filters, scorers, deduplication and balancing steps.
 
-    Runs once, when the catalogs are first built. Each factory returns a callable that takes a
-    list of samples and returns one :class:`~clipforge.Verdict` per sample, in order.
+    Runs once, when the catalogs are first built. Each factory returns a per-sample
+    :class:`~clipforge.CurationStep` (a batch of samples in, one :class:`~clipforge.Verdict` per
+    sample out, in order), optionally :class:`~clipforge.DeclaresPixels`, or a
+    :class:`~clipforge.WholeDatasetStep` (``features`` per part, then one ``decide`` over all).
     """
 
 
@@ -88,7 +97,9 @@ def before_stage(stage: str, context: RunContext) -> None:
 
 @hookspec
 def after_stage(stage: str, context: RunContext, result: Any) -> None:
-    """Called after a stage finished without error, with what the stage returned."""
+    """Called after a stage finished without error and its result was saved, with that typed result
+    (:class:`~clipforge.CurateResult`, :class:`~clipforge.TrainResult`, :class:`~clipforge.EvaluateResult`
+    or :class:`~clipforge.RegisterResult`)."""
 
 
 @hookspec
@@ -110,6 +121,6 @@ def after_evaluation(context: RunContext, metrics: dict[str, float]) -> None:
 def after_model_registered(context: RunContext, model_version: Any) -> None:
     """Called after the register stage created a model version (an MLflow ``ModelVersion``).
 
-    ``context.state["promoted"]`` says whether it took the ``champion`` alias. The place for
-    notifications.
+    ``context.state.register`` (a :class:`~clipforge.RegisterResult`) says whether it took the
+    ``champion`` alias and why. The place for notifications.
     """

@@ -14,8 +14,8 @@ import pluggy
 
 from clipforge.core import hookspecs
 from clipforge.core.catalog import Catalog
-from clipforge.core.components import KINDS
 from clipforge.core.errors import DuplicateComponentError
+from clipforge.core.kinds import KINDS
 
 ENTRY_POINT_GROUP = "clipforge"
 # Named by string so that the core imports nothing from the rest of the package.
@@ -99,8 +99,7 @@ class PluginManager(pluggy.PluginManager):
         unknown = sorted(
             caller.name
             for caller in self.get_hookcallers(plugin) or []
-            if not caller.has_spec()
-            and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+            if not caller.has_spec() and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
         )
         if unknown:
             self.unregister(plugin)
@@ -109,9 +108,7 @@ class PluginManager(pluggy.PluginManager):
     def add_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object at run time (tests, notebooks); the catalogs are rebuilt."""
         self._register_checked(plugin, name)
-        self.infos[name] = PluginInfo(
-            name, "-", "-", False, hooks=sorted(c.name for c in self.get_hookcallers(plugin) or [])
-        )
+        self.infos[name] = PluginInfo(name, "-", "-", False, hooks=sorted(c.name for c in self.get_hookcallers(plugin) or []))
         self._catalog = None
 
     @property
@@ -125,20 +122,20 @@ class PluginManager(pluggy.PluginManager):
         catalog = Catalog()
         for info in self.infos.values():
             info.components = {}
-        for kind in KINDS:
-            caller = getattr(self.hook, f"register_{kind}")
+        for kind in KINDS.values():
+            caller = getattr(self.hook, kind.hook)
             for impl in reversed(caller.get_hookimpls()):  # registration order
                 info = self.infos[impl.plugin_name]
-                before = set(catalog.names(kind))
+                before = set(catalog.names(kind.name))
                 try:
-                    impl.function(register=catalog.registrar(kind, impl.plugin_name))
+                    impl.function(register=catalog.registrar(kind.name, impl.plugin_name))
                 except DuplicateComponentError:
                     raise
                 except Exception as e:
-                    info.error = f"register_{kind}: {type(e).__name__}: {e}"
-                added = sorted(set(catalog.names(kind)) - before)
+                    info.error = f"{kind.hook}: {type(e).__name__}: {e}"
+                added = sorted(set(catalog.names(kind.name)) - before)
                 if added:
-                    info.components[kind] = added
+                    info.components[kind.name] = added
         return catalog
 
 

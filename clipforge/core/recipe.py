@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -12,7 +13,9 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipforge.core.errors import ConfigError, RecipeError
+from clipforge.core.catalog import Catalog
+from clipforge.core.errors import ConfigError, RecipeError, UnknownComponentError
+from clipforge.core.kinds import KINDS
 
 
 class _Strict(BaseModel):
@@ -93,7 +96,8 @@ class TrainConfig(_Strict):
         None, description="steps between checkpoints; one is always written at the end"
     )
     accum_steps: Annotated[int, Field(gt=0)] = Field(
-        1, description="micro-batches per optimizer step; the loss sees the whole accumulated batch (open_clip_train's accum_freq)"
+        1,
+        description="micro-batches per optimizer step; the loss sees the whole accumulated batch (open_clip_train's accum_freq)",
     )
     grad_checkpointing: bool = False
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU)")
@@ -164,25 +168,33 @@ class Recipe(_Strict):
 
 
 def component_entries(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """The component entries of a recipe's raw data, skipping what is malformed (validation reports that)."""
-    out: list[tuple[str, str, dict[str, Any]]] = []
+    """The component entries of a recipe's raw data as ``(kind, field path, entry)``, in the order the
+    recipe lists them, the host's own fields left out; what is malformed is skipped (validation reports it)."""
+    data = {**data, "loss": data.get("loss", {"type": "clip"})}  # the default loss is checked too
+    found: list[tuple[tuple[int, ...], str, str, dict[str, Any]]] = []
+    for kind in KINDS.values():
+        for pattern in kind.recipe_fields:
+            for position, path, entry in _walk(data, pattern.split("."), (), ""):
+                if isinstance(entry, dict) and isinstance(entry.get("type"), str):
+                    fields = {k: v for k, v in entry.items() if k not in kind.host_fields}
+                    found.append((position, kind.name, path, fields))
+    return [(kind, path, entry) for _, kind, path, entry in sorted(found, key=lambda f: f[0])]
 
-    def add(kind: str, path: str, entry: Any, drop: tuple[str, ...] = ()) -> None:
-        if isinstance(entry, dict) and isinstance(entry.get("type"), str):
-            out.append((kind, path, {k: v for k, v in entry.items() if k not in drop}))
 
-    data_section = data.get("data") if isinstance(data.get("data"), dict) else {}
-    add("datasets", "data.train", data_section.get("train"))
-    add("datasets", "data.eval", data_section.get("eval"))
-    for i, c in enumerate(data.get("curation") or [] if isinstance(data.get("curation"), list) else []):
-        add("curation_steps", f"curation.{i}", c)
-    add("encoders", "model", data.get("model"))
-    add("losses", "loss", data.get("loss", {"type": "clip"}))
-    for i, ev in enumerate(data.get("evaluation") or [] if isinstance(data.get("evaluation"), list) else []):
-        add("evaluators", f"evaluation.{i}", ev, drop=("dataset", "name"))
-        if isinstance(ev, dict):
-            add("datasets", f"evaluation.{i}.dataset", ev.get("dataset"))
-    return out
+def _walk(node: Any, parts: list[str], position: tuple[int, ...], path: str) -> Iterator[tuple[tuple[int, ...], str, Any]]:
+    """What ``parts`` (``*``: every list item or mapping value) names under ``node``, with its
+    position in the document (for ordering) and its dotted path."""
+    if not parts:
+        yield position, path, node
+        return
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, dict):
+        keys = list(node) if head == "*" else [head] if head in node else []
+        for key in keys:
+            yield from _walk(node[key], rest, (*position, list(node).index(key)), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list) and head == "*":
+        for i, item in enumerate(node):
+            yield from _walk(item, rest, (*position, i), f"{path}.{i}")
 
 
 def builtin_recipe(name: str) -> Path:
@@ -240,7 +252,12 @@ def _child(node: Any, part: str, path: str, item: str) -> Any:
 
 
 # Sections whose fields --set may add although the file leaves them at their defaults.
-_SECTIONS = {"storage": StorageConfig, "train": TrainConfig, "registry": RegistryConfig, "parallel": ParallelConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "storage": StorageConfig,
+    "train": TrainConfig,
+    "registry": RegistryConfig,
+    "parallel": ParallelConfig,
+}
 
 
 def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:
@@ -256,7 +273,7 @@ def load_recipe(
     source: str | Path | dict[str, Any],
     overrides: list[str] | tuple[str, ...] = (),
     *,
-    catalog=None,
+    catalog: Catalog | None = None,
     check_components: bool = True,
 ) -> Recipe:
     """Read, override and validate a recipe; raise :class:`RecipeError` with every error and its path.
@@ -279,9 +296,10 @@ def load_recipe(
 
             catalog = get_plugin_manager().catalog
         errors += check_components_of(data, catalog)
+        errors += _check_curation_order(data, catalog)
     if recipe is not None:
         errors += _check_promotion(recipe)
-    if errors:
+    if errors or recipe is None:
         raise RecipeError(errors, source=label)
     return recipe
 
@@ -303,10 +321,8 @@ def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
     ]
 
 
-def check_components_of(data: dict[str, Any], catalog) -> list[tuple[str, str]]:
+def check_components_of(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:
     """Validate every component entry of a recipe's raw data against its registered params, with full paths."""
-    from clipforge.core.errors import UnknownComponentError
-
     errors: list[tuple[str, str]] = []
     for kind, path, entry in component_entries(data):
         fields = dict(entry)
@@ -318,6 +334,32 @@ def check_components_of(data: dict[str, Any], catalog) -> list[tuple[str, str]]:
             continue
         _, errs = component.check(fields)
         errors += [(f"{path}.{p}" if p else path, msg) for p, msg in errs]
+    return errors
+
+
+def _check_curation_order(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:
+    """Per-sample steps run in parallel before the whole-dataset steps decide: a recipe listing one
+    after the other is refused, naming both (told without building the steps, see
+    :meth:`~clipforge.core.catalog.Component.whole_dataset`)."""
+    steps = data.get("curation")
+    first_whole: tuple[int, str] | None = None
+    errors = []
+    for i, entry in enumerate(steps if isinstance(steps, list) else []):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("type"), str) and entry["type"] in catalog.names("curation_steps")
+        ):
+            continue  # malformed or unknown: reported by the other checks
+        whole = catalog.get("curation_steps", entry["type"]).whole_dataset({k: v for k, v in entry.items() if k != "type"})
+        if whole and first_whole is None:
+            first_whole = (i, entry["type"])
+        elif whole is False and first_whole is not None:
+            errors.append(
+                (
+                    "curation",
+                    f"curation.{i} ({entry['type']}) decides sample by sample and must come before "
+                    f"curation.{first_whole[0]} ({first_whole[1]}), which decides over the whole dataset",
+                )
+            )
     return errors
 
 

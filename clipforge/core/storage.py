@@ -7,58 +7,20 @@ by size; transient errors are retried with exponential backoff.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import logging
 import os
 import posixpath
-import random
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from clipforge.core.retry import retry
 from clipforge.core.secrets import resolve_env_refs
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-_TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-
-
-def is_transient(e: BaseException) -> bool:
-    """A connection drop, a timeout, throttling or a 5xx answer: worth retrying."""
-    if isinstance(e, _TRANSIENT):
-        return True
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    # s3fs/botocore surface throttling and 5xx answers as OSError subclasses or botocore errors
-    text = f"{type(e).__name__} {e}"
-    return any(s in text for s in ("503", "500", "502", "504", "SlowDown", "Throttl", "Timeout", "Connection"))
-
-
-def retry(fn: Callable[..., T], attempts: int = 5, base_delay: float = 0.2) -> Callable[..., T]:
-    """Retry ``fn`` on transient storage errors, with jittered exponential backoff."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                if attempt == attempts or not is_transient(e):
-                    raise
-                delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
-                log.warning("storage: %s failed (%s); retry %d/%d in %.1fs", fn.__name__, e, attempt, attempts - 1, delay)
-                time.sleep(delay)
-
-    return wrapper
-
 
 #: botocore's "standard" retry mode retries 5xx answers, throttling (SlowDown) and connection errors
 #: with jittered exponential backoff; the Store's own :func:`retry` wraps whole operations on top.

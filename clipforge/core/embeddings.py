@@ -1,4 +1,4 @@
-"""Embeddings the evaluators share: L2-normalised image and text features, computed in batches.
+"""Embeddings evaluators (built-in or not) compute and share: L2-normalised image and text features, computed in batches.
 
 Both functions return float32 CPU tensors, whatever the model's device and dtype, so that the
 metrics code sees one kind of input.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-import clipforge
 from clipforge.core.components import EncoderBundle, Sample
+from clipforge.core.errors import ConfigError
 
 
 def load_image(image: Any, key: str = "?") -> Image.Image:
@@ -34,11 +34,9 @@ def load_image(image: Any, key: str = "?") -> Image.Image:
             image = Image.open(io.BytesIO(image))
             image.load()
         except Exception as e:  # PIL raises several kinds on corrupt data
-            raise clipforge.ConfigError(f"sample {key!r}: cannot decode its image: {e}") from e
+            raise ConfigError(f"sample {key!r}: cannot decode its image: {e}") from e
     if not isinstance(image, Image.Image):
-        raise clipforge.ConfigError(
-            f"sample {key!r}: image must be a PIL image or encoded bytes, got {type(image).__name__}"
-        )
+        raise ConfigError(f"sample {key!r}: image must be a PIL image or encoded bytes, got {type(image).__name__}")
     return image.convert("RGB")
 
 
@@ -92,7 +90,9 @@ def _embed_images(
             chunks.append(F.normalize(features.float(), dim=-1).cpu())
             batch.clear()
 
-        for sample in tqdm(samples, desc=desc, total=_len(samples), unit="img", disable=None):
+        for sample in tqdm(
+            samples, desc=desc, total=len(samples) if isinstance(samples, Sized) else None, unit="img", disable=None
+        ):
             if check is not None:
                 check(sample)
             batch.append(bundle.preprocess_val(load_image(sample.image, sample.key)))
@@ -104,9 +104,7 @@ def _embed_images(
     return (torch.cat(chunks) if chunks else torch.empty(0, 0)), kept
 
 
-def embed_texts(
-    bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts"
-) -> torch.Tensor:
+def embed_texts(bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts") -> torch.Tensor:
     """Normalised text embeddings ``(len(texts), D)``; within :func:`shared_embeddings`, once per model and text list."""
     cache = _CACHE.get()
     key = (id(bundle.model), tuple(texts))
@@ -151,7 +149,7 @@ def shared_embeddings() -> Iterator[EmbeddingCache]:
 
 
 @contextmanager
-def _inference(model: torch.nn.Module, device: str) -> Iterator[tuple[torch.nn.Module, torch.dtype]]:
+def _inference(model: Any, device: str) -> Iterator[tuple[Any, torch.dtype]]:
     """``model`` on ``device`` in eval mode without gradients; its train/eval mode is restored after."""
     was_training = model.training
     model.to(device).eval()
@@ -162,10 +160,3 @@ def _inference(model: torch.nn.Module, device: str) -> Iterator[tuple[torch.nn.M
             yield model, dtype
     finally:
         model.train(was_training)
-
-
-def _len(samples: Iterable[Any]) -> int | None:
-    try:
-        return len(samples)  # type: ignore[arg-type]
-    except TypeError:
-        return None

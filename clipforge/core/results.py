@@ -1,0 +1,131 @@
+"""What each stage hands to the next: typed results, saved in the run's ``run.json`` for resumes
+and given to the ``after_stage`` hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Shard(_Result):
+    """A curated tar shard on the store: its path under the store's root, its samples, its sha256."""
+
+    path: str
+    samples: int
+    sha256: str
+
+
+class StepCounts(_Result):
+    """What one curation step saw, kept and dropped, with the count of each drop reason."""
+
+    seen: int = 0
+    kept: int = 0
+    dropped: int = 0
+    reasons: dict[str, int] = Field(default_factory=dict)
+
+
+class CurateResult(_Result):
+    """The curated data: shards and a manifest (one row per input key) under ``out``."""
+
+    out: str
+    input: int
+    kept: int
+    parts: int
+    funnel: dict[str, StepCounts]
+    shards: list[Shard]
+    manifest: str
+    manifest_uri: str
+    content_hash: str = Field(description="sha256 over every verdict and shard: the data's identity in lineage tags")
+    seconds: float
+    pairs_per_s: float | None = None
+    reused: bool = Field(False, description="an identical earlier curation was reused")
+
+
+class TrainResult(_Result):
+    """The trained model (an open_clip folder under ``model``) and how it was trained."""
+
+    steps: int
+    epochs: int
+    pairs: int
+    final_loss: float | None
+    samples_per_s: float | None
+    seconds: float
+    resumed_from: str | None = None
+    init_from: str | None = Field(None, description="the warm start, pinned (an alias as the version it pointed at)")
+    weight_average_alpha: float | None = None
+    world_size: int = 1
+    checkpoint: str
+    model: str
+    model_uri: str
+    device: str
+    precision: str
+    reused: bool = Field(False, description="an identical earlier training was reused")
+    key: str = Field("", description="what the training depends on (data, model, loss, settings)")
+
+
+class EvaluateResult(_Result):
+    """Metrics ``eval/<evaluator>/<metric>`` (``eval/<set>/<evaluator>/<metric>`` with named sets)."""
+
+    metrics: dict[str, float]
+    metrics_uri: str
+
+
+class RegisterResult(_Result):
+    """The registered version and the promotion decision."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    previous_champion: str | None
+    model_uri: str
+    metric: str | None
+    value: float | None
+    reason: str
+    champion_report: dict[str, int] = Field(default_factory=dict, description="wins per side over every metric")
+
+
+#: The result type of each stage, in the order a retrain runs them.
+RESULT_TYPES: dict[str, type[BaseModel]] = {
+    "curate": CurateResult,
+    "train": TrainResult,
+    "evaluate": EvaluateResult,
+    "register": RegisterResult,
+}
+
+
+@dataclass
+class StageResults:
+    """The results of a run's stages so far; a stage not yet run is None."""
+
+    curate: CurateResult | None = None
+    train: TrainResult | None = None
+    evaluate: EvaluateResult | None = None
+    register: RegisterResult | None = None
+
+    def done(self) -> list[str]:
+        return [name for name in RESULT_TYPES if getattr(self, name) is not None]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).model_dump(mode="json") for name in self.done()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageResults:
+        results: dict[str, Any] = {
+            name: RESULT_TYPES[name].model_validate(value) for name, value in data.items() if name in RESULT_TYPES
+        }
+        return cls(**results)
+
+
+@dataclass(kw_only=True)
+class RetrainResult(StageResults):
+    """A retrain: its run id (its folder ``runs/<run_id>`` on the store), its MLflow run, each stage's result."""
+
+    run_id: str
+    mlflow_run_id: str
+    store: str
