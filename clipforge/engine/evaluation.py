@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from clipforge.core.catalog import Catalog
-from clipforge.core.checkpoint import load_open_clip_dir
-from clipforge.core.components import EncoderBundle
+from clipforge.core.components import EncoderBundle, ReportsDetails
+from clipforge.core.embeddings import shared_embeddings
 from clipforge.core.errors import ConfigError, StageError
 from clipforge.core.recipe import Recipe
-from clipforge.core.storage import Store
-from clipforge.engine.trainer import resolve_device
-
-
-def evaluate(recipe: Recipe, catalog: Catalog, store: Store, model_rel: str, *, device: str = "auto") -> dict[str, float]:
-    """Load the model folder ``model_rel`` from the store and run the recipe's evaluators on it."""
-    return evaluate_model(recipe, catalog, store, model_rel, device=device).metrics
-
-
-def evaluate_model(recipe: Recipe, catalog: Catalog, store: Store, model_rel: str, *, device: str = "auto") -> Evaluation:
-    """Like :func:`evaluate`, with the evaluators' figure data as well."""
-    if not recipe.evaluation:
-        return Evaluation({}, {})
-    dev = str(resolve_device(device))
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = load_open_clip_dir(store.get_dir(model_rel, tmp), device=dev)
-    return evaluate_bundle(recipe, catalog, bundle, dev)
+from clipforge.core.resolver import resolve_model
+from clipforge.engine.training.runtime import resolve_device
 
 
 @dataclass
@@ -40,13 +24,17 @@ class Evaluation:
     details: dict[str, dict[str, Any]]
 
 
+def evaluate(recipe: Recipe, catalog: Catalog, model: str, *, device: str = "auto") -> Evaluation:
+    """Run the recipe's evaluators on ``model``: any reference :func:`~clipforge.core.resolver.resolve_model`
+    takes (a registered model, a run's model folder on the store, a checkpoint, ...)."""
+    if not recipe.evaluation:
+        return Evaluation({}, {})
+    dev = str(resolve_device(device))
+    return evaluate_bundle(recipe, catalog, resolve_model(model, recipe.storage.options).load(dev), dev)
+
+
 def evaluate_bundle(recipe: Recipe, catalog: Catalog, bundle: EncoderBundle, device: str) -> Evaluation:
-    """Run every evaluator of the recipe on ``bundle``; a dataset's embeddings are computed once for all of them.
-
-    An evaluator may leave the data of its figures in a ``details`` dict attribute.
-    """
-    from clipforge.plugins.evaluators.embeddings import shared_embeddings
-
+    """Run every evaluator of the recipe on ``bundle``; a dataset's embeddings are computed once for all of them."""
     datasets: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -59,12 +47,11 @@ def evaluate_bundle(recipe: Recipe, catalog: Catalog, bundle: EncoderBundle, dev
             if key not in datasets:  # one dataset object per entry, shared by the evaluators that use it
                 datasets[key] = catalog.create("datasets", entry)
             evaluator = catalog.create("evaluators", ev.entry())
-            result = evaluator.evaluate(bundle, datasets[key], device)
-            for name, value in result.items():
+            for name, value in evaluator.evaluate(bundle, datasets[key], device).items():
                 value = float(value)
                 if not math.isfinite(value):
                     raise StageError(f"evaluation.{i} ({ev.label}): metric {name!r} is {value}")
                 metrics[f"eval/{ev.label}/{name}"] = value
-            if isinstance(getattr(evaluator, "details", None), dict) and evaluator.details:
+            if isinstance(evaluator, ReportsDetails) and evaluator.details:
                 details[ev.label] = evaluator.details
     return Evaluation(metrics, details)

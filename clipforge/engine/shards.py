@@ -52,7 +52,7 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
     key = sample.key
     if not isinstance(key, str) or not _KEY.match(key) or len(key) > 200:
         raise BadSample("invalid key")
-    captions = sample.caption if isinstance(sample.caption, list) else [sample.caption]
+    captions: list[Any] = sample.caption if isinstance(sample.caption, list) else [sample.caption]
     if not captions or any(c is None for c in captions):
         raise BadSample("missing caption")
     if any(isinstance(c, bytes) for c in captions):
@@ -71,7 +71,7 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
         if isinstance(image, (bytes, bytearray)):
             if not image:
                 raise BadSample("empty image file")
-            pil = Image.open(io.BytesIO(image))
+            pil: Image.Image = Image.open(io.BytesIO(image))
             ext = _FORMATS.get(pil.format or "")
             if ext:
                 data, loaded = bytes(image), False
@@ -174,7 +174,7 @@ class ShardWriter:
 
     def add(self, item: Decoded) -> None:
         s = item.sample
-        text = s.caption if isinstance(s.caption, str) else s.caption[0]
+        text = s.captions[0]
         meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
         for member in (
             _member(f"{s.key}.{item.ext}", item.image_bytes),
@@ -236,14 +236,6 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None:
             self.abort()
-
-
-def write_shard(store: Store, rel: str, items: list[Decoded]) -> dict[str, Any]:
-    """Write one tar shard atomically; return its path, sample count and sha256."""
-    with ShardWriter(store, rel) as writer:
-        for item in items:
-            writer.add(item)
-        return writer.close()
 
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,68 @@
+"""Curation: the recipe's steps over a dataset, in parts that run in parallel, with a verdict for every sample.
+
+Three phases, each resumable from what it left on the store:
+
+1. **parts** (parallel, :mod:`.parts`): each part of the dataset is decoded and passed through the
+   per-sample steps; what survives is staged as a tar shard, with the features the whole-dataset
+   steps need.
+2. **reduce** (once, :mod:`.reduce`): the whole-dataset steps (deduplication, balancing, top
+   fractions) decide over every surviving sample, from the features alone.
+3. **finalize** (parallel, :mod:`.finalize`): each part's survivors are resized to the model's
+   input size and written as the curated shards; one Parquet manifest holds every input key
+   and its verdict.
+
+:func:`curate` is the one sequence; the mapping function runs the parallel phases (the builtin
+``map`` in this process, or the curate flow's Prefect tasks on a task runner).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from clipforge.core.catalog import Catalog
+from clipforge.core.recipe import Recipe
+from clipforge.core.results import CurateResult
+from clipforge.core.storage import Store
+from clipforge.engine.curation.finalize import FinalizeJob, assemble, finalize_part
+from clipforge.engine.curation.parts import PartJob, PartResult, curate_part
+from clipforge.engine.curation.plan import DECODE_STEP, build_steps, curation_key, input_size, parts_of
+from clipforge.engine.curation.reduce import first_positions, reduce
+
+#: ``mapper(fn, jobs)`` gives ``fn(job)`` for each job, in order (the builtin ``map`` does).
+Mapper = Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]]
+
+
+def curate(
+    recipe: Recipe,
+    catalog: Catalog,
+    store: Store,
+    out: str,
+    *,
+    mapper: Mapper = map,
+    progress: bool = True,
+) -> CurateResult:
+    """Curate the recipe's training data under ``out`` (reused when ``out/summary.json`` exists)."""
+    from tqdm.auto import tqdm
+
+    if store.exists(f"{out}/summary.json"):
+        return CurateResult.model_validate(store.read_json(f"{out}/summary.json"))
+    start = time.perf_counter()
+    data = recipe.as_dict()
+    steps = build_steps(recipe, catalog)  # a recipe whose steps cannot be built fails here, before any work
+    jobs = [PartJob(recipe=data, store=store.url, out=out, index=i, entry=e) for i, e in enumerate(parts_of(recipe, catalog))]
+    # disable=None: a bar on terminals only
+    parts: list[PartResult] = list(tqdm(mapper(curate_part, jobs), total=len(jobs), desc="curate", unit="part",
+                                        disable=None if progress else True))  # fmt: skip
+    reduced = reduce(steps, store, out, parts)
+    firsts = first_positions(parts)
+    finals = [
+        FinalizeJob(recipe=data, store=store.url, out=out, index=i, first=firsts[i], drops=reduced.of_part(firsts[i], p.kept))
+        for i, p in enumerate(parts)
+    ]
+    shards = list(mapper(finalize_part, finals))
+    return assemble(recipe, store, out, parts, reduced, shards, firsts, time.perf_counter() - start)
+
+
+__all__ = ["DECODE_STEP", "Mapper", "curate", "curate_part", "curation_key", "finalize_part", "input_size", "parts_of"]

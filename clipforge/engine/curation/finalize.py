@@ -1,0 +1,140 @@
+"""Phase 3: each part's survivors, less the whole-dataset drops, resized and written as the curated
+shards (one task per part); then one manifest of every input key and a summary."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+from clipforge.core.components import Sample
+from clipforge.core.errors import StageError
+from clipforge.core.recipe import Recipe
+from clipforge.core.results import CurateResult, Shard
+from clipforge.core.storage import Store
+from clipforge.engine.curation.parts import Funnel, PartResult
+from clipforge.engine.curation.plan import DECODE_STEP, Job, input_size, part_dir, step_labels
+from clipforge.engine.curation.reduce import Drop, Reduced
+from clipforge.engine.shards import Decoded, ShardWriter, decode, iter_shard
+
+
+class FinalizeJob(Job):
+    """Write part ``index``'s curated shards: its survivors start at position ``first``; ``drops`` are its own."""
+
+    first: int
+    drops: list[Drop]
+
+
+def finalize_part(job: FinalizeJob) -> list[Shard]:
+    """A part's final shards: its staged survivors less the whole-dataset drops, resized to the model's input."""
+    recipe, _, store = job.open()
+    folder = part_dir(job.out, job.index)
+    if store.exists(f"{folder}/final.json"):
+        return [Shard.model_validate(s) for s in store.read_json(f"{folder}/final.json")]
+    size, shard_size = input_size(recipe), recipe.parallel.shard_size
+    dropped = {d.position for d in job.drops}
+    shards: list[Shard] = []
+    writer: ShardWriter | None = None
+    try:
+        for position, raw in enumerate(iter_shard(store, f"{folder}/staged.tar"), start=job.first):
+            if position in dropped:
+                continue
+            if writer is None:
+                writer = ShardWriter(store, f"{job.out}/shard-{job.index:06d}-{len(shards):03d}.tar")
+            item = decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]))
+            writer.add(_resized(item, size) if size else item)
+            if writer.samples >= shard_size:
+                shards.append(Shard.model_validate(writer.close()))
+                writer = None
+        if writer is not None:
+            shards.append(Shard.model_validate(writer.close()))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    store.write_json(f"{folder}/final.json", [s.model_dump() for s in shards])
+    return shards
+
+
+def _resized(item: Decoded, size: int) -> Decoded:
+    """Shorter side down to ``size`` (never up), re-encoded in the image's own format."""
+    from PIL import Image
+
+    image = item.sample.image
+    short = min(image.size)
+    if short <= size:
+        return item
+    scale = size / short
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    fmt = {"jpg": "JPEG", "webp": "WEBP"}.get(item.ext, "PNG")
+    image.save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    item.sample.image = image
+    return Decoded(item.sample, buf.getvalue(), item.ext)
+
+
+_SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
+           ("scores", "string"), ("shard", "string")]  # fmt: skip
+
+
+def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], reduced: Reduced,
+             shards: list[list[Shard]], firsts: list[int], seconds: float) -> CurateResult:  # fmt: skip
+    """One manifest (row group by row group, a part at a time) and the summary, from the three phases."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    funnel = Funnel([DECODE_STEP, *step_labels(recipe)])
+    for done in parts:
+        funnel.add(done.funnel)
+    funnel.add(reduced.funnel)
+    duplicate_keys = sum(1 for d in reduced.drops if d.step == DECODE_STEP)
+    if duplicate_keys:
+        funnel.drop(DECODE_STEP, "duplicate key", duplicate_keys)
+    digest = hashlib.sha256()
+    buf = io.BytesIO()
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _SCHEMA])
+    with pq.ParquetWriter(buf, schema) as writer:
+        for i, part_shards in enumerate(shards):
+            table = _final_rows(store, out, i, firsts[i], reduced.of_part(firsts[i], parts[i].kept), part_shards)
+            for r in range(len(table["key"])):
+                digest.update(f"{table['key'][r]}\t{table['kept'][r]}\t{table['step'][r]}\t{table['reason'][r]}\n".encode())
+            writer.write_table(pa.table(table, schema=schema))
+    store.write_bytes(f"{out}/manifest.parquet", buf.getvalue())
+    flat = [s for part in shards for s in part]
+    for shard in flat:
+        digest.update(shard.sha256.encode())
+    n_input = sum(p.input for p in parts)
+    if n_input == 0:
+        raise StageError(f"curate: the training dataset {recipe.data.train.type!r} yielded no samples")
+    summary = CurateResult(
+        out=out, input=n_input, kept=sum(s.samples for s in flat), parts=len(parts), funnel=funnel.counts(), shards=flat,
+        manifest=f"{out}/manifest.parquet", manifest_uri=store.uri(f"{out}/manifest.parquet"),
+        content_hash=digest.hexdigest(), seconds=round(seconds, 3),
+        pairs_per_s=round(n_input / seconds, 1) if seconds > 0 else None,
+    )  # fmt: skip
+    store.write_json(f"{out}/summary.json", summary.model_dump(mode="json"))  # last: marks a complete curation
+    return summary
+
+
+def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop], shards: list[Shard]) -> dict[str, list[Any]]:
+    """Part ``index``'s manifest rows with the whole-dataset drops applied and each kept pair's shard."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store.open(f"{part_dir(out, index)}/manifest.parquet")).to_pydict()
+    by_position = {d.position: d for d in drops}
+    names = iter([s.path for s in shards for _ in range(s.samples)])
+    table["shard"] = []
+    position = first
+    for r in range(len(table["key"])):
+        if table["kept"][r]:
+            drop = by_position.get(position)
+            position += 1
+            if drop:
+                table["kept"][r] = False
+                table["step"][r], table["reason"][r], table["detail"][r] = drop.step, drop.reason, drop.detail
+                scores = json.loads(table["scores"][r] or "{}")
+                scores.update({f"{drop.step}/{k}": v for k, v in drop.scores.items()})
+                table["scores"][r] = json.dumps(scores, sort_keys=True) if scores else ""
+        table["shard"].append(next(names) if table["kept"][r] else None)
+    return table

@@ -1,0 +1,113 @@
+"""What a curation is made of: its key on the store, its parts, its steps (built once per process)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from clipforge.core.catalog import Catalog
+from clipforge.core.components import CurationStep, PartitionedDataset, WholeDatasetStep
+from clipforge.core.errors import ConfigError
+from clipforge.core.plugins import get_plugin_manager
+from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.storage import Store
+
+FORMAT_VERSION = 2
+#: The first step of every funnel: reading and checking the raw sample.
+DECODE_STEP = "decode"
+
+
+def curation_key(recipe: Recipe) -> str:
+    """Curated data depends only on the training data, the steps and the image size: one folder per such set."""
+    spec = {
+        "v": FORMAT_VERSION,
+        "data": recipe.data.train.entry(),
+        "steps": [s.entry() for s in recipe.curation],
+        "size": input_size(recipe),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_size(recipe: Recipe) -> int | None:
+    """The model's input side in pixels, when the encoder entry says it (an open_clip config or arch name)."""
+    fields = recipe.model.fields
+    cfg = fields.get("config")
+    if cfg is None and isinstance(fields.get("arch"), str):
+        import open_clip
+
+        cfg = open_clip.get_model_config(fields["arch"])
+    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
+    return size if isinstance(size, int) else (max(size) if isinstance(size, (list, tuple)) else None)
+
+
+def step_labels(recipe: Recipe) -> list[str]:
+    labels = [s.type for s in recipe.curation]
+    if len(set(labels)) != len(labels):  # two steps of one type: number them so counts stay apart
+        labels = [f"{i}-{name}" for i, name in enumerate(labels)]
+    return labels
+
+
+class Steps:
+    """A recipe's curation steps, built: the per-sample ones (``local``) and the whole-dataset ones."""
+
+    def __init__(self, labelled: list[tuple[str, Any]]) -> None:
+        self.local = [(label, s) for label, s in labelled if not isinstance(s, WholeDatasetStep)]
+        self.whole = [(label, s) for label, s in labelled if isinstance(s, WholeDatasetStep)]
+
+
+def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
+    """The recipe's steps, built once per process and catalog (a scoring model is loaded once, not per part)."""
+    return _built(
+        catalog, json.dumps([(label, s.entry()) for label, s in zip(step_labels(recipe), recipe.curation)], default=str)
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _built(catalog: Catalog, entries: str) -> Steps:
+    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in json.loads(entries)]
+    first_whole = None
+    for i, (label, step) in enumerate(labelled):
+        if not isinstance(step, (CurationStep, WholeDatasetStep)):
+            raise ConfigError(
+                f"curation.{i} ({label}): the factory returned a {type(step).__name__}, neither a per-sample step "
+                "(callable on a batch) nor a whole-dataset step (features and decide)"
+            )
+        if isinstance(step, WholeDatasetStep):
+            first_whole = first_whole or (i, label)
+        elif first_whole:  # caught at validation unless the factory's shape depends on what it builds
+            raise ConfigError(
+                f"curation.{i} ({label}) decides sample by sample and must come before "
+                f"curation.{first_whole[0]} ({first_whole[1]}), which decides over the whole dataset"
+            )
+    return Steps(labelled)
+
+
+def parts_of(recipe: Recipe, catalog: Catalog) -> list[dict[str, Any]]:
+    """The dataset entries of the parts that run in parallel (the whole dataset where it cannot split)."""
+    entry = recipe.data.train.entry()
+    dataset = catalog.create("datasets", entry)
+    return dataset.parts() if isinstance(dataset, PartitionedDataset) else [entry]
+
+
+class Job(BaseModel):
+    """What a curation task needs, as plain data: it may run in another process or on another machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    recipe: dict[str, Any]
+    store: str  # the store's URL; its options are the recipe's
+    out: str
+    index: int
+
+    def open(self) -> tuple[Recipe, Catalog, Store]:
+        """The recipe, the catalog and the store, rebuilt in this process."""
+        catalog = get_plugin_manager().catalog
+        recipe = load_recipe(self.recipe, catalog=catalog)
+        return recipe, catalog, Store(self.store, recipe.storage.options)
+
+
+def part_dir(out: str, index: int) -> str:
+    return f"{out}/parts/part-{index:06d}"

@@ -1,0 +1,256 @@
+"""The training loop over a :class:`TrainState`: batches in, optimizer steps, checkpoints, the exported model."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clipforge.core.catalog import Catalog
+from clipforge.core.checkpoint import open_clip_config, save_open_clip_dir
+from clipforge.core.components import EncoderBundle, Preparable
+from clipforge.core.errors import StageError
+from clipforge.core.recipe import Recipe, TrainConfig
+from clipforge.core.results import Shard, TrainResult
+from clipforge.core.storage import Store
+from clipforge.engine.data import ShardPairs, steps_in_epoch
+from clipforge.engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from clipforge.engine.training.optim import create_optimizer, lr_at, set_lr
+from clipforge.engine.training.runtime import Runtime, cores_for_loader
+from clipforge.engine.training.state import TrainState
+from clipforge.engine.training.step import forward_backward
+from clipforge.engine.training.warm_start import warm_start, weight_average
+
+#: Called on rank 0 after every optimizer step with its metrics (``loss``, ``lr``, ``samples_per_s``, ...).
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def train(
+    recipe: Recipe,
+    catalog: Catalog,
+    store: Store,
+    out: str,
+    shards: list[Shard],
+    *,
+    on_step: StepCallback | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the recipe's model on curated ``shards``; checkpoints and the final model go under ``out``.
+
+    Resumes from the latest complete checkpoint under ``out``; ``out/result.json`` marks the
+    training complete. Under a multi-process launcher each process trains its slice of every
+    global batch of ``batch_size * world_size`` pairs with DDP; rank 0 writes the checkpoints
+    and the model, and calls ``on_step``.
+    """
+    if store.exists(f"{out}/result.json"):
+        return TrainResult.model_validate(store.read_json(f"{out}/result.json"))
+    runtime = Runtime.start(recipe.train)
+    with cores_for_loader(runtime.device, recipe.train.workers, runtime.world):
+        return Trainer.build(recipe, catalog, store, out, shards, runtime).run(on_step, progress)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many optimizer steps each epoch takes (every rank the same number)."""
+
+    per_epoch: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_epoch)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, steps already done in it) of the next step; past the end: (epochs, 0)."""
+        done = 0
+        for epoch, n in enumerate(self.per_epoch):
+            if step < done + n:
+                return epoch, step - done
+            done += n
+        return len(self.per_epoch), 0
+
+
+def plan_steps(shards: list[Shard], cfg: TrainConfig, world: int) -> Plan:
+    shard_sizes = [s.model_dump() for s in shards]
+    global_batch = cfg.batch_size * world
+    plan = Plan(
+        [steps_in_epoch(shard_sizes, cfg.seed, e, cfg.workers, global_batch) // cfg.accum_steps for e in range(cfg.epochs)]
+    )
+    if plan.total == 0:
+        raise StageError(
+            f"train: {sum(s.samples for s in shards)} curated pairs give no full batch of train.batch_size={cfg.batch_size}"
+            + (f" x {world} processes" if world > 1 else "")
+            + (f" x train.accum_steps={cfg.accum_steps}" if cfg.accum_steps > 1 else "")
+            + (f" per loader worker ({cfg.workers} workers)" if cfg.workers > 1 else "")
+            + "; lower the batch size or add data"
+        )
+    return plan
+
+
+@dataclass
+class Trainer:
+    """Everything one process trains with; :meth:`run` takes it from its :class:`TrainState` to the end."""
+
+    recipe: Recipe
+    store: Store
+    out: str
+    shards: list[Shard]
+    runtime: Runtime
+    bundle: EncoderBundle
+    trained: torch.nn.Module  # the model as the step runs it (wrapped in DDP with several processes)
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    state: TrainState
+    init_from: str | None
+    initial: dict[str, torch.Tensor] | None  # the starting weights, kept for WiSE-FT
+    resumed_from: str | None
+    clock: float = 0.0  # when the last step ended
+
+    @classmethod
+    def build(cls, recipe: Recipe, catalog: Catalog, store: Store, out: str, shards: list[Shard], runtime: Runtime) -> Trainer:
+        cfg = recipe.train
+        torch.manual_seed(cfg.seed)
+        bundle = catalog.create("encoders", recipe.model.entry())
+        model = bundle.model.to(runtime.device)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        loss_fn = catalog.create("losses", recipe.loss.entry()).to(runtime.device)
+        if isinstance(loss_fn, Preparable):
+            loss_fn.prepare(bundle)
+        plan = plan_steps(shards, cfg, runtime.world)
+        optimizer = create_optimizer(model, cfg, runtime.device)
+        init_from, initial = warm_start(model, cfg, store, out, recipe.storage.options, lead=runtime.lead)
+        resumed_from = latest_checkpoint(store, out)
+        state = load_checkpoint(store, resumed_from, model, optimizer, runtime.scaler) if resumed_from else TrainState()
+        return cls(recipe, store, out, shards, runtime, bundle, runtime.parallel(model), loss_fn, optimizer, plan, state,
+                   init_from, initial, resumed_from)  # fmt: skip
+
+    @property
+    def model(self) -> Any:  # the open_clip model itself (encode_image, logit_scale), never the DDP wrapper
+        return self.bundle.model
+
+    def run(self, on_step: StepCallback | None, progress: bool) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, state = self.recipe.train, self.state
+        # disable=None: a bar on terminals only, never in the logs of workers and CI
+        bar = tqdm(total=self.plan.total, initial=state.step, desc="train", unit="step",
+                   disable=None if (progress and self.runtime.lead) else True)  # fmt: skip
+        started = self.clock = time.perf_counter()
+        self.model.train()
+        self.loss_fn.train()
+        first_epoch, skip = self.plan.position(state.step)
+        for epoch in range(first_epoch, cfg.epochs):
+            for micro in self._batches(epoch, skip if epoch == first_epoch else 0):
+                metrics = self._step(micro, epoch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if on_step and self.runtime.lead:
+                    on_step(state.step, metrics)
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < self.plan.total:
+                    self._checkpoint()
+        bar.close()
+        return self._finish(time.perf_counter() - started)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The micro-batches of each remaining step of ``epoch``, on the device."""
+        cfg, device = self.recipe.train, self.runtime.device
+        pairs = ShardPairs(
+            self.store, [s.model_dump() for s in self.shards], self.bundle.preprocess_train, self.bundle.tokenizer,
+            seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size, workers=cfg.workers,
+            skip_batches=skip * cfg.accum_steps, rank=self.runtime.rank, world=self.runtime.world,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            pairs, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True,
+            pin_memory=device.type == "cuda",
+            # forked workers inherit the threads of Prefect and MLflow clients and die at exit
+            multiprocessing_context="forkserver" if cfg.workers else None,
+        )  # fmt: skip
+        batches = iter(loader)
+        for _ in range(self.plan.per_epoch[epoch] - skip):
+            micro = []
+            for _ in range(cfg.accum_steps):
+                try:
+                    images, tokens = next(batches)
+                except StopIteration:
+                    raise StageError(
+                        f"train: epoch {epoch + 1} ended before its {self.plan.per_epoch[epoch]} steps; the shards changed under the run?"
+                    ) from None
+                micro.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
+            yield micro
+
+    def _step(self, micro: list[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict[str, float]:
+        """One optimizer step over the accumulated micro-batches; returns its metrics."""
+        cfg, state, runtime = self.recipe.train, self.state, self.runtime
+        lr = lr_at(cfg, state.step, self.plan.total)
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = forward_backward(self.trained, self.loss_fn, micro, runtime.autocast, runtime.backward)
+        if not torch.isfinite(losses["loss"]):
+            last = latest_checkpoint(self.store, self.out)
+            raise StageError(
+                f"train: the loss is {losses['loss'].item()} at step {state.step + 1}; stopped"
+                + (f" (the last good checkpoint is {self.store.uri(last)})" if last else " before any checkpoint")
+            )
+        runtime.optimizer_step(self.optimizer, self.model, cfg.grad_clip)
+        with torch.no_grad():  # as open_clip: the temperature never exceeds 100
+            self.model.logit_scale.clamp_(0, math.log(100))
+        n = cfg.batch_size * runtime.world * cfg.accum_steps
+        state.step, state.epoch, state.samples = state.step + 1, epoch, state.samples + n
+        metrics = {
+            "loss": losses["loss"].item(),
+            **{k: v.item() for k, v in losses.items() if k != "loss"},
+            "lr": lr,
+            "logit_scale": self.model.logit_scale.exp().item(),
+            "samples_per_s": n / max(time.perf_counter() - self.clock, 1e-9),  # loading the batch included
+            "epoch": epoch + 1,
+        }
+        state.history.append({"step": state.step, **metrics})
+        self.clock = time.perf_counter()
+        return metrics
+
+    def _checkpoint(self) -> str | None:
+        """Rank 0 writes a checkpoint of the state; every rank waits for it."""
+        rel = None
+        if self.runtime.lead:
+            rel = save_checkpoint(self.store, self.out, self.state, self.model, self.optimizer, self.runtime.scaler,
+                                  open_clip_config(self.bundle))  # fmt: skip
+        self.runtime.barrier()
+        return rel
+
+    def _finish(self, seconds: float) -> TrainResult:
+        """The final checkpoint, WiSE-FT, the exported model and ``result.json`` (rank 0; the others read it)."""
+        if not self.runtime.lead:
+            self.runtime.barrier()  # rank 0 writes the final checkpoint and the model
+            return TrainResult.model_validate(self.store.read_json(f"{self.out}/result.json"))
+        cfg, state, store = self.recipe.train, self.state, self.store
+        state.epoch = cfg.epochs - 1
+        final = save_checkpoint(
+            store, self.out, state, self.model, self.optimizer, self.runtime.scaler, open_clip_config(self.bundle)
+        )
+        self.model.eval()
+        if self.initial is not None and cfg.weight_average is not None:
+            weight_average(self.model, self.initial, cfg.weight_average.alpha)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.bundle.model = self.model.cpu()
+            save_open_clip_dir(self.bundle, tmp, extra={"recipe": self.recipe.name, "steps": state.step})
+            model_uri = store.put_dir(tmp, f"{self.out}/model")
+        result = TrainResult(
+            steps=state.step, epochs=cfg.epochs, pairs=sum(s.samples for s in self.shards),
+            final_loss=state.history[-1]["loss"] if state.history else None,
+            samples_per_s=round(state.samples / seconds, 1) if state.samples else None, seconds=round(seconds, 2),
+            resumed_from=self.resumed_from, init_from=self.init_from,
+            weight_average_alpha=cfg.weight_average.alpha if cfg.weight_average else None, world_size=self.runtime.world,
+            checkpoint=final, model=f"{self.out}/model", model_uri=model_uri, device=str(self.runtime.device),
+            precision=self.runtime.precision,
+        )  # fmt: skip
+        store.write_bytes(f"{self.out}/history.json", json.dumps(state.history).encode())
+        store.write_json(f"{self.out}/result.json", result.model_dump(mode="json"))
+        self.runtime.barrier()
+        return result
