@@ -7,11 +7,11 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from clipforge.flows.common import STAGES  # noqa: E402
-from clipforge.flows.curate import curate_flow  # noqa: E402
-from clipforge.flows.evaluate import evaluate_flow  # noqa: E402
-from clipforge.flows.register import register_flow  # noqa: E402
-from clipforge.flows.retrain import retrain_flow  # noqa: E402
-from clipforge.flows.train import train_flow  # noqa: E402
+from clipforge.flows.common import STAGES
+from clipforge.flows.curate import curate_flow
+from clipforge.flows.evaluate import evaluate_flow
+from clipforge.flows.register import register_flow
+from clipforge.flows.retrain import retrain_flow
+from clipforge.flows.train import train_flow
 
 __all__ = ["STAGES", "curate_flow", "evaluate_flow", "register_flow", "retrain_flow", "train_flow"]

@@ -1,20 +1,29 @@
-"""Figures people would rather look at than numbers: the curation funnel, the loss curve."""
+"""Figures people would rather look at than numbers: the curation funnel, the loss curve, the
+evaluators' recall curves, similarity and confusion matrices.
+
+Figures are built with matplotlib's object API, not pyplot: no display backend, no global
+state to clean up on servers and workers.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
+from clipforge.core.results import StepCounts
 
 
-def funnel_figure(funnel: dict[str, dict[str, Any]]):
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def funnel_figure(funnel: dict[str, StepCounts]) -> Figure:
     steps = list(funnel)
-    kept = [funnel[s]["kept"] for s in steps]
-    dropped = [funnel[s]["dropped"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 0.6 * len(steps) + 1.5))
+    kept = [funnel[s].kept for s in steps]
+    dropped = [funnel[s].dropped for s in steps]
+    fig, ax = _figure(figsize=(6, 0.6 * len(steps) + 1.5))
     ax.barh(steps, kept, color="#4c72b0", label="kept")
     ax.barh(steps, dropped, left=kept, color="#dd8452", label="dropped")
     for i, (k, d) in enumerate(zip(kept, dropped)):
@@ -27,9 +36,9 @@ def funnel_figure(funnel: dict[str, dict[str, Any]]):
     return fig
 
 
-def loss_figure(history: list[dict[str, float]]):
+def loss_figure(history: list[dict[str, float]]) -> Figure:
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _figure(figsize=(6, 3.5))
     ax.plot(steps, [h["loss"] for h in history], color="#4c72b0", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -41,14 +50,10 @@ def loss_figure(history: list[dict[str, float]]):
     return fig
 
 
-def close(fig) -> None:
-    plt.close(fig)
-
-
-def similarity_figure(similarity: list[list[float]], title: str = "image-caption similarity"):
+def similarity_figure(similarity: list[list[float]], title: str = "image-caption similarity") -> Figure:
     """Cosine similarities of the first images (rows) with their captions (columns): a bright diagonal is good."""
     n = len(similarity)
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    fig, ax = _figure(figsize=(5.5, 4.8))
     im = ax.imshow(similarity, cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_xlabel(f"caption of image j (first {n})")
@@ -58,8 +63,8 @@ def similarity_figure(similarity: list[list[float]], title: str = "image-caption
     return fig
 
 
-def recall_curve_figure(curve: dict[str, list[float]], title: str = "recall@k"):
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+def recall_curve_figure(curve: dict[str, list[float]], title: str = "recall@k") -> Figure:
+    fig, ax = _figure(figsize=(5.5, 3.5))
     ax.plot(curve["k"], curve["image_retrieval"], marker=".", label="image retrieval (text -> image)")
     ax.plot(curve["k"], curve["text_retrieval"], marker=".", label="text retrieval (image -> text)")
     ax.set_xlabel("k")
@@ -72,14 +77,14 @@ def recall_curve_figure(curve: dict[str, list[float]], title: str = "recall@k"):
     return fig
 
 
-def confusion_figure(confusion: list[list[int]], classes: list[str], title: str = "confusion matrix"):
+def confusion_figure(confusion: list[list[int]], classes: list[str], title: str = "confusion matrix") -> Figure:
     """Rows: true class; columns: predicted class; each row normalised to the class's recall."""
     import numpy as np
 
     counts = np.asarray(confusion, dtype=float)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = min(12, 2.5 + 0.3 * len(classes))
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig, ax = _figure(figsize=(side + 1, side))
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, label="fraction of the true class")
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
@@ -91,12 +96,14 @@ def confusion_figure(confusion: list[list[int]], classes: list[str], title: str 
     return fig
 
 
-def evaluation_figures(details: dict[str, dict]) -> dict[str, object]:
+def evaluation_figures(details: dict[str, dict[str, Any]]) -> dict[str, Figure]:
     """Figures of the evaluators' details, by artifact path (``evaluation/<evaluator>/<figure>.png``)."""
     figures = {}
     for label, d in details.items():
         if d.get("similarity"):
-            figures[f"evaluation/{label}/similarity.png"] = similarity_figure(d["similarity"], f"{label}: image-caption similarity")
+            figures[f"evaluation/{label}/similarity.png"] = similarity_figure(
+                d["similarity"], f"{label}: image-caption similarity"
+            )
         if d.get("recall_curve"):
             figures[f"evaluation/{label}/recall_at_k.png"] = recall_curve_figure(d["recall_curve"], f"{label}: recall@k")
         if d.get("confusion"):

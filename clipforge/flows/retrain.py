@@ -9,67 +9,72 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from clipforge.core.results import RetrainResult
+from clipforge.flows import tracking
 from clipforge.flows.common import STAGES, new_run_id, open_context
 from clipforge.flows.curate import curate_flow
 from clipforge.flows.evaluate import evaluate_flow
 from clipforge.flows.register import register_flow
-from clipforge.flows.tracking import finish_mlflow_run, mlflow_run
 from clipforge.flows.train import train_flow
 
-STAGE_FLOWS = {"curate": curate_flow, "train": train_flow, "evaluate": evaluate_flow, "register": register_flow}
+STAGE_FLOWS: dict[str, Callable[[dict[str, Any], str], Any]] = {
+    "curate": curate_flow,
+    "train": train_flow,
+    "evaluate": evaluate_flow,
+    "register": register_flow,
+}
 
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(
     recipe: dict[str, Any],
     run_id: str | None = None,
-    stages: list[str] = list(STAGES),
+    stages: list[str] | None = None,
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
-) -> dict[str, Any]:
-    """Run the recipe's stages in order as subflows; with the ``run_id`` of a failed run, completed stages are skipped."""
+) -> RetrainResult:
+    """Run the recipe's ``stages`` (default: all) in order as subflows; with the ``run_id`` of a failed
+    run, completed stages are skipped."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     ctx = open_context(recipe, run_id)
     ctx.save_state()
-    run = mlflow_run(ctx, artifact_root)
-    client = MlflowClient()
-    if client.get_run(run).info.status != "RUNNING":
-        client.update_run(run, status="RUNNING")
+    run = tracking.mlflow_run(ctx, artifact_root)
+    tracking.mark_running(run)
     recipe_data = ctx.recipe.as_dict()
     try:
         for name in STAGES:
-            if name not in stages:
+            if stages is not None and name not in stages:
                 continue
-            if name in ctx.state:
+            if getattr(ctx.state, name) is not None:
                 print(f"{name}: already done in run {ctx.run_id}, skipped")
                 continue
-            STAGE_FLOWS[name](recipe_data, ctx.run_id)
-            ctx = open_context(ctx.recipe, ctx.run_id)
+            # each subflow saves its result in run.json; this flow keeps what it returns
+            setattr(ctx.state, name, STAGE_FLOWS[name](recipe_data, ctx.run_id))
     except BaseException as e:
-        finish_mlflow_run(run, e, traceback.format_exc())
+        tracking.finish_run(run, e, traceback.format_exc())
         with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
-            link_mlflow_run(client, run, ctx.run_id, failed=True)
+            link_mlflow_run(run, ctx.run_id, failed=True)
         raise
-    finish_mlflow_run(run)
-    link_mlflow_run(client, run, ctx.run_id)
-    return {"run_id": ctx.run_id, "mlflow_run_id": run, "store": ctx.store.uri(ctx.run_dir), **ctx.state}
+    tracking.finish_run(run)
+    link_mlflow_run(run, ctx.run_id)
+    return RetrainResult(run_id=ctx.run_id, mlflow_run_id=run, store=ctx.store.uri(ctx.run_dir), **vars(ctx.state))
 
 
-def link_mlflow_run(client: MlflowClient, run: str, run_id: str, failed: bool = False) -> None:
+def link_mlflow_run(run: str, run_id: str, failed: bool = False) -> None:
     """A Prefect artifact that leads from the flow run to its MLflow run (a link, or how to open a local store)."""
     from clipforge.registry import mlflow_ui_command
 
     uri = mlflow.get_tracking_uri()
-    experiment = client.get_run(run).info.experiment_id
+    experiment = tracking.experiment_of(run)
     fragment = f"#/experiments/{experiment}/runs/{run}"
     what = f"MLflow run of retrain {run_id}" + (" (failed: its error is in the run's tags and error.txt)" if failed else "")
     if uri.startswith(("http://", "https://")):
@@ -99,11 +104,11 @@ def flow_run_id_or_new() -> str:
 @flow(name="retrain-recipe", log_prints=True, retries=1, retry_delay_seconds=600)
 def retrain_recipe(
     recipe_path: str,
-    overrides: list[str] = [],
+    overrides: list[str] | None = None,
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
     run_id: str | None = None,
-) -> dict[str, Any]:
+) -> RetrainResult:
     """Retrain the recipe at ``recipe_path`` with ``overrides`` (``train.epochs=3``, ...): what deployments schedule.
 
     A failed attempt is retried once after 10 minutes; the retry continues the same run, so the
@@ -113,7 +118,7 @@ def retrain_recipe(
     from clipforge.core.recipe import load_recipe
     from clipforge.registry import default_tracking_uri
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, overrides or [])
     if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):  # as the command line: artifacts beside mlflow.db
         artifact_root = artifact_root or str(Path("mlartifacts").resolve())
     return retrain_flow(

@@ -1,19 +1,32 @@
-"""The one MLflow run of a retrain: opened by the first stage that needs it, closed by the retrain flow."""
+"""Everything the flows say to MLflow, in one module, each call retried the same way.
+
+A tracking server that restarts, or a SQLite store another retrain holds locked, is retried with
+backoff (:func:`clipforge.core.retry.retry`, on top of MLflow's own HTTP retries) instead of
+failing the run. Calls that create something (a run, a model version) first look for what an
+earlier attempt created, so that a retry never leaves a duplicate.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import mlflow
-from mlflow.tracking import MlflowClient
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models.model import ModelInfo
 
 import clipforge
+from clipforge import registry
 from clipforge.core.context import RunContext
-from clipforge.core.storage import is_transient
-from clipforge.registry import ensure_experiment
+from clipforge.core.retry import retry
+
+F = TypeVar("F", bound=Callable[..., Any])
+tracked: Callable[[F], F] = retry(attempts=5, base_delay=1.0)
 
 # Recipe fields that may carry secrets never become MLflow params.
 _PRIVATE = ("storage.options",)
@@ -35,40 +48,23 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Retry a tracking call only when the tracking server or database was briefly unavailable."""
-    try:
-        state.result()
-    except Exception as e:
-        return is_transient(e) or "database is locked" in str(e)
-    return False
-
-
-# Tracking I/O as Prefect tasks: a tracking server that restarts or a SQLite store another retrain
-# holds locked is retried with backoff (on top of MLflow's own HTTP retries) instead of failing the run.
-tracking_io = task(
-    retries=4,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_transient,
-    cache_policy=NO_CACHE,
-)
+# -- the run ----------------------------------------------------------------------------------
 
 
 def mlflow_run(ctx: RunContext, artifact_root: str | None = None) -> str:
     """The retrain's MLflow run id, creating the run (tags, params, recipe) the first time."""
     if ctx.mlflow_run_id:
         return ctx.mlflow_run_id
-    ctx.mlflow_run_id = create_mlflow_run(ctx, artifact_root)
+    ctx.mlflow_run_id = create_run(ctx, artifact_root)
     ctx.save_state()
     return ctx.mlflow_run_id
 
 
-@tracking_io
-def create_mlflow_run(ctx: RunContext, artifact_root: str | None = None) -> str:
+@tracked
+def create_run(ctx: RunContext, artifact_root: str | None = None) -> str:
     from prefect.runtime import flow_run
 
-    experiment_id = ensure_experiment(ctx.recipe.name, artifact_root)
+    experiment_id = registry.ensure_experiment(ctx.recipe.name, artifact_root)
     tags = {
         "clipforge.run_id": ctx.run_id,
         "clipforge.version": clipforge.__version__,
@@ -82,30 +78,22 @@ def create_mlflow_run(ctx: RunContext, artifact_root: str | None = None) -> str:
     # a retry after a partial success (or a crash before run.json was saved) finds the run it created
     earlier = client.search_runs([experiment_id], f"tags.`clipforge.run_id` = '{ctx.run_id}'", max_results=1)
     run = earlier[0] if earlier else client.create_run(experiment_id, run_name=ctx.run_id, tags=tags)
-    params = flat_params(ctx.recipe.as_dict())
-    items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+    items = [Param(k, v) for k, v in flat_params(ctx.recipe.as_dict()).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     client.log_text(run.info.run_id, ctx.recipe.to_yaml(), "recipe.yaml")
-    return run.info.run_id
+    return str(run.info.run_id)
 
 
-def log_figure(ctx: RunContext, fig, path: str) -> None:
-    from clipforge.flows.figures import close
-
-    try:
-        log_figure_to_run(mlflow_run(ctx), fig, path)
-    finally:
-        close(fig)
+@tracked
+def mark_running(run_id: str) -> None:
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
 
 
-@tracking_io
-def log_figure_to_run(run_id: str, fig, path: str) -> None:
-    MlflowClient().log_figure(run_id, fig, path)
-
-
-@tracking_io
-def finish_mlflow_run(run_id: str, error: BaseException | None = None, error_text: str = "") -> None:
+@tracked
+def finish_run(run_id: str, error: BaseException | None = None, error_text: str = "") -> None:
     """Mark the run FINISHED, or FAILED with the error as a tag and its traceback as ``error.txt``."""
     client = MlflowClient()
     if error is None:
@@ -114,3 +102,102 @@ def finish_mlflow_run(run_id: str, error: BaseException | None = None, error_tex
     client.set_tag(run_id, "clipforge.error", f"{type(error).__name__}: {error}"[:5000])
     client.log_text(run_id, error_text, "error.txt")
     client.set_terminated(run_id, status="FAILED")
+
+
+@tracked
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+@tracked
+def experiment_of(run_id: str) -> str:
+    return str(MlflowClient().get_run(run_id).info.experiment_id)
+
+
+@tracked
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+@tracked
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    registry.log_metrics(metrics, run_id=run_id)
+
+
+@tracked
+def log_dict(run_id: str, obj: Any, path: str) -> None:
+    MlflowClient().log_dict(run_id, obj, path)
+
+
+@tracked
+def log_text(run_id: str, text: str, path: str) -> None:
+    MlflowClient().log_text(run_id, text, path)
+
+
+@tracked
+def log_figure(run_id: str, fig: Figure, path: str) -> None:
+    """Log a matplotlib figure as a PNG artifact."""
+    MlflowClient().log_figure(run_id, fig, path)
+
+
+@tracked
+def log_model(run_id: str, model_dir: Path, card: str) -> ModelInfo:
+    """Log the open_clip folder, the model card and the pyfunc model in the run; return the logged model."""
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        (Path(tmp) / "MODEL_CARD.md").write_text(card)
+        mlflow.log_artifacts(str(model_dir), "open_clip_model")
+        mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"))
+        return registry.log_pyfunc_model(model_dir, name="model")
+
+
+class StepLogger:
+    """Sends each step's metrics to MLflow in batches, not one call a step.
+
+    The batches are logged in the background (MLflow's asynchronous logging), so that a slow
+    tracking server never holds up training; :meth:`close` waits until all of them are stored.
+    """
+
+    def __init__(self, run_id: str, every: int) -> None:
+        self.run_id, self.every = run_id, every
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.client = MlflowClient()
+        self.operations: list[Any] = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.append((step, metrics))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        items = [
+            Metric(registry.metric_key(f"train/{k}"), float(v), 0, step)
+            for step, metrics in self.pending
+            for k, v in metrics.items()
+        ]
+        for i in range(0, len(items), registry.MAX_METRICS_PER_BATCH):
+            batch = items[i : i + registry.MAX_METRICS_PER_BATCH]
+            self.operations.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Send what is pending and wait until MLflow stored every batch (raising what failed)."""
+        self.flush()
+        for operation in self.operations:
+            operation.wait()
+        self.operations.clear()
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+register_version: Callable[..., ModelVersion] = tracked(registry.register_version)
+promote_if_better: Callable[..., tuple[bool, str | None]] = tracked(registry.promote_if_better)
+set_champion: Callable[..., str | None] = tracked(registry.set_champion)
+champion_version: Callable[[str], str | None] = tracked(registry.champion_version)
+champion_metrics: Callable[[str], dict[str, float] | None] = tracked(registry.champion_metrics)
+
+
+@tracked
+def version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(MlflowClient().get_model_version(name, version).tags)

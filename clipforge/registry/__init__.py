@@ -21,9 +21,10 @@ from clipforge.registry.promotion import (
     rollback,
     set_champion,
 )
-from clipforge.registry.report import build_report, render_markdown
 from clipforge.registry.pyfunc import ClipEmbeddingModel, log_pyfunc_model
+from clipforge.registry.report import build_report, render_markdown
 from clipforge.registry.tracking import (
+    MAX_METRICS_PER_BATCH,
     default_tracking_uri,
     ensure_experiment,
     log_metrics,
@@ -32,10 +33,10 @@ from clipforge.registry.tracking import (
 )
 
 __all__ = [
+    "MAX_METRICS_PER_BATCH",
     "ClipEmbeddingModel",
-    "build_report",
-    "render_markdown",
     "PromotionError",
+    "build_report",
     "champion_metrics",
     "champion_version",
     "default_tracking_uri",
@@ -46,6 +47,7 @@ __all__ = [
     "mlflow_ui_command",
     "promote_if_better",
     "register_version",
+    "render_markdown",
     "render_model_card",
     "rollback",
     "set_champion",

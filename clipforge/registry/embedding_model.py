@@ -23,15 +23,16 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 #: The name of the artifact holding the open_clip ``local-dir:`` folder.
 OPEN_CLIP_ARTIFACT = "open_clip_model"
 
 
-class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
+class ClipEmbeddingModel(PythonModel):
     """Images or texts -> L2-normalized embeddings, with an open_clip ``local-dir:`` model."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         import open_clip
         import torch
 
@@ -41,15 +42,11 @@ class ClipEmbeddingModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts[OPEN_CLIP_ARTIFACT])
         self.embed_dim = int(json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"])
         name = f"local-dir:{folder}"
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, device=self.device, weights_only=True
-        )
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, device=self.device, weights_only=True)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
 
-    def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
-    ) -> np.ndarray:
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         import torch
 
         images, texts = _split_rows(model_input)

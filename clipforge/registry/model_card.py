@@ -8,9 +8,7 @@ from typing import Any
 import yaml
 
 
-def render_model_card(
-    *, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None
-) -> str:
+def render_model_card(*, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None) -> str:
     """Markdown describing the model ``model_name`` (version ``version`` once registered)."""
     recipe = _parse(recipe_yaml)
     title = f"# {model_name}" + (f" — version {version}" if version else "")

@@ -81,18 +81,29 @@ def register_version(
 
     The version is tagged with ``tags`` (lineage) and each metric as ``metric.<name>``.
     ``challenger`` moves only forward, so with concurrent registrations it ends on the newest.
+    Registering the same logged model of the same run again returns the version it already has.
     """
     client = MlflowClient()
     _ensure_registered_model(client, name)
     version_tags = {k: str(v) for k, v in tags.items()}
     version_tags.update({METRIC_TAG_PREFIX + metric_key(k): repr(float(v)) for k, v in metrics.items()})
-    version = client.create_model_version(
-        name,
-        source=model_uri,
-        run_id=run_id,
-        tags=version_tags,
-        await_creation_for=await_ready_s,
-        model_id=_logged_model_id(model_uri),
+    # a retried call whose first attempt reached the registry finds that version instead of adding one
+    earlier = (
+        [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'") if v.source == model_uri]
+        if run_id
+        else []
+    )
+    version = (
+        earlier[0]
+        if earlier
+        else client.create_model_version(
+            name,
+            source=model_uri,
+            run_id=run_id,
+            tags=version_tags,
+            await_creation_for=await_ready_s,
+            model_id=_logged_model_id(model_uri),
+        )
     )
     if version.status != "READY":  # the await above gives up silently when time runs out
         version = _wait_until_ready(client, name, version.version, await_ready_s)
@@ -262,9 +273,7 @@ def _metric_of(version: ModelVersion, metric: str) -> float:
         if value is not None:
             return float(value)
     known = sorted(k[len(METRIC_TAG_PREFIX) :] for k in version.tags if k.startswith(METRIC_TAG_PREFIX))
-    raise PromotionError(
-        f"{version.name} v{version.version} has no metric {metric!r}; it has: {', '.join(known) or 'none'}"
-    )
+    raise PromotionError(f"{version.name} v{version.version} has no metric {metric!r}; it has: {', '.join(known) or 'none'}")
 
 
 def _champion_state(client: MlflowClient, name: str) -> tuple[str | None, str]:

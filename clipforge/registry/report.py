@@ -83,9 +83,7 @@ def build_report(
     reason: str = "",
 ) -> dict[str, Any]:
     """The report as a JSON-able dict: who is compared, the rule, the decision, the rows, the tally."""
-    rows = compare(
-        challenger, champion, promote_metric=(rule or {}).get("metric"), promote_mode=(rule or {}).get("mode", "max")
-    )
+    rows = compare(challenger, champion, promote_metric=(rule or {}).get("metric"), promote_mode=(rule or {}).get("mode", "max"))
     tally = {w: sum(r["winner"] == w for r in rows) for w in ("challenger", "champion", "tie", "n/a")}
     return {
         "model": model_name,
@@ -110,7 +108,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Decision: {title} {verdict}. {decision['reason']}".rstrip()]
     if report["rule"]:
         r = report["rule"]
-        lines += ["", f"Rule: `{r['metric']}` ({r['mode']}), by more than {r['min_delta']}; the other metrics inform, they do not decide."]
+        lines += [
+            "",
+            f"Rule: `{r['metric']}` ({r['mode']}), by more than {r['min_delta']}; the other metrics inform, they do not decide.",
+        ]
     if champ is None:
         lines += ["", "There is no champion yet: nothing to compare against."]
     t = report["tally"]
