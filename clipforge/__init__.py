@@ -10,10 +10,19 @@ from clipforge.core.components import (
     ClassificationDataset,
     ContrastiveLoss,
     CurationStep,
+    Dataset,
+    DeclaresPixels,
     EncoderBundle,
     Evaluator,
+    NeedsInputs,
+    PartitionedDataset,
+    Preparable,
+    ReportsDetails,
     Sample,
+    ScopedParams,
+    TemplatedDataset,
     Verdict,
+    WholeDatasetStep,
 )
 from clipforge.core.context import RunContext
 from clipforge.core.errors import (
@@ -27,6 +36,8 @@ from clipforge.core.errors import (
 from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.resolver import ResolvedModel, resolve_model
+from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, RetrainResult, TrainResult
 from clipforge.core.storage import Store
 
 try:
@@ -41,22 +52,38 @@ __all__ = [
     "Component",
     "ConfigError",
     "ContrastiveLoss",
+    "CurateResult",
     "CurationStep",
+    "Dataset",
+    "DeclaresPixels",
     "DuplicateComponentError",
     "EncoderBundle",
+    "EvaluateResult",
     "Evaluator",
+    "NeedsInputs",
+    "PartitionedDataset",
     "PluginManager",
+    "Preparable",
     "Recipe",
     "RecipeError",
     "RegisterFn",
+    "RegisterResult",
+    "ReportsDetails",
+    "ResolvedModel",
+    "RetrainResult",
     "RunContext",
     "Sample",
+    "ScopedParams",
     "StageError",
     "Store",
+    "TemplatedDataset",
+    "TrainResult",
     "UnknownComponentError",
     "Verdict",
+    "WholeDatasetStep",
     "__version__",
     "get_plugin_manager",
     "hookimpl",
     "load_recipe",
+    "resolve_model",
 ]

@@ -12,13 +12,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from clipforge.core.errors import ClipforgeError, ConfigError
+
+if TYPE_CHECKING:
+    from clipforge.core.recipe import Recipe
+    from clipforge.core.results import RetrainResult
 
 console = Console(highlight=False, soft_wrap=True)  # commands and paths must stay copyable
 err = Console(stderr=True, highlight=False)
@@ -39,7 +43,7 @@ def _tracking(workdir: Path) -> tuple[str, str | None]:
     return uri, artifact_root
 
 
-def _run_retrain(recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> dict[str, Any]:
+def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> RetrainResult:
     import mlflow
 
     from clipforge.flows import retrain_flow
@@ -49,35 +53,34 @@ def _run_retrain(recipe, *, run_id: str | None, stages: list[str], workdir: Path
     return retrain_flow(recipe.as_dict(), run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
 
 
-def _report(result: dict[str, Any], workdir: Path, seconds: float) -> None:
+def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
     from clipforge.registry import mlflow_ui_command
 
-    metrics = result.get("evaluate", {}).get("metrics", {})
-    if metrics:
+    if result.evaluate and result.evaluate.metrics:
         table = Table(title="metrics", show_edge=False)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in sorted(metrics.items()):
+        for k, v in sorted(result.evaluate.metrics.items()):
             table.add_row(k, f"{v:.4f}")
         console.print(table)
-    cur, tr, reg = result.get("curate", {}), result.get("train", {}), result.get("register", {})
+    cur, tr, reg = result.curate, result.train, result.register
     if cur:
-        console.print(f"curated: {cur['kept']:,} of {cur['input']:,} pairs kept; manifest {cur['manifest_uri']}")
-        for step, counts in cur.get("funnel", {}).items():
-            for reason, n in counts["reasons"].items():
+        console.print(f"curated: {cur.kept:,} of {cur.input:,} pairs kept; manifest {cur.manifest_uri}")
+        for step, counts in cur.funnel.items():
+            for reason, n in counts.reasons.items():
                 console.print(f"  dropped by {step}: {n:,} x {reason}")
     if tr:
+        loss = f"{tr.final_loss:.4f}" if tr.final_loss is not None else "-"
         console.print(
-            f"trained: {tr['steps']} steps, final loss {tr['final_loss']:.4f}, "
-            f"{tr['samples_per_s']} samples/s on {tr['device']}; model {tr['model_uri']}"
+            f"trained: {tr.steps} steps, final loss {loss}, {tr.samples_per_s} samples/s on {tr.device}; model {tr.model_uri}"
         )
     if reg:
-        state = "champion" if reg["promoted"] else f"challenger (champion stays version {reg['previous_champion']})"
-        console.print(f"registered: {reg['model_name']} version {reg['version']} -> {state}")
-        console.print(f"load it:  mlflow.pyfunc.load_model('models:/{reg['model_name']}@champion')")
-    console.print(f"artifacts: {result['store']}")
+        state = "champion" if reg.promoted else f"challenger (champion stays version {reg.previous_champion})"
+        console.print(f"registered: {reg.model_name} version {reg.version} -> {state}")
+        console.print(f"load it:  mlflow.pyfunc.load_model('models:/{reg.model_name}@champion')")
+    console.print(f"artifacts: {result.store}")
     console.print(f"browse:    {mlflow_ui_command(_tracking(workdir)[0])}")
-    console.print(f"done in {seconds:.0f} s (run {result['run_id']})")
+    console.print(f"done in {seconds:.0f} s (run {result.run_id})")
 
 
 def cmd_demo(args) -> int:
@@ -148,7 +151,7 @@ def cmd_plugins(args) -> int:
     from clipforge.core.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    pm.catalog  # builds the catalogs, filling each plugin's components
+    catalog = pm.catalog  # built first: building fills each plugin's components
     infos = [i.as_dict() for i in pm.infos.values()]
     if args.json:
         print(json.dumps(infos, indent=2))
@@ -160,8 +163,7 @@ def cmd_plugins(args) -> int:
         for kind, names in i["components"].items():
             console.print(f"  {kind}: {', '.join(names)}")
     console.print()
-    catalog = pm.catalog
-    from clipforge.core.components import KINDS
+    from clipforge.core.kinds import KINDS
 
     for kind in KINDS:
         console.print(f"[bold]{kind}[/bold]: {', '.join(catalog.names(kind)) or '-'}")
@@ -235,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(sp)
     workdir(sp)
     sp = add("evaluate", cmd_evaluate, "evaluate a registered model or a checkpoint on a recipe's evaluators, without training")
-    sp.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a store URI")
+    sp.add_argument(
+        "model_uri", metavar="MODEL_URI", help="models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a store URI"
+    )
     sp.add_argument("--recipe", required=True, help="the recipe whose evaluation: section (and data.eval) to run")
     sp.add_argument("--device", help="default: the recipe's train.device")
     sp.add_argument("--output", help="also write the metrics to this JSON file")

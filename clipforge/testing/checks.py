@@ -11,11 +11,24 @@ import copy
 import math
 import numbers
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from clipforge.core.components import EncoderBundle, Sample, Verdict
+from clipforge.core.components import (
+    CurationStep,
+    EncoderBundle,
+    PartitionedDataset,
+    Preparable,
+    ReportsDetails,
+    Sample,
+    Verdict,
+    WholeDatasetStep,
+    check_template,
+    needs_inputs,
+    reads_pixels,
+)
+from clipforge.core.kinds import KINDS
 from clipforge.core.storage import Store
 from clipforge.testing.inputs import Features, tiny_dataset, tiny_encoder_bundle, tiny_features, tiny_samples
 
@@ -144,8 +157,11 @@ def check_encoder(bundle: Any, store: Store | None = None, *, name: str = "encod
             raise _fail(name, f"does not survive a save/load round trip: {type(e).__name__}: {e}") from e
         pixels2, image_emb2, text_emb2 = embed(loaded)
     if tuple(pixels2.shape) != tuple(pixels.shape) or not torch.allclose(pixels, pixels2, atol=1e-5):
-        raise _fail(name, "after a save/load round trip the images are preprocessed differently: "
-                    "preprocess_cfg (image_size, mean, std, interpolation, resize_mode) must describe preprocess_val")
+        raise _fail(
+            name,
+            "after a save/load round trip the images are preprocessed differently: "
+            "preprocess_cfg (image_size, mean, std, interpolation, resize_mode) must describe preprocess_val",
+        )
     for what, a, b in (("image", image_emb, image_emb2), ("text", text_emb, text_emb2)):
         if not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
             diff = (a - b).abs().max().item()
@@ -167,7 +183,6 @@ def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> li
     from itertools import islice
 
     from clipforge.engine.shards import BadSample, decode
-    from clipforge.plugins.evaluators.zero_shot import check_template
 
     if not isinstance(dataset, Iterable):
         raise _fail(name, f"must be iterable, got {type(dataset).__name__}")
@@ -193,9 +208,12 @@ def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> li
             raise _fail(name, f"sample {s.key!r} has meta of type {type(s.meta).__name__}, not a dict")
     again = [getattr(s, "key", None) for s in islice(iter(dataset), len(samples))]
     if again != [s.key for s in samples]:
-        raise _fail(name, "a second iteration yields other samples: a dataset must be re-iterable and deterministic "
-                    "(a generator is one-pass; return a fresh iterator from __iter__)")
-    if hasattr(dataset, "__len__"):
+        raise _fail(
+            name,
+            "a second iteration yields other samples: a dataset must be re-iterable and deterministic "
+            "(a generator is one-pass; return a fresh iterator from __iter__)",
+        )
+    if isinstance(dataset, Sized):
         n = len(dataset)
         if (exhausted and n != len(samples)) or (not exhausted and n <= limit):
             seen = f"{len(samples)}" if exhausted else f"more than {limit}"
@@ -215,7 +233,28 @@ def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> li
                 check_template(t)
             except ValueError as e:
                 raise _fail(name, str(e)) from None
+    if isinstance(dataset, PartitionedDataset):
+        _check_parts(dataset, [s.key for s in samples], name)
     return samples
+
+
+def _check_parts(dataset: PartitionedDataset, keys: list[str], name: str) -> None:
+    """A partitioned dataset's parts are dataset entries that, in order, yield the dataset's own samples."""
+    from itertools import chain, islice
+
+    from clipforge.core.plugins import get_plugin_manager
+
+    catalog = get_plugin_manager().catalog
+    parts = dataset.parts()
+    if not parts or not all(isinstance(p, Mapping) and isinstance(p.get("type"), str) for p in parts):
+        raise _fail(name, f"parts() must return dataset entries ({{'type': name, ...}}), got {parts!r:.200}")
+    try:
+        built = [catalog.create("datasets", dict(p)) for p in parts]
+    except Exception as e:
+        raise _fail(name, f"a part of parts() cannot be built: {type(e).__name__}: {e}") from e
+    again = [getattr(s, "key", None) for s in islice(chain.from_iterable(built), len(keys))]
+    if again != keys:
+        raise _fail(name, "its parts() together yield other samples than the dataset itself, or in another order")
 
 
 # -- evaluators -----------------------------------------------------------------------------
@@ -253,6 +292,8 @@ def check_evaluator(
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     if changed:
         raise _fail(name, f"evaluate() changed the model's weights ({', '.join(changed[:3])}...)")
+    if isinstance(evaluator, ReportsDetails) and not isinstance(evaluator.details, Mapping):
+        raise _fail(name, f"details must be a dict after evaluate(), got {type(evaluator.details).__name__}")
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -266,9 +307,7 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
 
     Default samples: :func:`tiny_samples`. Returns the verdicts.
     """
-    from clipforge.engine.curation import is_global
-
-    if not callable(step) and not is_global(step):
+    if not isinstance(step, (CurationStep, WholeDatasetStep)):
         raise _fail(name, f"must be callable on a list of samples (or have features and decide), got {type(step).__name__}")
     samples = list(samples) if samples is not None else tiny_samples()
     snapshot = [(s.key, copy.deepcopy(s.caption), s.label, copy.deepcopy(s.meta)) for s in samples]
@@ -288,7 +327,7 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
     empty = _judge(step, [], name)
     if empty:
         raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
-    if getattr(step, "reads_pixels", True) is False:
+    if not reads_pixels(step):
         _check_without_pixels(step, samples, verdicts, name)
     return verdicts
 
@@ -306,7 +345,9 @@ def _check_without_pixels(step: Any, samples: list[Sample], verdicts: list[Verdi
         opened.append(decode(Sample(s.key, buf.getvalue(), s.caption, s.label, dict(s.meta)), pixels=False).sample)
     again = _judge(step, opened, name)
     if [(v.keep, v.reason) for v in again] != [(v.keep, v.reason) for v in verdicts]:
-        raise _fail(name, "says reads_pixels = False but judges images only opened (size and mode known, pixels not decoded) differently")
+        raise _fail(
+            name, "says reads_pixels = False but judges images only opened (size and mode known, pixels not decoded) differently"
+        )
     if any(not s.image.tile for s in opened):  # PIL empties `tile` once it decoded the pixels
         raise _fail(name, "says reads_pixels = False but decoded the pixels of the images it judged")
 
@@ -314,12 +355,12 @@ def _check_without_pixels(step: Any, samples: list[Sample], verdicts: list[Verdi
 def _batch_inputs(loss: Any, batch_size: int) -> dict[str, Any]:
     """For a loss that ``needs_inputs`` (a distillation teacher reads the batch): tiny images and tokens,
     after ``prepare(bundle)`` as the trainer calls it."""
-    if not getattr(loss, "needs_inputs", False):
+    if not needs_inputs(loss):
         return {}
     import torch
 
     bundle = tiny_encoder_bundle()
-    if hasattr(loss, "prepare"):
+    if isinstance(loss, Preparable):
         loss.prepare(bundle)
     samples = list(tiny_dataset(batch_size))
     images = torch.stack([bundle.preprocess_val(s.image) for s in samples])
@@ -328,9 +369,7 @@ def _batch_inputs(loss: Any, batch_size: int) -> dict[str, Any]:
 
 def _judge(step: Any, samples: list[Sample], name: str) -> list[Any]:
     """Verdicts as the curate stage gets them: a call, or, for a whole-dataset step, features then a decision."""
-    from clipforge.engine.curation import is_global
-
-    if not is_global(step):
+    if not isinstance(step, WholeDatasetStep):
         return list(step(samples))
     features = step.features(samples)
     if len(features) != len(samples):
@@ -342,13 +381,8 @@ def _judge(step: Any, samples: list[Sample], name: str) -> list[Any]:
 
 # -- by name, through the catalog ----------------------------------------------------------
 
-CHECKS: dict[str, Callable[..., Any]] = {
-    "losses": check_loss,
-    "encoders": check_encoder,
-    "datasets": check_dataset,
-    "evaluators": check_evaluator,
-    "curation_steps": check_curation_step,
-}
+#: The check of each kind, by kind name (the table of kinds names them).
+CHECKS: dict[str, Callable[..., Any]] = {kind.name: globals()[kind.check] for kind in KINDS.values()}
 
 
 def components(kind: str, *, plugin: str | None = None, distribution: str | None = None) -> list[str]:
@@ -374,10 +408,9 @@ def check_component(kind: str, name: str, fields: dict[str, Any] | None = None, 
     """Build component ``name`` of ``kind`` from the catalog, as a recipe entry ``{type: name, **fields}``
     would, and run the check of its kind on it; ``inputs`` go to the check (``features=``,
     ``store=``, ``bundle=``, ``dataset=``, ``samples=``, ``limit=``)."""
-    from clipforge.core.errors import KIND_NOUNS
     from clipforge.core.plugins import get_plugin_manager
 
     if kind not in CHECKS:
         raise ValueError(f"unknown component kind {kind!r}; one of: {', '.join(CHECKS)}")
     component = get_plugin_manager().catalog.create(kind, {"type": name, **(fields or {})})
-    return CHECKS[kind](component, name=f"{KIND_NOUNS[kind]} {name!r}", **inputs)
+    return CHECKS[kind](component, name=f"{KINDS[kind].noun} {name!r}", **inputs)

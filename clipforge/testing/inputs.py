@@ -50,16 +50,21 @@ def tiny_features(batch_size: int = 8, dim: int = 16, *, logit_bias: bool = Fals
 
 def tiny_encoder_bundle(config: dict[str, Any] | None = None) -> EncoderBundle:
     """A randomly initialised open_clip model built from ``config`` (default :data:`TINY_ENCODER_CONFIG`)."""
-    from clipforge.plugins.encoders.open_clip import create_open_clip
+    from clipforge.core.plugins import get_plugin_manager
 
-    return create_open_clip(config=config or TINY_ENCODER_CONFIG)
+    bundle: EncoderBundle = get_plugin_manager().catalog.create(
+        "encoders", {"type": "open-clip", "config": config or TINY_ENCODER_CONFIG}
+    )
+    return bundle
 
 
 def tiny_dataset(size: int = 16, seed: int = 0):
     """A classification dataset with captions: ``synthetic-shapes`` at 32 px (has ``classes`` and ``templates``)."""
-    from clipforge.plugins.datasets.synthetic_shapes import SyntheticShapes
+    from clipforge.core.plugins import get_plugin_manager
 
-    return SyntheticShapes(size=size, seed=seed, image_size=32)
+    return get_plugin_manager().catalog.create(
+        "datasets", {"type": "synthetic-shapes", "size": size, "seed": seed, "image_size": 32}
+    )
 
 
 def tiny_samples(size: int = 8, seed: int = 0) -> list[Sample]:
@@ -71,8 +76,7 @@ def tiny_samples(size: int = 8, seed: int = 0) -> list[Sample]:
 
     samples = [decode(s).sample for s in tiny_dataset(size, seed)]
     if size >= 2:
-        samples[1].caption = samples[1].caption.split()[-1]
+        samples[1].caption = str(samples[1].caption).split()[-1]
     if size >= 3:
-        samples[2].caption = [samples[2].caption, f"{samples[2].caption} again"]
+        samples[2].caption = [*samples[2].captions, f"{samples[2].captions[0]} again"]
     return samples
-

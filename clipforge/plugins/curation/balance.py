@@ -55,7 +55,7 @@ class Balance:
         return sorted(found)
 
     def features(self, samples: Sequence[Sample]) -> list[list[int]]:
-        return [self.matches(s.caption if isinstance(s.caption, str) else " ".join(s.caption)) for s in samples]
+        return [self.matches(" ".join(s.captions)) for s in samples]
 
     def decide(self, keys: list[str], matches: list[list[int]]) -> list[Verdict]:
         counts = Counter(e for m in matches for e in m)
@@ -70,7 +70,9 @@ class Balance:
             out.append(
                 Verdict.kept(entries=float(len(entries)), head_count=float(head))
                 if kept
-                else Verdict.dropped("entry over its cap", detail=self.entries[max(entries, key=counts.__getitem__)], head_count=float(head))
+                else Verdict.dropped(
+                    "entry over its cap", detail=self.entries[max(entries, key=counts.__getitem__)], head_count=float(head)
+                )
             )
         return out
 

@@ -30,7 +30,7 @@ class CaptionLengthParams(BaseModel):
     @field_validator("max_words", "max_chars")
     @classmethod
     def _not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
-        low_name = "min_" + info.field_name.removeprefix("max_")
+        low_name = "min_" + str(info.field_name).removeprefix("max_")
         low = info.data.get(low_name)
         if value is not None and low is not None and value < low:
             raise ValueError(f"{info.field_name} ({value}) must be >= {low_name} ({low})")
@@ -75,13 +75,13 @@ class CaptionLength:
         words, chars = len(text.split()), len(text)
         scores = {"words": float(words), "chars": float(chars)}
         if words < self.min_words:
-            return Verdict.dropped(f"too few words ({words} < {self.min_words})", **scores)
+            return Verdict(False, f"too few words ({words} < {self.min_words})", scores)
         if self.max_words is not None and words > self.max_words:
-            return Verdict.dropped(f"too many words ({words} > {self.max_words})", **scores)
+            return Verdict(False, f"too many words ({words} > {self.max_words})", scores)
         if chars < self.min_chars:
-            return Verdict.dropped(f"too short ({chars} < {self.min_chars} chars)", **scores)
+            return Verdict(False, f"too short ({chars} < {self.min_chars} chars)", scores)
         if self.max_chars is not None and chars > self.max_chars:
-            return Verdict.dropped(f"too long ({chars} > {self.max_chars} chars)", **scores)
+            return Verdict(False, f"too long ({chars} > {self.max_chars} chars)", scores)
         return Verdict.kept(**scores)
 
 

@@ -1,7 +1,7 @@
 """``clip-score``: DataComp's CLIP-score filtering, by an absolute threshold or keeping the top fraction.
 
-The scoring model is a registered model (``models:/NAME@champion``: the current champion
-curates the next round's data) or an open_clip folder. LAION-5B kept ViT-B/32 scores >= 0.28;
+The scoring model is any model reference (``models:/NAME@champion``: the current champion
+curates the next round's data; a folder, a store URI, a checkpoint). LAION-5B kept ViT-B/32 scores >= 0.28;
 DataComp's best CLIP-score baseline kept the top 30 %.
 """
 
@@ -14,12 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
 from clipforge.core.components import Sample, Verdict
-from clipforge.plugins.curation.embedding import load_model, model_embeddings
+from clipforge.core.resolver import resolve_model
+from clipforge.plugins.curation.embedding import model_embeddings
 
 
 class ClipScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="models:/NAME@champion, models:/NAME/VERSION, or an open_clip folder")
+    model: str = Field(
+        description="the scoring model: models:/NAME@champion, models:/NAME/VERSION, runs:/..., a folder, s3://..., a checkpoint"
+    )
     threshold: float | None = Field(None, ge=-1.0, le=1.0, description="smallest cosine kept")
     fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep this top fraction of the scores")
     device: str = "cpu"
@@ -30,17 +33,28 @@ class ClipScoreParams(BaseModel):
             raise ValueError("give exactly one of 'threshold' (absolute) and 'fraction' (top fraction kept)")
         return self
 
+    def whole_dataset(self) -> bool:
+        """A top fraction is decided over the whole dataset; a threshold sample by sample."""
+        return self.fraction is not None
 
-class ClipScore:
-    """Per sample: cosine of the image and caption embeddings against ``threshold``."""
 
-    def __init__(self, model: str, threshold: float, device: str = "cpu"):
-        self.bundle = load_model(model, device)
-        self.threshold, self.device = threshold, device
+class _Scorer:
+    """Cosines of the image and caption embeddings of a scoring model."""
+
+    def __init__(self, model: str, device: str) -> None:
+        self.bundle, self.device = resolve_model(model).load(device), device
 
     def scores(self, samples: Sequence[Sample]) -> np.ndarray:
         images, texts = model_embeddings(self.bundle, samples, self.device)
         return (images * texts).sum(axis=1)
+
+
+class ClipScore(_Scorer):
+    """Per sample: the cosine against ``threshold``."""
+
+    def __init__(self, model: str, threshold: float, device: str = "cpu"):
+        super().__init__(model, device)
+        self.threshold = threshold
 
     def __call__(self, samples: Sequence[Sample]) -> list[Verdict]:
         return [
@@ -49,18 +63,18 @@ class ClipScore:
         ]
 
 
-class ClipScoreTop(ClipScore):
+class ClipScoreTop(_Scorer):
     """Over the whole dataset: the top ``fraction`` of scores is kept (ties broken by order)."""
 
     def __init__(self, model: str, fraction: float, device: str = "cpu"):
-        super().__init__(model, threshold=-1.0, device=device)
+        super().__init__(model, device)
         self.fraction = fraction
 
     def features(self, samples: Sequence[Sample]) -> list[float]:
         return [float(c) for c in self.scores(samples)]
 
     def decide(self, keys: list[str], scores: list[float]) -> list[Verdict]:
-        n_keep = int(round(self.fraction * len(scores)))
+        n_keep = round(self.fraction * len(scores))
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         keep = np.zeros(len(scores), dtype=bool)
         keep[order[:n_keep]] = True
@@ -70,9 +84,14 @@ class ClipScoreTop(ClipScore):
         ]
 
 
-def create_clip_score(model: str, threshold: float | None = None, fraction: float | None = None, device: str = "cpu"):
+def create_clip_score(
+    model: str, threshold: float | None = None, fraction: float | None = None, device: str = "cpu"
+) -> ClipScore | ClipScoreTop:
     """CLIP-score filtering by a scoring model: an absolute threshold, or the top fraction."""
-    return ClipScore(model, threshold, device) if fraction is None else ClipScoreTop(model, fraction, device)
+    if fraction is not None:
+        return ClipScoreTop(model, fraction, device)
+    assert threshold is not None  # ClipScoreParams asks for exactly one of the two
+    return ClipScore(model, threshold, device)
 
 
 @clipforge.hookimpl

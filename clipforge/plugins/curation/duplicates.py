@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
 from clipforge.core.components import Sample, Verdict
-from clipforge.plugins.curation.embedding import load_model, model_embeddings, thumbnails
+from clipforge.core.resolver import resolve_model
+from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
 
 
 class ExactParams(BaseModel):
@@ -37,7 +38,7 @@ class ExactDuplicates:
             h.update(f"{s.image.size}{s.image.mode}".encode())
             h.update(s.image.tobytes())
             if self.by == "image+caption":
-                caption = s.caption if isinstance(s.caption, str) else " | ".join(s.caption)
+                caption = " | ".join(s.captions)
                 h.update(re.sub(r"\W+", " ", caption).strip().lower().encode())
             out.append(h.hexdigest())
         return out
@@ -60,7 +61,9 @@ class NearParams(BaseModel):
     embedding: Literal["thumbnail", "model"] = Field(
         "thumbnail", description="pixel thumbnails (no model), or the image embeddings of `model`"
     )
-    model: str | None = Field(None, description="models:/NAME@champion or an open_clip folder, with embedding: model")
+    model: str | None = Field(
+        None, description="the embedding model, with embedding: model: models:/NAME@champion, a folder, s3://..., a checkpoint"
+    )
     neighbours: int = Field(8, ge=1, le=256, description="neighbours looked at per image")
     device: str = "cpu"
 
@@ -73,7 +76,7 @@ class NearDuplicates:
         if embedding == "model" and not model:
             raise clipforge.ConfigError("near-duplicates: embedding: model needs `model` (models:/NAME@champion or a folder)")
         self.threshold, self.neighbours, self.device = threshold, neighbours, device
-        self.bundle = load_model(model, device) if embedding == "model" else None
+        self.bundle = resolve_model(model).load(device) if embedding == "model" and model else None
 
     def features(self, samples: Sequence[Sample]) -> np.ndarray:
         if self.bundle is None:
@@ -109,10 +112,13 @@ def near_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n, d = x.shape
     k = min(k, n)
     nlist = int(min(3 * np.sqrt(n), n // 25))
+    index: Any
     if nlist <= 1:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
         index.by_residual = False  # the vectors themselves, not their offsets from a centroid: exact in float16
         index.cp.min_points_per_centroid = 25  # coarse centroids suffice to route near copies together
         index.cp.niter = 10

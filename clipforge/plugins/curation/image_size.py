@@ -32,9 +32,9 @@ class ImageSize:
             aspect = long / short if short else float("inf")
             scores = {"short_side": float(short), "aspect": aspect}
             if short < self.min_side:
-                out.append(Verdict.dropped(f"image too small ({short} < {self.min_side} px)", **scores))
+                out.append(Verdict(False, f"image too small ({short} < {self.min_side} px)", scores))
             elif self.max_aspect is not None and aspect > self.max_aspect:
-                out.append(Verdict.dropped(f"aspect ratio too large ({aspect:.1f} > {self.max_aspect})", **scores))
+                out.append(Verdict(False, f"aspect ratio too large ({aspect:.1f} > {self.max_aspect})", scores))
             else:
                 out.append(Verdict.kept(**scores))
         return out

@@ -83,8 +83,18 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
     "cross": [
         (x / math.hypot(1, 0.32), y / math.hypot(1, 0.32))
         for x, y in [
-            (-0.32, -1), (0.32, -1), (0.32, -0.32), (1, -0.32), (1, 0.32), (0.32, 0.32),
-            (0.32, 1), (-0.32, 1), (-0.32, 0.32), (-1, 0.32), (-1, -0.32), (-0.32, -0.32),
+            (-0.32, -1),
+            (0.32, -1),
+            (0.32, -0.32),
+            (1, -0.32),
+            (1, 0.32),
+            (0.32, 0.32),
+            (0.32, 1),
+            (-0.32, 1),
+            (-0.32, 0.32),
+            (-1, 0.32),
+            (-1, -0.32),
+            (-0.32, -0.32),
         ]
     ],
 }
@@ -97,9 +107,7 @@ class SyntheticShapesParams(BaseModel):
     image_size: int = Field(64, ge=16, description="side of the square images, in pixels")
     max_shapes: int = Field(2, ge=1, le=2, description="1: one shape per image; 2: half the images get a second")
     captions_per_image: int = Field(1, ge=1, le=8, description=">1: a list of distinct captions per image")
-    defects: float = Field(
-        0.0, ge=0.0, le=1.0, description="fraction of samples given a crawl's defect, for curation to catch"
-    )
+    defects: float = Field(0.0, ge=0.0, le=1.0, description="fraction of samples given a crawl's defect, for curation to catch")
     offset: int = Field(0, ge=0, description="index of the first sample: a part of a larger dataset")
 
 
@@ -175,8 +183,7 @@ class SyntheticShapes:
         captions = rng.sample(phrasings, min(self.captions_per_image, len(phrasings)))
         meta: dict[str, Any] = {
             "shapes": [
-                {"color": s.color, "shape": s.shape, "size": s.size, "x": s.x, "y": s.y, "radius": s.radius}
-                for s in shapes
+                {"color": s.color, "shape": s.shape, "size": s.size, "x": s.x, "y": s.y, "radius": s.radius} for s in shapes
             ],
             "relation": relation,
         }

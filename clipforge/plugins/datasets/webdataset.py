@@ -6,7 +6,7 @@ import json
 import posixpath
 import tarfile
 from collections.abc import Iterator
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,13 +18,13 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class WebDatasetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    urls: Union[str, list[str]] = Field(
+    urls: str | list[str] = Field(
         description="shard paths or URLs: a list, a glob (shards/*.tar) or a brace pattern (shard-{000000..000099}.tar)"
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...)")
 
 
-def expand_urls(urls: Union[str, list[str]], storage_options: dict[str, Any]) -> list[str]:
+def expand_urls(urls: str | list[str], storage_options: dict[str, Any]) -> list[str]:
     """Every shard the entry names, brace patterns and globs expanded, in order."""
     import braceexpand
     import fsspec
@@ -43,7 +43,7 @@ def expand_urls(urls: Union[str, list[str]], storage_options: dict[str, Any]) ->
 class WebDataset:
     """Samples of webdataset tar shards; a truncated or unreadable shard yields one sample carrying the error."""
 
-    def __init__(self, urls: Union[str, list[str]], storage_options: dict[str, Any] | None = None):
+    def __init__(self, urls: str | list[str], storage_options: dict[str, Any] | None = None):
         self.storage_options = dict(storage_options or {})
         self.urls = expand_urls(urls, self.storage_options)
         if not self.urls:
@@ -72,7 +72,8 @@ class WebDataset:
                         yield _sample(group, url)
                         group = {}
                     group["key"] = key
-                    group[ext] = tar.extractfile(member).read()
+                    data = tar.extractfile(member)
+                    group[ext] = data.read() if data is not None else b""
         except (tarfile.TarError, EOFError, OSError) as e:
             # the samples before the damage were yielded whole; the one being read when it hit is lost, with its reason
             key = group.get("key") or f"{posixpath.basename(url)}#unreadable"

@@ -7,7 +7,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,7 +20,7 @@ Positive = Annotated[int, Field(gt=0)]
 class VisionCfg(BaseModel):
     model_config = ConfigDict(extra="allow")
     image_size: Positive = 224
-    layers: Union[Positive, list[Positive]] = 12  # a list of stage depths builds a ResNet tower
+    layers: Positive | list[Positive] = 12  # a list of stage depths builds a ResNet tower
     width: Positive = 768
     patch_size: Positive = 16
 
@@ -70,7 +70,7 @@ class OpenClipParams(BaseModel):
 
 def create_open_clip(
     arch: str | None = None,
-    config: Union[ModelCfg, dict[str, Any], None] = None,
+    config: ModelCfg | dict[str, Any] | None = None,
     pretrained: str | None = None,
     image_mean=None,
     image_std=None,
@@ -87,7 +87,7 @@ def create_open_clip(
 
     if isinstance(config, BaseModel):
         config = config.model_dump(exclude_none=True)
-    kwargs = dict(image_mean=image_mean, image_std=image_std, aug_cfg=aug_cfg, output_dict=True)
+    kwargs: dict[str, Any] = {"image_mean": image_mean, "image_std": image_std, "aug_cfg": aug_cfg, "output_dict": True}
     with tempfile.TemporaryDirectory() as tmp:
         if config is not None:
             # open_clip builds inline configs from a local-dir: folder holding only the config
@@ -99,6 +99,7 @@ def create_open_clip(
                 AutoTokenizer.from_pretrained(hf_tokenizer).save_pretrained(tmp)
             name, model_cfg = f"local-dir:{tmp}", config
         else:
+            assert arch is not None  # OpenClipParams asks for exactly one of arch and config
             name, model_cfg = arch, open_clip.get_model_config(arch)
             if model_cfg is None:
                 raise clipforge.ConfigError(

@@ -39,7 +39,7 @@ class Compositionality:
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
 
-        from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
+        from clipforge.core.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(bundle, dataset, device, self.batch_size, desc=f"{NAME}: images")
         if not samples:

@@ -39,12 +39,14 @@ class EmbeddingGeometry:
     batch_size: int = 256
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
-        from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
+        from clipforge.core.embeddings import embed_images, embed_texts
 
-        images, samples = embed_images(bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME))
+        images, samples = embed_images(
+            bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)
+        )
         if len(samples) < 2:
             raise clipforge.ConfigError(f"{NAME}: the dataset has {len(samples)} samples; it needs at least 2")
-        captions = [s.caption if isinstance(s.caption, str) else s.caption[0] for s in samples]
+        captions = [s.captions[0] for s in samples]
         texts = embed_texts(bundle, captions, device, self.batch_size, desc=f"{NAME}: captions")
         metrics = geometry(images, texts)
         metrics["logit_scale"] = float(bundle.model.logit_scale.detach().float().exp().item())

@@ -88,7 +88,7 @@ class LinearProbe:
             )
         val, fit = order[:n_val], order[n_val:]
         dev = torch.device(device)
-        best_wd, best_acc = None, -1.0
+        best_wd, best_acc = self.weight_decays[0], -1.0
         for wd in sorted(self.weight_decays):
             w, b = fit_logistic(x_train[fit].to(dev), y_train[fit].to(dev), len(classes), wd, self.max_iter)
             acc = ((x_train[val].to(dev) @ w.T + b).argmax(1).cpu() == y_train[val]).float().mean().item()
@@ -101,7 +101,7 @@ class LinearProbe:
     def _features(self, bundle, dataset, device, classes, part):
         import torch
 
-        from clipforge.plugins.evaluators.embeddings import embed_images
+        from clipforge.core.embeddings import embed_images
 
         who = f"{NAME}: train_dataset" if part == "train" else NAME
         x, samples = embed_images(

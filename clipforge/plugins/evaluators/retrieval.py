@@ -45,14 +45,14 @@ class Retrieval:
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
 
-        from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
+        from clipforge.core.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(
             bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)
         )
         if not samples:
             raise clipforge.ConfigError(f"{NAME}: the dataset is empty")
-        captions = [[s.caption] if isinstance(s.caption, str) else list(s.caption) for s in samples]
+        captions = [s.captions for s in samples]
         flat = [c for cs in captions for c in cs]
         texts = embed_texts(bundle, flat, device, self.batch_size, desc=f"{NAME}: captions")
         # the image each caption belongs to

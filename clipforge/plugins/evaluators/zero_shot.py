@@ -9,7 +9,6 @@ least 5 classes) and ``mean_per_class_recall`` (balanced accuracy over the class
 from __future__ import annotations
 
 import numbers
-import string
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,21 +17,10 @@ from typing import Annotated, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge.core.components import ClassificationDataset, EncoderBundle, Sample, TemplatedDataset, check_template
 
 NAME = "zero-shot-classification"
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
-
-
-def check_template(template: str) -> str:
-    """A prompt template must have exactly one kind of placeholder, ``{c}``, the class name."""
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:  # unbalanced braces
-        raise ValueError(f"template {template!r} is not a format string: {e}") from None
-    if fields != {"c"}:
-        raise ValueError(f"template {template!r} must contain '{{c}}' (the class name) and no other placeholder")
-    return template
 
 
 Template = Annotated[str, AfterValidator(check_template)]
@@ -61,7 +49,7 @@ class ZeroShotClassification:
         import torch
         import torch.nn.functional as F
 
-        from clipforge.plugins.evaluators.embeddings import embed_images, embed_texts
+        from clipforge.core.embeddings import embed_images, embed_texts
 
         classes = classes_of(dataset, self.name)
         templates = self._templates(dataset)
@@ -92,7 +80,8 @@ class ZeroShotClassification:
         return metrics
 
     def _templates(self, dataset: object) -> list[str]:
-        templates = self.templates or getattr(dataset, "templates", None) or DEFAULT_TEMPLATES
+        own = dataset.templates if isinstance(dataset, TemplatedDataset) else None
+        templates = self.templates or own or DEFAULT_TEMPLATES
         try:
             return [check_template(t) for t in templates]
         except ValueError as e:
@@ -102,12 +91,9 @@ class ZeroShotClassification:
 
 def classes_of(dataset: object, evaluator: str) -> list[str]:
     """The dataset's class names, checked: present, not empty, no duplicates (errors name ``evaluator``)."""
-    classes = getattr(dataset, "classes", None)
-    if classes is None:
-        raise clipforge.ConfigError(
-            f"{evaluator}: the dataset has no `classes`; {evaluator} needs a classification dataset"
-        )
-    classes = list(classes)
+    if not isinstance(dataset, ClassificationDataset) or dataset.classes is None:
+        raise clipforge.ConfigError(f"{evaluator}: the dataset has no `classes`; {evaluator} needs a classification dataset")
+    classes = list(dataset.classes)
     if not classes:
         raise clipforge.ConfigError(f"{evaluator}: the dataset's `classes` is empty")
     duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
@@ -125,9 +111,7 @@ def label_check(n_classes: int, evaluator: str) -> Callable[[Sample], None]:
                 f"{evaluator}: sample {s.key!r} has label {s.label!r}; every sample needs its class index (an int)"
             )
         if not 0 <= s.label < n_classes:
-            raise clipforge.ConfigError(
-                f"{evaluator}: sample {s.key!r} has label {s.label}, outside the {n_classes} classes"
-            )
+            raise clipforge.ConfigError(f"{evaluator}: sample {s.key!r} has label {s.label}, outside the {n_classes} classes")
 
     return check
 

@@ -22,14 +22,12 @@ class GatherParams(BaseModel):
 
 class SigLipParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dist_impl: str = Field(
-        "bidir", pattern="^(bidir|shift|reduce|gather)$", description="how text features travel between ranks"
-    )
+    dist_impl: str = Field("bidir", pattern="^(bidir|shift|reduce|gather)$", description="how text features travel between ranks")
 
 
 class DistillParams(GatherParams):
     teacher: str = Field(
-        description="the frozen teacher: models:/NAME@champion, models:/NAME/VERSION, or an open_clip folder (local-dir:PATH, s3://...)"
+        description="the frozen teacher, any model reference: models:/NAME@champion, models:/NAME/VERSION, runs:/..., a folder (local-dir:PATH, s3://...), a checkpoint"
     )
     weight: float = Field(1.0, ge=0, description="weight of the distillation term beside the contrastive loss")
 
@@ -50,5 +48,12 @@ def _lazy(name: str):
 def register_losses(register):
     register("clip", _lazy("Clip"), params=GatherParams, description="CLIP's symmetric InfoNCE (open_clip ClipLoss)")
     register("siglip", _lazy("SigLip"), params=SigLipParams, description="SigLIP's pairwise sigmoid loss (open_clip SigLipLoss)")
-    register("dcl", _lazy("DecoupledClip"), params=GatherParams, description="decoupled contrastive loss: the positive left out of the denominator")
-    register("distill", _lazy("Distill"), params=DistillParams, description="contrastive loss plus distillation from a frozen teacher")
+    register(
+        "dcl",
+        _lazy("DecoupledClip"),
+        params=GatherParams,
+        description="decoupled contrastive loss: the positive left out of the denominator",
+    )
+    register(
+        "distill", _lazy("Distill"), params=DistillParams, description="contrastive loss plus distillation from a frozen teacher"
+    )

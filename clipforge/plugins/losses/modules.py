@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.errors import ConfigError
 
 
@@ -91,24 +91,20 @@ class Distill(torch.nn.Module):
         super().__init__()
         from open_clip.loss import DistillClipLoss
 
-        from clipforge.core.checkpoint import CONFIG_NAME, load_open_clip_dir
-        from clipforge.core.model_source import fetch_model
+        from clipforge.core.resolver import resolve_model
 
         self.inner = _clip_loss(DistillClipLoss, local_loss, gather_with_grad)
         self.weight = weight
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = fetch_model(teacher, tmp)
-            if not (folder / CONFIG_NAME).is_file():
-                raise ConfigError(f"loss 'distill': the teacher {teacher} is a checkpoint without {CONFIG_NAME}; give a model folder")
-            bundle = load_open_clip_dir(folder)
-        self.teacher_uri, self.teacher_arch = teacher, bundle.arch
+        try:
+            bundle = resolve_model(teacher).load()
+        except ConfigError as e:
+            raise ConfigError(f"loss 'distill': the teacher {e}") from None
+        self.teacher_uri, self.teacher_arch = teacher, model_cfg_of(bundle.arch)
         self.teacher_preprocess = bundle.preprocess_cfg
         self.teacher = bundle.model.eval().requires_grad_(False)
 
     def prepare(self, bundle) -> None:
         """Check that the teacher reads the student's inputs: same image preprocessing and tokens."""
-        from clipforge.core.checkpoint import model_cfg_of
-
         student = model_cfg_of(bundle.arch)
         for key in ("size", "mean", "std"):
             ours, theirs = _plain(bundle.preprocess_cfg.get(key)), _plain(self.teacher_preprocess.get(key))
@@ -132,7 +128,11 @@ class Distill(torch.nn.Module):
             out["image_features"], out["text_features"], out["logit_scale"], output_dict=True,
         )  # fmt: skip
         distill = losses["distill_loss"] * self.weight
-        return {"loss": losses["contrastive_loss"] + distill, "contrastive_loss": losses["contrastive_loss"], "distill_loss": distill}
+        return {
+            "loss": losses["contrastive_loss"] + distill,
+            "contrastive_loss": losses["contrastive_loss"],
+            "distill_loss": distill,
+        }
 
 
 def _plain(value: Any) -> Any:
