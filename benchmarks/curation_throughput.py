@@ -25,6 +25,7 @@ import clipforge
 from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
 from clipforge.engine import curation
+from clipforge.engine.curation.parts import PartJob
 from clipforge.engine.shards import decode
 
 
@@ -37,7 +38,9 @@ def make_shards(folder: Path, n: int, per_shard: int = 1000) -> str:
                 pixels = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
                 buf = io.BytesIO()
                 Image.fromarray(pixels).resize((w, h)).save(buf, format="JPEG", quality=85)
-                caption = " ".join(rng.choice(["a", "photo", "of", "red", "dog", "on", "grass", "the", "cat"], int(rng.integers(1, 12))))
+                caption = " ".join(
+                    rng.choice(["a", "photo", "of", "red", "dog", "on", "grass", "the", "cat"], int(rng.integers(1, 12)))
+                )
                 for name, data in ((f"{k:08d}.jpg", buf.getvalue()), (f"{k:08d}.txt", caption.encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -71,7 +74,7 @@ def basic_filters(urls: str, root: str, steps: list[dict]) -> float:
     catalog, store = clipforge.get_plugin_manager().catalog, Store(root)
     start, n = time.perf_counter(), 0
     for i, entry in enumerate(curation.parts_of(recipe, catalog)):
-        n += curation.curate_part(recipe, catalog, store, "out", i, entry)["input"]
+        n += curation.curate_part(PartJob(recipe=recipe.as_dict(), store=store.url, out="out", index=i, entry=entry)).input
     return n / (time.perf_counter() - start)
 
 
@@ -114,7 +117,9 @@ def main() -> None:
         ]
         decode_rate, filter_rate, keep_all_rate = (max(r[j] for r in rates) for j in range(3))
     print(f"decode only:         {decode_rate:8.0f} pairs/s ({args.images} JPEG pairs, 160-320 px)")
-    print(f"basic filters:       {filter_rate:8.0f} pairs/s (DataComp's: >= 3 words, side >= 200 px, aspect <= 3; survivors staged)")
+    print(
+        f"basic filters:       {filter_rate:8.0f} pairs/s (DataComp's: >= 3 words, side >= 200 px, aspect <= 3; survivors staged)"
+    )
     print(f"ratio:               {filter_rate / decode_rate:8.2f} (target >= 0.90)")
     print(f"filters keeping all: {keep_all_rate:8.0f} pairs/s (every image decoded and staged: the per-pair overhead)")
     print(f"ratio:               {keep_all_rate / decode_rate:8.2f}")

@@ -41,15 +41,15 @@ def plain(data: dict) -> float:
     from clipforge.core.storage import Store
     from clipforge.engine.curation import curate, curation_key
     from clipforge.engine.evaluation import evaluate
-    from clipforge.engine.trainer import train
+    from clipforge.engine.training import train
 
     start = time.perf_counter()
     catalog = get_plugin_manager().catalog
     recipe = load_recipe(data, catalog=catalog)
     store = Store(recipe.storage.root)
     curated = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False)
-    trained = train(recipe, catalog, store, "runs/plain/train", curated["shards"], progress=False)
-    evaluate(recipe, catalog, store, trained["model"], device=recipe.train.device)
+    trained = train(recipe, catalog, store, "runs/plain/train", curated.shards, progress=False)
+    evaluate(recipe, catalog, store.uri(trained.model), device=recipe.train.device)
     return time.perf_counter() - start
 
 
@@ -68,13 +68,14 @@ def _timer(fn, spent: dict[str, float], key: str):
 
 
 def instrument(spent: dict[str, float]) -> None:
-    """Time each stage subflow, the engine function inside it, and the step callback that training calls."""
-    from clipforge.flows import curate, evaluate, retrain, train
+    """Time each stage subflow, the engine function inside it, and the step logger that training calls."""
+    from clipforge.engine import curation
+    from clipforge.flows import evaluate, retrain, tracking, train
 
-    for module, name in ((curate, "curate"), (train, "train"), (evaluate, "evaluate")):
+    for module, name in ((curation, "curate"), (train, "train"), (evaluate, "evaluate")):
         setattr(module, name, _timer(getattr(module, name), spent, f"engine:{name}"))
-    # the step callback: the after_train_step hook and, every log_every steps, a batch of metrics to MLflow
-    train._StepLogger.__call__ = _timer(train._StepLogger.__call__, spent, "steps:train")
+    # the step logger: every log_every steps, a batch of metrics to MLflow
+    tracking.StepLogger.__call__ = _timer(tracking.StepLogger.__call__, spent, "steps:train")
     for stage, fl in list(retrain.STAGE_FLOWS.items()):
         retrain.STAGE_FLOWS[stage] = _timer(fl, spent, f"flow:{stage}")
 
@@ -121,12 +122,18 @@ def main() -> None:
             engine = sum(v for k, v in spent.items() if k.startswith("engine:")) - spent.get("steps:train", 0.0)
             flows.append(wall)
             around.append(wall - engine)
-            print(f"repeat {i + 1}: plain {plains[-1]:.1f} s; orchestrated {wall:.1f} s, {wall - engine:.1f} s of it outside the engine")
+            print(
+                f"repeat {i + 1}: plain {plains[-1]:.1f} s; orchestrated {wall:.1f} s, {wall - engine:.1f} s of it outside the engine"
+            )
             for stage in ("curate", "train", "evaluate", "register"):
                 flow_s = spent.get(f"flow:{stage}", 0.0)
                 inner = spent.get(f"engine:{stage}", 0.0) - (spent.get("steps:train", 0.0) if stage == "train" else 0.0)
-                print(f"  {stage:9s} subflow {flow_s:6.1f} s, engine {inner:6.1f} s, orchestration and MLflow {flow_s - inner:5.1f} s")
-            print(f"  train's step callback (hooks, MLflow metric batches), counted above as orchestration: {spent.get('steps:train', 0.0):.2f} s")
+                print(
+                    f"  {stage:9s} subflow {flow_s:6.1f} s, engine {inner:6.1f} s, orchestration and MLflow {flow_s - inner:5.1f} s"
+                )
+            print(
+                f"  train's step callback (hooks, MLflow metric batches), counted above as orchestration: {spent.get('steps:train', 0.0):.2f} s"
+            )
             outside = wall - sum(v for k, v in spent.items() if k.startswith("flow:"))
             print(f"  retrain flow around the subflows (MLflow run, artifacts): {outside:.1f} s", flush=True)
     base, total = statistics.median(plains), statistics.median(flows)

@@ -37,8 +37,12 @@ def clip_benchmark_metrics(images, texts, owner, ks, batch_size=64):
     positive_pairs[torch.arange(len(scores)), owner] = True
     metrics = {}
     for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = (batchify(recall_at_k, scores, positive_pairs, batch_size, "cpu", k=k) > 0).float().mean().item()
-        metrics[f"text_retrieval_recall@{k}"] = (batchify(recall_at_k, scores.T, positive_pairs.T, batch_size, "cpu", k=k) > 0).float().mean().item()
+        metrics[f"image_retrieval_recall@{k}"] = (
+            (batchify(recall_at_k, scores, positive_pairs, batch_size, "cpu", k=k) > 0).float().mean().item()
+        )
+        metrics[f"text_retrieval_recall@{k}"] = (
+            (batchify(recall_at_k, scores.T, positive_pairs.T, batch_size, "cpu", k=k) > 0).float().mean().item()
+        )
     return metrics
 
 

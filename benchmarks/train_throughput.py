@@ -81,10 +81,17 @@ def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
 
 def png_shards(store, catalog, table: Path, per_shard: int = 1000) -> list[dict]:
     """The CSV's PNG files as shards, bytes unchanged (curation would resize them to the model's input)."""
-    from clipforge.engine.shards import decode, write_shard
+    from clipforge.core.results import Shard
+    from clipforge.engine.shards import ShardWriter, decode
 
     items = [decode(s) for s in catalog.create("datasets", {"type": "csv", "path": str(table), "caption_column": "title"})]
-    return [write_shard(store, f"pngs/shard-{i // per_shard:06d}.tar", items[i : i + per_shard]) for i in range(0, len(items), per_shard)]
+    shards = []
+    for i in range(0, len(items), per_shard):
+        with ShardWriter(store, f"pngs/shard-{i // per_shard:06d}.tar") as writer:
+            for item in items[i : i + per_shard]:
+                writer.add(item)
+            shards.append(Shard.model_validate(writer.close()))
+    return shards
 
 
 def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
@@ -92,7 +99,7 @@ def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
     from clipforge.core.recipe import load_recipe
     from clipforge.core.storage import Store
     from clipforge.engine.curation import curate
-    from clipforge.engine.trainer import train
+    from clipforge.engine.training import train
 
     model = {"type": "open-clip", "config": TINY} if args.model == "tiny" else {"type": "open-clip", "arch": args.model}
     recipe = load_recipe({
@@ -105,7 +112,10 @@ def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
     })  # fmt: skip
     catalog = clipforge.get_plugin_manager().catalog
     store = Store(str(root))
-    runs = {"same-pngs": png_shards(store, catalog, table), "resized": curate(recipe, catalog, store, "curated", progress=False)["shards"]}
+    runs = {
+        "same-pngs": png_shards(store, catalog, table),
+        "resized": curate(recipe, catalog, store, "curated", progress=False).shards,
+    }
     rates = []
     for name, shards in runs.items():
         train(recipe, catalog, store, f"{name}/train", shards, progress=False)

@@ -45,7 +45,9 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None, 
 
 
 @contextmanager
-def process(args: list[str], url: str, log: Path, *, env: dict[str, str] | None = None, timeout_s: float = 60) -> Iterator[subprocess.Popen]:
+def process(
+    args: list[str], url: str, log: Path, *, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> Iterator[subprocess.Popen]:
     """Start ``args`` in its own process group, wait until ``url`` answers; stop the group afterwards."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -217,4 +219,3 @@ def mlflow_server(workdir: Path, s3_endpoint: str, artifacts: str) -> Iterator[s
     ]  # fmt: skip
     with process(args, f"{url}/health", workdir / "mlflow-server.log", env=env, timeout_s=120):
         yield url
-

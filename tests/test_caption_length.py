@@ -54,9 +54,7 @@ def test_bounds_are_inclusive():
 
 def test_a_list_of_captions_is_kept_if_any_passes():
     step = CaptionLength(min_words=3)
-    kept, dropped, mixed = step(
-        _samples(["circle", "a red circle"], ["circle", "red circle"], [None, 7, "a red star"])
-    )
+    kept, dropped, mixed = step(_samples(["circle", "a red circle"], ["circle", "red circle"], [None, 7, "a red star"]))
     assert kept == Verdict.kept(words=3.0, chars=12.0)
     assert dropped == Verdict.dropped("too few words (1 < 3)", words=1.0, chars=6.0)
     assert mixed.keep

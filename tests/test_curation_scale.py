@@ -33,7 +33,10 @@ def _shards(folder, n_shards: int, per_shard: int, duplicate_of: dict[int, int] 
         with tarfile.open(folder / f"shard-{s:04d}.tar", "w") as tar:
             for j in range(per_shard):
                 k = s * per_shard + j
-                for name, data in ((f"k{k:05d}.png", _png(duplicate_of.get(k, k))), (f"k{k:05d}.txt", f"sample number {k}".encode())):
+                for name, data in (
+                    (f"k{k:05d}.png", _png(duplicate_of.get(k, k))),
+                    (f"k{k:05d}.txt", f"sample number {k}".encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -55,41 +58,51 @@ def _recipe(tmp_path, urls: str, steps=(), **parallel):
 
 def test_parts_whole_dataset_steps_and_resized_shards(tmp_path):
     urls = _shards(tmp_path / "in", 3, 10, duplicate_of={25: 3})  # part 2 repeats part 0's image
-    recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}])
+    recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}], shard_size=8)
     catalog = clipforge.get_plugin_manager().catalog
     store = Store(recipe.storage.root)
-    summary = curation.curate(recipe, catalog, store, "out", shard_size=8, progress=False)
-    assert summary["parts"] == 3 and summary["input"] == 30 and summary["kept"] == 29
+    summary = curation.curate(recipe, catalog, store, "out", progress=False)
+    assert summary.parts == 3 and summary.input == 30 and summary.kept == 29
     rows = {r["key"]: r for r in pq.read_table(store.path("out/manifest.parquet")).to_pylist()}
-    assert (rows["k00025"]["step"], rows["k00025"]["reason"], rows["k00025"]["detail"]) == ("exact-duplicates", "exact duplicate", "of k00003")
-    assert summary["funnel"]["exact-duplicates"] == {"seen": 30, "kept": 29, "dropped": 1, "reasons": {"exact duplicate": 1}}
-    kept = [s for shard in summary["shards"] for s in iter_shard(store, shard["path"])]
+    assert (rows["k00025"]["step"], rows["k00025"]["reason"], rows["k00025"]["detail"]) == (
+        "exact-duplicates",
+        "exact duplicate",
+        "of k00003",
+    )
+    assert summary.funnel["exact-duplicates"].model_dump() == {
+        "seen": 30,
+        "kept": 29,
+        "dropped": 1,
+        "reasons": {"exact duplicate": 1},
+    }
+    kept = [s for shard in summary.shards for s in iter_shard(store, shard.path)]
     assert [s["key"] for s in kept] == [f"k{k:05d}" for k in range(30) if k != 25]
     assert {Image.open(io.BytesIO(s["image"])).size for s in kept} == {(32, 32)}  # resized to the model's input
     assert all(rows[s["key"]]["shard"] for s in kept)
 
 
-def test_a_failed_curation_resumes_without_redoing_finished_parts(tmp_path, monkeypatch):
+def test_a_failed_curation_resumes_without_redoing_finished_parts(tmp_path):
     urls = _shards(tmp_path / "in", 4, 6)
     recipe = _recipe(tmp_path, urls)
     catalog = clipforge.get_plugin_manager().catalog
     reference = curation.curate(recipe, catalog, Store(str(tmp_path / "ref")), "out", progress=False)
     store = Store(recipe.storage.root)
-    real, calls = curation.curate_part, []
+    calls, lost = [], []
 
-    def flaky(r, c, s, out, index, entry):
-        calls.append(index)
-        if index == 2 and calls.count(2) == 1:
-            raise OSError("worker lost")
-        return real(r, c, s, out, index, entry)
+    def flaky(fn, jobs):  # the builtin map, with part 2 lost once
+        for job in jobs:
+            if fn is curation.curate_part:
+                calls.append(job.index)
+                if job.index == 2 and not lost:
+                    lost.append(job.index)
+                    raise OSError("worker lost")
+            yield fn(job)
 
-    monkeypatch.setattr(curation, "curate_part", flaky)
     with pytest.raises(OSError, match="worker lost"):
-        curation.curate(recipe, catalog, store, "out", progress=False)
+        curation.curate(recipe, catalog, store, "out", mapper=flaky, progress=False)
     calls.clear()
-    monkeypatch.setattr(curation, "curate_part", lambda *a: (calls.append(a[4]), real(*a))[1])
-    summary = curation.curate(recipe, catalog, store, "out", progress=False)
-    assert summary["content_hash"] == reference["content_hash"]
+    summary = curation.curate(recipe, catalog, store, "out", mapper=flaky, progress=False)
+    assert summary.content_hash == reference.content_hash
     assert calls == [0, 1, 2, 3]  # called, but parts 0 and 1 return what they left on the store
     assert [store.exists(f"out/parts/part-{i:06d}/done.json") for i in range(4)] == [True] * 4
 
@@ -112,11 +125,11 @@ def test_memory_does_not_grow_with_the_number_of_shards(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["threads", "processes", "dask"])
 def test_the_flow_maps_parts_over_each_task_runner(tmp_path, tracking, prefect_server, runner):
-    from clipforge.flows.curate import curate_flow
     from clipforge.flows.common import new_run_id
+    from clipforge.flows.curate import curate_flow
 
     urls = _shards(tmp_path / "in", 4, 8, duplicate_of={20: 1})
     recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}], runner=runner, workers=2)
     expected = curation.curate(recipe, clipforge.get_plugin_manager().catalog, Store(str(tmp_path / "ref")), "x", progress=False)
     result = curate_flow(recipe.as_dict(), new_run_id())
-    assert result["content_hash"] == expected["content_hash"] and result["kept"] == 31
+    assert result.content_hash == expected.content_hash and result.kept == 31

@@ -41,17 +41,28 @@ def write_tar(path, members: list[tuple[str, bytes]], truncate: int | None = Non
 
 
 BAD_CORPUS = [
-    ("good1.png", png()), ("good1.txt", b"a red square on white"),
-    ("good2.jpg", png((0, 0, 200), fmt="JPEG")), ("good2.txt", b"a blue square"), ("good2.json", b'{"url": "x"}'),
-    ("zero.jpg", b""), ("zero.txt", b"a zero byte file"),
-    ("html.jpg", b"<html>not an image</html>"), ("html.txt", b"a page saved as jpg"),
-    ("bomb.png", bomb()), ("bomb.txt", b"a decompression bomb"),
+    ("good1.png", png()),
+    ("good1.txt", b"a red square on white"),
+    ("good2.jpg", png((0, 0, 200), fmt="JPEG")),
+    ("good2.txt", b"a blue square"),
+    ("good2.json", b'{"url": "x"}'),
+    ("zero.jpg", b""),
+    ("zero.txt", b"a zero byte file"),
+    ("html.jpg", b"<html>not an image</html>"),
+    ("html.txt", b"a page saved as jpg"),
+    ("bomb.png", bomb()),
+    ("bomb.txt", b"a decompression bomb"),
     ("nocap.png", png()),
-    ("latin1.png", png()), ("latin1.txt", "caf\xe9 au lait".encode("latin-1")),
-    ("empty.png", png()), ("empty.txt", b"  \n"),
-    ("huge.png", png()), ("huge.txt", b"word " * 200_000),
-    ("../escape.png", png()), ("../escape.txt", b"a key that climbs out"),
-    ("truncimg.png", png()[:60]), ("truncimg.txt", b"a truncated image"),
+    ("latin1.png", png()),
+    ("latin1.txt", "caf\xe9 au lait".encode("latin-1")),
+    ("empty.png", png()),
+    ("empty.txt", b"  \n"),
+    ("huge.png", png()),
+    ("huge.txt", b"word " * 200_000),
+    ("../escape.png", png()),
+    ("../escape.txt", b"a key that climbs out"),
+    ("truncimg.png", png()[:60]),
+    ("truncimg.txt", b"a truncated image"),
 ]
 
 EXPECTED = {
@@ -73,35 +84,39 @@ def _curate(tmp_path, data: dict, steps=()):
     )
     store = Store(str(tmp_path / "store"))
     summary = curate(recipe, clipforge.get_plugin_manager().catalog, store, "cur", progress=False)
-    rows = pq.read_table(store.path(summary["manifest"])).to_pylist()
+    rows = pq.read_table(store.path(summary.manifest)).to_pylist()
     return summary, {r["key"]: r for r in rows}
 
 
 def test_bad_input_corpus_is_dropped_with_reasons_and_the_run_goes_on(tmp_path):
     write_tar(tmp_path / "shard-000000.tar", BAD_CORPUS)
     write_tar(tmp_path / "shard-000001.tar", [("later.png", png()), ("later.txt", b"a sample after the damage")])
-    write_tar(tmp_path / "shard-000002.tar", [("ok3.png", png()), ("ok3.txt", b"fine sample"), ("cut.png", png() * 40), ("cut.txt", b"x")], truncate=3000)
+    write_tar(
+        tmp_path / "shard-000002.tar",
+        [("ok3.png", png()), ("ok3.txt", b"fine sample"), ("cut.png", png() * 40), ("cut.txt", b"x")],
+        truncate=3000,
+    )
     summary, rows = _curate(tmp_path, {"type": "webdataset", "urls": str(tmp_path / "shard-{000000..000002}.tar")})
     for key, reason in EXPECTED.items():
         assert not rows[key]["kept"] and rows[key]["reason"].startswith(reason), (key, rows[key]["reason"])
     assert {k for k, r in rows.items() if r["kept"]} == {"good1", "good2", "later", "ok3"}
     assert rows["cut"]["reason"].startswith("truncated or unreadable shard")
-    assert summary["input"] == len(rows) and summary["kept"] == 4
-    assert sum(v["dropped"] for v in summary["funnel"].values()) == summary["input"] - 4
+    assert summary.input == len(rows) and summary.kept == 4
+    assert sum(v.dropped for v in summary.funnel.values()) == summary.input - 4
 
 
 def test_the_bad_corpus_gets_the_same_verdicts_behind_filters_that_read_no_pixels(tmp_path):
     """Images are only opened until a step reads pixels: a truncated image still drops at decode, counted as if decoded first."""
-    write_tar(tmp_path / "shard-000000.tar", BAD_CORPUS + [("short.png", png()[:60]), ("short.txt", b"x")])
+    write_tar(tmp_path / "shard-000000.tar", [*BAD_CORPUS, ("short.png", png()[:60]), ("short.txt", b"x")])
     steps = [{"type": "caption-length", "min_words": 2}, {"type": "image-size", "min_side": 10}]
     summary, rows = _curate(tmp_path, {"type": "webdataset", "urls": str(tmp_path / "shard-000000.tar")}, steps)
     for key, reason in EXPECTED.items():
         assert not rows[key]["kept"] and rows[key]["step"] == "decode" and rows[key]["reason"].startswith(reason), rows[key]
     # a truncated image with a one-word caption is dropped by the caption filter, never decoded
     assert rows["short"]["step"] == "caption-length" and rows["short"]["reason"].startswith("too few words")
-    funnel = summary["funnel"]
-    assert funnel["caption-length"]["seen"] == funnel["decode"]["kept"] == len(rows) - len(EXPECTED)
-    assert funnel["image-size"]["seen"] == funnel["caption-length"]["kept"] == 2 and summary["kept"] == 2
+    funnel = summary.funnel
+    assert funnel["caption-length"].seen == funnel["decode"].kept == len(rows) - len(EXPECTED)
+    assert funnel["image-size"].seen == funnel["caption-length"].kept == 2 and summary.kept == 2
 
 
 def test_webdataset_glob_and_missing_shards(tmp_path):
@@ -124,7 +139,7 @@ def test_tables_resolve_relative_paths_and_report_missing_files(tmp_path, fmt):
     table = pa.table({"filepath": ["img/a.png", "img/missing.png", None], column: ["a red square", "lost", "no path"]})
     path = tmp_path / f"pairs.{fmt}"
     (pq.write_table if fmt == "parquet" else pyarrow.csv.write_csv)(table, str(path))
-    summary, rows = _curate(tmp_path, {"type": fmt, "path": str(path)})
+    _, rows = _curate(tmp_path, {"type": fmt, "path": str(path)})
     assert rows["000000000"]["kept"]
     assert rows["000000001"]["reason"] == "image file not found"
     assert rows["000000002"]["reason"] == "no image path"
@@ -141,16 +156,16 @@ class _Pairs:
 
 
 def _run_step(entry, samples):
-    from clipforge.engine.curation import is_global
-
     step = clipforge.get_plugin_manager().catalog.create("curation_steps", entry)
-    if is_global(step):
+    if isinstance(step, clipforge.WholeDatasetStep):
         return step.decide([s.key for s in samples], step.features(samples))
     return step(samples)
 
 
 def test_image_size_filter():
-    samples = [clipforge.Sample(str(i), Image.new("RGB", size), "x y") for i, size in enumerate([(300, 250), (150, 400), (900, 250)])]
+    samples = [
+        clipforge.Sample(str(i), Image.new("RGB", size), "x y") for i, size in enumerate([(300, 250), (150, 400), (900, 250)])
+    ]
     v = _run_step({"type": "image-size", "min_side": 200, "max_aspect": 3}, samples)
     assert [x.keep for x in v] == [True, False, False]
     assert v[1].reason.startswith("image too small") and v[2].reason.startswith("aspect ratio too large")
@@ -158,7 +173,11 @@ def test_image_size_filter():
 
 def test_exact_duplicates_by_image_and_by_caption():
     red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
-    samples = [clipforge.Sample("a", red, "A red!"), clipforge.Sample("b", red.copy(), "a red"), clipforge.Sample("c", blue, "a red")]
+    samples = [
+        clipforge.Sample("a", red, "A red!"),
+        clipforge.Sample("b", red.copy(), "a red"),
+        clipforge.Sample("c", blue, "a red"),
+    ]
     by_image = _run_step({"type": "exact-duplicates"}, samples)
     assert [x.keep for x in by_image] == [True, False, True] and by_image[1].detail == "of a"
     by_pair = _run_step({"type": "exact-duplicates", "by": "image+caption"}, samples)
@@ -186,7 +205,7 @@ def test_near_neighbours_finds_planted_duplicates_without_comparing_all_pairs():
     planted = rng.choice(20_000, 200, replace=False)
     x[planted[100:]] = x[planted[:100]] + 0.05 * rng.standard_normal((100, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    sims, ids = near_neighbours(x, 2)
+    _, ids = near_neighbours(x, 2)
     found = sum(planted[j] in ids[planted[100 + j]] for j in range(100))
     assert found >= 99
 
@@ -225,12 +244,20 @@ def test_clip_score_keeps_pairs_above_the_threshold(tmp_path):
 
     bundle = clipforge.get_plugin_manager().catalog.create("encoders", {"type": "open-clip", "config": TINY_CONFIG})
     folder = save_open_clip_dir(bundle, tmp_path / "scorer")
-    samples = [clipforge.Sample(str(i), Image.new("RGB", (32, 32), c), f"a {c} square") for i, c in enumerate(["red", "blue", "green"])]
-    step = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(folder), "threshold": -1.0})
+    samples = [
+        clipforge.Sample(str(i), Image.new("RGB", (32, 32), c), f"a {c} square") for i, c in enumerate(["red", "blue", "green"])
+    ]
+    step = clipforge.get_plugin_manager().catalog.create(
+        "curation_steps", {"type": "clip-score", "model": str(folder), "threshold": -1.0}
+    )
     scores = [v.scores["score"] for v in step(samples)]
     assert all(-1.0 <= s <= 1.0 for s in scores)
     cut = sorted(scores)[1]
-    strict = clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(folder), "threshold": cut})
+    strict = clipforge.get_plugin_manager().catalog.create(
+        "curation_steps", {"type": "clip-score", "model": str(folder), "threshold": cut}
+    )
     assert [v.keep for v in strict(samples)] == [s >= cut for s in scores]
     with pytest.raises(clipforge.ConfigError, match="not a registered model"):
-        clipforge.get_plugin_manager().catalog.create("curation_steps", {"type": "clip-score", "model": str(tmp_path), "threshold": 0.2})
+        clipforge.get_plugin_manager().catalog.create(
+            "curation_steps", {"type": "clip-score", "model": str(tmp_path), "threshold": 0.2}
+        )

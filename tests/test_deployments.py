@@ -35,9 +35,11 @@ def server(tmp_path_factory):
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     args = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with process(args, f"{env['PREFECT_API_URL']}/health", home / "server.log", env=env, timeout_s=120):
-        with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30) as api:
-            yield env, api
+    with (
+        process(args, f"{env['PREFECT_API_URL']}/health", home / "server.log", env=env, timeout_s=120),
+        httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30) as api,
+    ):
+        yield env, api
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 120, **kw) -> str:
@@ -84,7 +86,9 @@ def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1"  # the override reached the recipe
     assert run.data.tags["prefect.flow_run_id"] != flow_run_id  # the retrain runs as a subflow of the deployment's run
-    artifacts = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["mlflow-run", "curation-funnel", "evaluation"]}}})
+    artifacts = api.post(
+        "/artifacts/filter", json={"artifacts": {"key": {"any_": ["mlflow-run", "curation-funnel", "evaluation"]}}}
+    )
     keys = {a["key"] for a in artifacts.json()}
     assert keys == {"mlflow-run", "curation-funnel", "evaluation"}
     link = next(a for a in artifacts.json() if a["key"] == "mlflow-run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +20,7 @@ from clipforge.core.storage import Store
 from clipforge.engine.curation import curate, curation_key
 from clipforge.engine.evaluation import evaluate
 from clipforge.engine.shards import iter_shard
-from clipforge.engine.trainer import train
+from clipforge.engine.training import train
 
 
 def _png(color=(200, 30, 30), size=(24, 24)) -> bytes:
@@ -73,12 +74,12 @@ def test_curation_drops_bad_input_with_reasons_and_keeps_the_rest(tmp_path, fres
     store = Store(str(tmp_path))
     out = f"curated/{curation_key(recipe)}"
     summary = curate(recipe, pm.catalog, store, out, progress=False)
-    manifest = pq.read_table(store.path(summary["manifest"])).to_pylist()
+    manifest = pq.read_table(store.path(summary.manifest)).to_pylist()
     by_key = {}
     for row in manifest:
         by_key.setdefault(row["key"], row)
-    assert summary["input"] == len(BAD_SAMPLES) + 1 == len(manifest)
-    assert summary["kept"] == 2
+    assert summary.input == len(BAD_SAMPLES) + 1 == len(manifest)
+    assert summary.kept == 2
     reasons = {k: (r["step"], r["reason"]) for k, r in by_key.items() if not r["kept"]}
     assert reasons["empty-caption"] == ("decode", "empty caption")
     assert reasons["no-caption"] == ("decode", "missing caption")
@@ -90,9 +91,9 @@ def test_curation_drops_bad_input_with_reasons_and_keeps_the_rest(tmp_path, fres
     assert reasons["../escape"] == ("decode", "invalid key")
     assert reasons["one-word"][0] == "caption-length"
     assert [(r["key"], r["kept"]) for r in manifest if r["reason"] == "duplicate key"] == [("ok-a", False)]
-    funnel = summary["funnel"]
-    assert funnel["decode"]["dropped"] == 9 and funnel["caption-length"]["dropped"] == 1
-    kept = list(iter_shard(store, summary["shards"][0]["path"]))
+    funnel = summary.funnel
+    assert funnel["decode"].dropped == 9 and funnel["caption-length"].dropped == 1
+    kept = list(iter_shard(store, summary.shards[0].path))
     assert [s["key"] for s in kept] == ["ok-a", "ok-b"]
     assert kept[1]["caption"] == ["a blue square", "blue box"]
     assert Image.open(io.BytesIO(kept[0]["image"])).size == (24, 24)
@@ -100,10 +101,11 @@ def test_curation_drops_bad_input_with_reasons_and_keeps_the_rest(tmp_path, fres
 
 def _curated(tiny_recipe, tmp_path, **train):
     tiny_recipe["train"].update(train)
+    tiny_recipe["parallel"] = {"shard_size": 50}
     recipe = load_recipe(tiny_recipe)
     catalog = clipforge.get_plugin_manager().catalog
     store = Store(str(tmp_path / "store"))
-    summary = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", shard_size=50, progress=False)
+    summary = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False)
     return recipe, catalog, store, summary
 
 
@@ -111,13 +113,13 @@ def test_a_dataset_smaller_than_a_batch_is_an_error(tiny_recipe, tmp_path):
     tiny_recipe["data"]["train"]["size"] = 20
     recipe, catalog, store, summary = _curated(tiny_recipe, tmp_path)
     with pytest.raises(StageError, match="no full batch of train.batch_size=32"):
-        train(recipe, catalog, store, "run/train", summary["shards"], progress=False)
+        train(recipe, catalog, store, "run/train", summary.shards, progress=False)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tiny_recipe, tmp_path):
     recipe, catalog, store, summary = _curated(tiny_recipe, tmp_path, lr=1e30, warmup_steps=0)
     with pytest.raises(StageError, match=r"the loss is (nan|inf|-inf) at step \d+"):
-        train(recipe, catalog, store, "run/train", summary["shards"], progress=False)
+        train(recipe, catalog, store, "run/train", summary.shards, progress=False)
     assert not store.exists("run/train/result.json")
 
 
@@ -127,7 +129,7 @@ def _weights(store, out):
 
 def test_an_interrupted_training_resumes_to_identical_weights(tiny_recipe, tmp_path):
     recipe, catalog, store, summary = _curated(tiny_recipe, tmp_path, checkpoint_every=3)
-    full = train(recipe, catalog, store, "full/train", summary["shards"], progress=False)
+    full = train(recipe, catalog, store, "full/train", summary.shards, progress=False)
 
     class Crash(Exception):
         pass
@@ -137,24 +139,24 @@ def test_an_interrupted_training_resumes_to_identical_weights(tiny_recipe, tmp_p
             raise Crash
 
     with pytest.raises(Crash):
-        train(recipe, catalog, store, "cut/train", summary["shards"], on_step=crash_at_7, progress=False)
+        train(recipe, catalog, store, "cut/train", summary.shards, on_step=crash_at_7, progress=False)
     assert store.ls("cut/train/checkpoints") == ["step-00000003", "step-00000006"]
-    resumed = train(recipe, catalog, store, "cut/train", summary["shards"], progress=False)
-    assert resumed["resumed_from"] == "cut/train/checkpoints/step-00000006"
-    assert resumed["steps"] == full["steps"] == 2 * (160 // 32)
+    resumed = train(recipe, catalog, store, "cut/train", summary.shards, progress=False)
+    assert resumed.resumed_from == "cut/train/checkpoints/step-00000006"
+    assert resumed.steps == full.steps == 2 * (160 // 32)
     a, b = _weights(store, "full/train"), _weights(store, "cut/train")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a finished training is not redone
-    assert train(recipe, catalog, store, "full/train", summary["shards"], progress=False) == full
+    assert train(recipe, catalog, store, "full/train", summary.shards, progress=False) == full
 
 
 def test_the_exported_model_loads_in_plain_open_clip_with_the_same_embeddings(tiny_recipe, tmp_path):
     import open_clip
 
     recipe, catalog, store, summary = _curated(tiny_recipe, tmp_path, epochs=1)
-    result = train(recipe, catalog, store, "run/train", summary["shards"], progress=False)
-    folder = store.path(result["model"])
-    config = json.loads(open(f"{folder}/open_clip_config.json").read())
+    result = train(recipe, catalog, store, "run/train", summary.shards, progress=False)
+    folder = store.path(result.model)
+    config = json.loads(Path(folder, "open_clip_config.json").read_text())
     assert config["model_cfg"]["embed_dim"] == 32 and config["preprocess_cfg"]["size"] in (32, [32, 32])
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
@@ -173,9 +175,13 @@ def test_the_exported_model_loads_in_plain_open_clip_with_the_same_embeddings(ti
 
 def test_evaluation_namespaces_metrics_by_evaluator(tiny_recipe, tmp_path):
     recipe, catalog, store, summary = _curated(tiny_recipe, tmp_path, epochs=1)
-    result = train(recipe, catalog, store, "run/train", summary["shards"], progress=False)
-    metrics = evaluate(recipe, catalog, store, result["model"], device="cpu")
-    assert {"eval/zero-shot-classification/acc1", "eval/retrieval/mean_recall@1", "eval/retrieval/image_retrieval_recall@5"} <= set(metrics)
+    result = train(recipe, catalog, store, "run/train", summary.shards, progress=False)
+    metrics = evaluate(recipe, catalog, store.uri(result.model), device="cpu").metrics
+    assert {
+        "eval/zero-shot-classification/acc1",
+        "eval/retrieval/mean_recall@1",
+        "eval/retrieval/image_retrieval_recall@5",
+    } <= set(metrics)
     assert all(0.0 <= v <= 1.0 and np.isfinite(v) for v in metrics.values())
 
 
@@ -185,8 +191,8 @@ def test_curation_catches_every_defect_of_the_synthetic_crawl(tiny_recipe, tmp_p
     catalog = clipforge.get_plugin_manager().catalog
     summary = curate(recipe, catalog, Store(str(tmp_path)), "curated/x", progress=False)
     defects = [s.meta["defect"] for s in catalog.create("datasets", recipe.data.train.entry()) if "defect" in s.meta]
-    funnel = summary["funnel"]
-    assert summary["kept"] == 300 - len(defects)
-    assert funnel["decode"]["dropped"] == sum(d != "one-word caption" for d in defects)
-    assert funnel["caption-length"]["dropped"] == defects.count("one-word caption")
-    assert funnel["decode"]["reasons"]["empty caption"] == defects.count("empty caption")
+    funnel = summary.funnel
+    assert summary.kept == 300 - len(defects)
+    assert funnel["decode"].dropped == sum(d != "one-word caption" for d in defects)
+    assert funnel["caption-length"].dropped == defects.count("one-word caption")
+    assert funnel["decode"].reasons["empty caption"] == defects.count("empty caption")

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import clipforge
 from clipforge import Sample
+from clipforge.core import embeddings
 from clipforge.core.plugins import PluginManager
 from clipforge.core.recipe import load_recipe
 from clipforge.engine.evaluation import evaluate_bundle
-from clipforge.plugins.evaluators import embeddings
 from clipforge.plugins.evaluators.compositionality import Compositionality
 from clipforge.plugins.evaluators.digits import DigitsZeroShot
 from clipforge.plugins.evaluators.geometry import EmbeddingGeometry
@@ -101,7 +101,9 @@ def test_compositionality_on_synthetic_shapes_builds_the_swaps_from_meta(catalog
     assert metrics == {"attribute_swap_accuracy": 0.0, "relation_swap_accuracy": 0.0}  # all tie: no strict win
     two = [s.meta for s in dataset if s.meta["relation"]]
     a, b = two[0]["shapes"]
-    assert seen[0].endswith(f"{a['color']} {a['shape']} and " + ("an" if b["color"][0] in "aeiou" else "a") + f" {b['color']} {b['shape']}")
+    assert seen[0].endswith(
+        f"{a['color']} {a['shape']} and " + ("an" if b["color"][0] in "aeiou" else "a") + f" {b['color']} {b['shape']}"
+    )
     assert f"{b['color']} {a['shape']} and" in seen[len(two)]
     assert len(seen) == 4 * len(two)
 
@@ -138,9 +140,7 @@ def test_fit_logistic_matches_sklearn_logistic_regression():
 
 def probe_dataset(x, y, classes):
     images = x.tolist()
-    return table_bundle(images, {}), Labelled(
-        [Sample(f"s{i}", picture(i), "x", label=int(c)) for i, c in enumerate(y)], classes
-    )
+    return table_bundle(images, {}), Labelled([Sample(f"s{i}", picture(i), "x", label=int(c)) for i, c in enumerate(y)], classes)
 
 
 def test_linear_probe_separable_data_scores_perfectly_and_picks_the_largest_tied_penalty():
@@ -166,7 +166,10 @@ def test_linear_probe_acc5_with_five_classes_and_chance_level_on_noise():
         ([Sample("s0", picture(0), "x")], "linear-probe: the dataset has no `classes`"),
         (Labelled([Sample("s0", picture(0), "x")], ["a", "b"]), "linear-probe: sample 's0' has label None"),
         (Labelled([], ["a", "b"]), "linear-probe: the dataset is empty"),
-        (Labelled([Sample("s0", picture(0), "x", label=0)], ["a", "a"]), "linear-probe: the dataset's `classes` has duplicate names: a"),
+        (
+            Labelled([Sample("s0", picture(0), "x", label=0)], ["a", "a"]),
+            "linear-probe: the dataset's `classes` has duplicate names: a",
+        ),
         (Labelled([Sample("s0", picture(0), "x", label=0)], ["a", "b"]), "linear-probe: too few samples"),
     ],
 )
@@ -279,15 +282,13 @@ def test_evaluate_bundle_runs_every_new_evaluator_and_keeps_figure_data(catalog,
     assert np.array(result.details["zero-shot-classification"]["confusion"]).sum() == 60
     assert len(result.details["retrieval"]["recall_curve"]["k"]) == 5
 
-    from clipforge.flows.figures import close, evaluation_figures
+    from clipforge.flows.figures import evaluation_figures
 
     figures = evaluation_figures(result.details)
     assert set(figures) == {
         "evaluation/zero-shot-classification/confusion.png", "evaluation/retrieval/similarity.png",
         "evaluation/retrieval/recall_at_k.png", "evaluation/digits/confusion.png",
     }  # fmt: skip
-    for fig in figures.values():
-        close(fig)
 
 
 # -- the champion-vs-challenger report --------------------------------------------------------
@@ -306,12 +307,19 @@ def test_report_rows_deltas_and_winners_by_each_metrics_direction():
     assert rows["eval/retrieval/mean_recall@1"]["delta"] == pytest.approx(0.1)
     assert rows["eval/retrieval/mean_recall@1"]["winner"] == "challenger"
     assert rows["eval/retrieval/mean_recall@1"]["promotion_metric"]
-    assert (rows["eval/embedding-geometry/alignment"]["better"], rows["eval/embedding-geometry/alignment"]["winner"]) == ("min", "champion")
+    assert (rows["eval/embedding-geometry/alignment"]["better"], rows["eval/embedding-geometry/alignment"]["winner"]) == (
+        "min",
+        "champion",
+    )
     assert rows["eval/embedding-geometry/modality_gap"]["winner"] == "n/a"
     assert rows["eval/zero-shot-classification/acc1"]["winner"] == "tie"
     assert rows["eval/old/metric"]["challenger"] is None
     # with mode min the rule's metric ranks the other way
-    (row,) = [r for r in compare(challenger, champion, promote_metric="eval/retrieval/mean_recall@1", promote_mode="min") if r["promotion_metric"]]
+    (row,) = [
+        r
+        for r in compare(challenger, champion, promote_metric="eval/retrieval/mean_recall@1", promote_mode="min")
+        if r["promotion_metric"]
+    ]
     assert row["winner"] == "champion"
 
     report = build_report(
@@ -338,7 +346,10 @@ def test_report_without_champion():
     [
         ([], "embedding-geometry: the dataset has 0 samples; it needs at least 2"),
         ([Sample("s0", picture(0), "x")], "embedding-geometry: the dataset has 1 samples"),
-        ([Sample("s0", picture(0), ""), Sample("s1", picture(1), "x")], "embedding-geometry: sample 's0' has an empty or non-text caption"),
+        (
+            [Sample("s0", picture(0), ""), Sample("s1", picture(1), "x")],
+            "embedding-geometry: sample 's0' has an empty or non-text caption",
+        ),
     ],
 )
 def test_geometry_refuses_bad_datasets(dataset, message):

@@ -14,9 +14,9 @@ from PIL import Image
 
 import clipforge
 from clipforge import EncoderBundle, Sample
+from clipforge.core.embeddings import embed_images
 from clipforge.core.plugins import PluginManager
 from clipforge.plugins.evaluators import retrieval as retrieval_module
-from clipforge.plugins.evaluators.embeddings import embed_images
 from clipforge.plugins.evaluators.retrieval import Retrieval
 from clipforge.plugins.evaluators.zero_shot import ZeroShotClassification
 
@@ -144,9 +144,7 @@ def naive_retrieval(images, texts, owner, ks):
     out = {}
     for k in ks:
         t2i = [owner[t] in scores[t].argsort(descending=True)[:k].tolist() for t in range(len(texts))]
-        i2t = [
-            any(owner[t] == i for t in scores[:, i].argsort(descending=True)[:k].tolist()) for i in range(len(images))
-        ]
+        i2t = [any(owner[t] == i for t in scores[:, i].argsort(descending=True)[:k].tolist()) for i in range(len(images))]
         out[f"image_retrieval_recall@{k}"] = sum(t2i) / len(t2i)
         out[f"text_retrieval_recall@{k}"] = sum(i2t) / len(i2t)
     return out

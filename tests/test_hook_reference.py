@@ -18,7 +18,7 @@ import pytest
 
 import clipforge
 from clipforge.core import hookspecs
-from clipforge.core.components import KINDS
+from clipforge.core.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugins.md"
@@ -185,12 +185,14 @@ def test_the_notification_example_writes_a_line_and_never_fails(tmp_path, monkey
     pm = fresh_plugins()
     pm.add_plugin(plugin, "notify")
     assert pm.infos["notify"].hooks == ["after_model_registered"]
-    context = types.SimpleNamespace(run_id="20260101-000000-abcdef", state={"promoted": True})
+    context = types.SimpleNamespace(
+        run_id="20260101-000000-abcdef", state=types.SimpleNamespace(register=types.SimpleNamespace(promoted=True))
+    )
     version = types.SimpleNamespace(name="shapes-clip", version="3")
     log = tmp_path / "chat.log"
     monkeypatch.setenv("CLIPFORGE_NOTIFY_FILE", str(log))
     pm.hook.after_model_registered(context=context, model_version=version)
-    context.state["promoted"] = False
+    context.state.register.promoted = False
     pm.hook.after_model_registered(context=context, model_version=types.SimpleNamespace(name="shapes-clip", version="4"))
     lines = log.read_text().splitlines()
     assert [line.split(" ", 2)[2] for line in lines] == [

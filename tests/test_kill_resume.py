@@ -24,13 +24,14 @@ TRAINER = textwrap.dedent(
     import json, sys
     import clipforge
     from clipforge.core.recipe import load_recipe
+    from clipforge.core.results import Shard
     from clipforge.core.storage import Store
-    from clipforge.engine.trainer import train
+    from clipforge.engine.training import train
 
     recipe_path, shards_path, out = sys.argv[1:]
     recipe = load_recipe(json.load(open(recipe_path)))
     store = Store(recipe.storage.root)
-    shards = json.load(open(shards_path))
+    shards = [Shard.model_validate(s) for s in json.load(open(shards_path))]
 
     def report(step, metrics):
         print(f"step {step}", flush=True)
@@ -44,12 +45,13 @@ TRAINER = textwrap.dedent(
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(tiny_recipe, tmp_path):
     tiny_recipe["train"].update(epochs=2, batch_size=16, checkpoint_every=3)
+    tiny_recipe["parallel"] = {"shard_size": 50}
     recipe = load_recipe(tiny_recipe)
     store = Store(recipe.storage.root)
     catalog = clipforge.get_plugin_manager().catalog
-    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", shard_size=50, progress=False)["shards"]
+    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False).shards
     (tmp_path / "recipe.json").write_text(json.dumps(tiny_recipe))
-    (tmp_path / "shards.json").write_text(json.dumps(shards))
+    (tmp_path / "shards.json").write_text(json.dumps([s.model_dump() for s in shards]))
     (tmp_path / "trainer.py").write_text(TRAINER)
     args = [sys.executable, str(tmp_path / "trainer.py"), str(tmp_path / "recipe.json"), str(tmp_path / "shards.json")]
     # both runs in fresh processes with one environment: thread counts set by earlier tests in this
@@ -74,7 +76,10 @@ def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(tiny_recipe
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = store.read_json("cut/train/result.json")
     first = int(done.stdout.split()[1])  # the first step the rerun trained
-    assert resumed["resumed_from"] == f"cut/train/checkpoints/step-{first - 1:08d}" and first - 1 >= 3, (kill_at, done.stdout[:80])
+    assert resumed["resumed_from"] == f"cut/train/checkpoints/step-{first - 1:08d}" and first - 1 >= 3, (
+        kill_at,
+        done.stdout[:80],
+    )
     a = load_file(store.path("full/train/model/open_clip_model.safetensors"))
     b = load_file(store.path("cut/train/model/open_clip_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {kill_at}"

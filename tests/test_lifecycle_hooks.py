@@ -6,8 +6,9 @@ import pytest
 
 import clipforge
 from clipforge.core.context import RunContext
+from clipforge.core.results import EvaluateResult
 from clipforge.core.storage import Store
-from clipforge.flows.common import stage
+from clipforge.flows.common import run_stage
 
 
 class Watcher:
@@ -22,7 +23,7 @@ class Watcher:
 
     @clipforge.hookimpl
     def after_stage(self, stage, context, result):
-        self.calls.append((self.name, "after", stage, dict(result), dict(context.state)))
+        self.calls.append((self.name, "after", stage, result, context.state.as_dict()))
 
     @clipforge.hookimpl
     def on_stage_error(self, stage, context, error):
@@ -39,22 +40,33 @@ def ctx(tiny_recipe, tmp_path, fresh_plugins):
 def test_after_stage_gets_the_result_once_it_is_saved(ctx):
     calls = []
     ctx.plugins.add_plugin(Watcher("w", calls), "w")
-    with stage(ctx, "curate") as result:
-        assert calls == [("w", "before", "curate")]
-        result["kept"] = 3
-    assert calls[1] == ("w", "after", "curate", {"kept": 3}, {"curate": {"kept": 3}})
-    assert ctx.store.read_json("runs/r1/run.json")["state"] == {"curate": {"kept": 3}}
+    result = EvaluateResult(metrics={"eval/retrieval/mean_recall@1": 0.5}, metrics_uri="m.json")
+
+    def body():
+        assert calls == [("w", "before", "evaluate")]
+        return result
+
+    assert run_stage(ctx, "evaluate", body) is result
+    saved = {"evaluate": {"metrics": {"eval/retrieval/mean_recall@1": 0.5}, "metrics_uri": "m.json"}}
+    assert calls[1] == ("w", "after", "evaluate", result, saved)
+    assert ctx.store.read_json("runs/r1/run.json")["state"] == saved
 
 
 def test_every_on_stage_error_runs_then_the_error_is_reraised(ctx):
     calls = []
     ctx.plugins.add_plugin(Watcher("a", calls), "a")
     ctx.plugins.add_plugin(Watcher("b", calls), "b")
+
+    def body():
+        raise ValueError("bad batch")
+
     with pytest.raises(ValueError, match="bad batch"):
-        with stage(ctx, "train"):
-            raise ValueError("bad batch")
-    assert sorted(c for c in calls if c[1] == "error") == [("a", "error", "train", "bad batch"), ("b", "error", "train", "bad batch")]
-    assert not [c for c in calls if c[1] == "after"] and "train" not in ctx.state
+        run_stage(ctx, "train", body)
+    assert sorted(c for c in calls if c[1] == "error") == [
+        ("a", "error", "train", "bad batch"),
+        ("b", "error", "train", "bad batch"),
+    ]
+    assert not [c for c in calls if c[1] == "after"] and ctx.state.train is None
 
 
 def test_a_failing_before_stage_stops_the_stage_without_on_stage_error(ctx):
@@ -62,6 +74,5 @@ def test_a_failing_before_stage_stops_the_stage_without_on_stage_error(ctx):
     ctx.plugins.add_plugin(Watcher("w", calls, fail_before=True), "w")
     ran = []
     with pytest.raises(RuntimeError, match="not today"):
-        with stage(ctx, "evaluate"):
-            ran.append(True)
+        run_stage(ctx, "evaluate", lambda: ran.append(True))
     assert ran == [] and calls == [("w", "before", "evaluate")]

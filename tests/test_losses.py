@@ -108,9 +108,9 @@ def test_distill_is_contrastive_plus_cross_entropy_to_the_frozen_teacher(tmp_pat
     t_logits = t["logit_scale"] * t["image_features"] @ t["text_features"].T
     labels = torch.arange(4)
     contrastive = (F.cross_entropy(s_logits, labels) + F.cross_entropy(s_logits.T, labels)) / 2
-    distill = sum(
-        -(tl.softmax(1) * sl.log_softmax(1)).sum(1).mean() for tl, sl in ((t_logits, s_logits), (t_logits.T, s_logits.T))
-    ) / 2
+    distill = (
+        sum(-(tl.softmax(1) * sl.log_softmax(1)).sum(1).mean() for tl, sl in ((t_logits, s_logits), (t_logits.T, s_logits.T))) / 2
+    )
     assert torch.allclose(losses["contrastive_loss"], contrastive, atol=1e-5)
     assert torch.allclose(losses["distill_loss"], 0.5 * distill, atol=1e-5)
     assert torch.allclose(losses["loss"], contrastive + 0.5 * distill, atol=1e-5)

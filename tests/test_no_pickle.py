@@ -14,7 +14,8 @@ import clipforge
 from clipforge.core.checkpoint import load_open_clip_dir, save_open_clip_dir
 from clipforge.core.components import EncoderBundle
 from clipforge.core.storage import Store
-from clipforge.engine.trainer import load_checkpoint, save_checkpoint
+from clipforge.engine.training.checkpoints import load_checkpoint, save_checkpoint
+from clipforge.engine.training.state import TrainState
 
 PACKAGE = Path(clipforge.__file__).parent
 TINY = {
@@ -40,8 +41,7 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and ast.unparse(node.func) in torch_load_names:
             safe = any(
-                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                for k in node.keywords
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords
             )
             if not safe:
                 found.append(f"{filename}:{node.lineno} {ast.unparse(node)}")
@@ -77,7 +77,9 @@ def test_model_folders_and_checkpoints_load_without_unpickling(tmp_path, no_unpi
     cfg.mkdir()
     (cfg / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY}))
     model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{cfg}")
-    bundle = EncoderBundle(model, open_clip.get_tokenizer(f"local-dir:{cfg}"), train_tf, val_tf, TINY, dict(model.visual.preprocess_cfg))
+    bundle = EncoderBundle(
+        model, open_clip.get_tokenizer(f"local-dir:{cfg}"), train_tf, val_tf, TINY, dict(model.visual.preprocess_cfg)
+    )
     folder = save_open_clip_dir(bundle, tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
     loaded = load_open_clip_dir(folder)
@@ -88,10 +90,10 @@ def test_model_folders_and_checkpoints_load_without_unpickling(tmp_path, no_unpi
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 3, 32, 32), bundle.tokenizer(["a"]))[0].sum().backward()
     optimizer.step()
-    rel = save_checkpoint(store, "train", 1, 0, model, optimizer, None)
+    rel = save_checkpoint(store, "train", TrainState(step=1), model, optimizer, None)
     assert sorted(store.ls(rel)) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     fresh = torch.optim.AdamW(loaded.model.parameters(), lr=1e-3)
-    assert load_checkpoint(store, rel, loaded.model, fresh, None)["step"] == 1
+    assert load_checkpoint(store, rel, loaded.model, fresh, None).step == 1
     want, got = optimizer.state_dict()["state"], fresh.state_dict()["state"]
     assert want and sorted(got) == sorted(want)
     assert all(torch.equal(got[i]["exp_avg"], want[i]["exp_avg"]) for i in want)

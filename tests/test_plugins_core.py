@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import clipforge
 from clipforge.core import hookspecs
 from clipforge.core.catalog import Catalog, Component
-from clipforge.core.components import KINDS
 from clipforge.core.errors import DuplicateComponentError, RecipeError, UnknownComponentError
+from clipforge.core.kinds import KINDS
 
 BUILTIN_COMPONENTS = {
     "encoders": ["open-clip"],
@@ -119,7 +119,7 @@ def test_load_and_disable_env_lists(monkeypatch, fresh_plugins):
 def test_a_duplicate_name_names_both_plugins(monkeypatch, fresh_plugins):
     _with_entry_points(monkeypatch, [_EP("copycat", _loss_plugin("clip"))])
     with pytest.raises(DuplicateComponentError) as e:
-        fresh_plugins().catalog
+        _ = fresh_plugins().catalog
     assert "clipforge.plugins.losses.contrastive" in str(e.value) and "copycat" in str(e.value)
 
 

@@ -14,7 +14,12 @@ def test_the_embedded_default_is_valid():
     recipe = load_recipe(builtin_recipe("shapes"))
     assert recipe.name == "shapes" and recipe.model_name == "shapes-clip"
     assert [ev.type for ev in recipe.evaluation] == [
-        "zero-shot-classification", "retrieval", "embedding-geometry", "compositionality", "linear-probe", "digits"
+        "zero-shot-classification",
+        "retrieval",
+        "embedding-geometry",
+        "compositionality",
+        "linear-probe",
+        "digits",
     ]
 
 
@@ -27,9 +32,7 @@ def test_defaults_and_model_name(tiny_recipe):
 
 def test_overrides_parse_values_as_yaml(tmp_path, tiny_recipe):
     path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
-    recipe = load_recipe(
-        path, ["train.epochs=3", "train.grad_clip=1.5", "evaluation.1.ks=[1, 2]", "model.config.embed_dim=16"]
-    )
+    recipe = load_recipe(path, ["train.epochs=3", "train.grad_clip=1.5", "evaluation.1.ks=[1, 2]", "model.config.embed_dim=16"])
     assert recipe.train.epochs == 3 and recipe.train.grad_clip == 1.5
     assert recipe.evaluation[1].fields["ks"] == [1, 2]
     assert recipe.model.fields["config"]["embed_dim"] == 16

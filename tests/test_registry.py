@@ -205,7 +205,7 @@ def logged_model(store, tmp_path, model_dir):
 
 
 def test_pyfunc_round_trip_matches_open_clip(logged_model, model_dir):
-    info, run_id = logged_model
+    info, _ = logged_model
     assert info.model_uri.startswith("models:/m-")  # MLflow 3: a logged model, not a run artifact
     images, texts = [png(0), png(1), png(2)], ["a red circle", "two blue squares"]
     want_images, want_texts = reference_embeddings(model_dir, images, texts)

@@ -70,22 +70,22 @@ def test_a_rerun_without_the_run_id_reuses_the_finished_curation_and_training(
 
     watcher.fail = False
     result = retrain_flow(tiny_recipe, tracking_uri=tracking)  # a new run, as the next scheduled try would be
-    assert result["run_id"] != failed_run
-    assert result["run_id"] not in watcher.steps  # not one training step this time
-    assert result["curate"]["reused"] is True and result["train"]["reused"] is True
-    assert result["train"]["model"] == f"runs/{failed_run}/train/model"
-    assert result["register"]["version"] == "1" and result["register"]["promoted"] is True
-    run = client.get_run(result["mlflow_run_id"])
+    assert result.run_id != failed_run
+    assert result.run_id not in watcher.steps  # not one training step this time
+    assert result.curate.reused is True and result.train.reused is True
+    assert result.train.model == f"runs/{failed_run}/train/model"
+    assert result.register.version == "1" and result.register.promoted is True
+    run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["clipforge.train_reused_from"].endswith(f"runs/{failed_run}/train")
     assert "figures/loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     (line,) = (tmp_path / "notifications.log").read_text().splitlines()
-    assert line.endswith(f"tiny-clip version 1 is the new champion (run {result['run_id']})")
+    assert line.endswith(f"tiny-clip version 1 is the new champion (run {result.run_id})")
 
     # other training settings: a training of their own
     changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 5e-4}}
     again = retrain_flow(changed, tracking_uri=tracking)
-    assert again["train"]["reused"] is False and watcher.steps[again["run_id"]] == 10
+    assert again.train.reused is False and watcher.steps[again.run_id] == 10
 
 
 def test_two_retrains_of_one_recipe_at_once_do_not_corrupt_each_other(tiny_recipe, tracking, prefect_server, watcher):
@@ -93,30 +93,30 @@ def test_two_retrains_of_one_recipe_at_once_do_not_corrupt_each_other(tiny_recip
 
     with ThreadPoolExecutor(2) as pool:
         a, b = pool.map(lambda _: retrain_flow(tiny_recipe, tracking_uri=tracking), range(2))
-    assert a["run_id"] != b["run_id"]
+    assert a.run_id != b.run_id
     # both curated into the one shared folder (same data, same steps) and got the same content
-    assert a["curate"]["out"] == b["curate"]["out"]
-    assert a["curate"]["content_hash"] == b["curate"]["content_hash"]
+    assert a.curate.out == b.curate.out
+    assert a.curate.content_hash == b.curate.content_hash
     store = Store(tiny_recipe["storage"]["root"])
-    summary = store.read_json(f"{a['curate']['out']}/summary.json")
-    assert summary["content_hash"] == a["curate"]["content_hash"]
+    summary = store.read_json(f"{a.curate.out}/summary.json")
+    assert summary["content_hash"] == a.curate.content_hash
     # every retrain registered its own version; the champion is one of them
-    assert sorted([a["register"]["version"], b["register"]["version"]]) == ["1", "2"]
+    assert sorted([a.register.version, b.register.version]) == ["1", "2"]
     client = MlflowClient()
     champion = str(client.get_model_version_by_alias("tiny-clip", "champion").version)
     assert champion in ("1", "2")
     for r in (a, b):
-        assert client.get_run(r["mlflow_run_id"]).info.status == "FINISHED"
-        model = r["train"]["model"]
+        assert client.get_run(r.mlflow_run_id).info.status == "FINISHED"
+        model = r.train.model
         assert store.exists(f"{model}/open_clip_model.safetensors")
     # a training that ran is in the run's own folder, never in the other's
-    trained = [r for r in (a, b) if not r["train"]["reused"]]
-    assert trained and all(r["train"]["model"] == f"runs/{r['run_id']}/train/model" for r in trained)
-    assert all(watcher.steps.get(r["run_id"], 0) in (0, 10) for r in (a, b))
+    trained = [r for r in (a, b) if not r.train.reused]
+    assert trained and all(r.train.model == f"runs/{r.run_id}/train/model" for r in trained)
+    assert all(watcher.steps.get(r.run_id, 0) in (0, 10) for r in (a, b))
 
 
 def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, monkeypatch):
-    from clipforge.flows.tracking import finish_mlflow_run
+    from clipforge.flows.tracking import finish_run
 
     client = MlflowClient()
     run = client.create_run(client.create_experiment("retries")).info.run_id
@@ -130,7 +130,7 @@ def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, mo
         return real(self, run_id, status=status)
 
     monkeypatch.setattr(MlflowClient, "set_terminated", flaky)
-    finish_mlflow_run(run)
+    finish_run(run)
     assert calls == ["FINISHED", "FINISHED"] and client.get_run(run).info.status == "FINISHED"
 
     def broken(self, run_id, status=None, end_time=None):
@@ -140,5 +140,5 @@ def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, mo
     calls.clear()
     monkeypatch.setattr(MlflowClient, "set_terminated", broken)
     with pytest.raises(ValueError):
-        finish_mlflow_run(run)
+        finish_run(run)
     assert calls == ["FINISHED"]  # no retry for what retrying cannot fix

@@ -50,7 +50,7 @@ class Recorder:
 
     @clipforge.hookimpl
     def after_model_registered(self, context, model_version):
-        self.calls.append(("after_model_registered", str(model_version.version), context.state["promoted"]))
+        self.calls.append(("after_model_registered", str(model_version.version), context.state.register.promoted))
 
     def stages(self, hook):
         return [c[1] for c in self.calls if c[0] == hook]
@@ -74,17 +74,17 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     result = retrain_flow(tiny_recipe, tracking_uri=tracking)
     assert recorder.stages("before_stage") == recorder.stages("after_stage") == ["curate", "train", "evaluate", "register"]
     steps = [c[1] for c in recorder.calls if c[0] == "after_train_step"]
-    assert steps == list(range(1, result["train"]["steps"] + 1)) == list(range(1, 11))
+    assert steps == list(range(1, result.train.steps + 1)) == list(range(1, 11))
     assert recorder.calls[-1][0] == "after_stage"
     assert ("after_model_registered", "1", True) in recorder.calls
 
     client = MlflowClient()
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
     tags = run.data.tags
     assert tags["clipforge.recipe_hash"] == clipforge.load_recipe(tiny_recipe).digest()
-    assert tags["prefect.flow_run_id"] and tags["clipforge.manifest_hash"] == result["curate"]["content_hash"]
+    assert tags["prefect.flow_run_id"] and tags["clipforge.manifest_hash"] == result.curate.content_hash
     metrics = run.data.metrics
     assert metrics["curate/decode/kept"] == 160.0
     assert 0.0 <= metrics["eval/retrieval/mean_recall_at_1"] <= 1.0
@@ -98,7 +98,8 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/champion_report.md", "evaluation/champion_report.json", "evaluation/retrieval"} <= evaluation
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/retrieval")} == {
-        "evaluation/retrieval/recall_at_k.png", "evaluation/retrieval/similarity.png"
+        "evaluation/retrieval/recall_at_k.png",
+        "evaluation/retrieval/similarity.png",
     }
     assert client.list_artifacts(run.info.run_id, "evaluation/zero-shot-classification")[0].path.endswith("confusion.png")
 
@@ -113,16 +114,18 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     Image.new("RGB", (32, 32), "red").save(buf, format="PNG")
     import base64
 
-    emb = model.predict(pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode(), None], "text": [None, "a red circle"]}))
+    emb = model.predict(
+        pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode(), None], "text": [None, "a red circle"]})
+    )
     assert emb.shape == (2, 32)
 
     # the same recipe again: version 2, champion only if better (identical training: it is not)
     again = retrain_flow(tiny_recipe, tracking_uri=tracking)
-    assert again["curate"]["reused"] is True
-    assert again["register"]["version"] == "2" and again["register"]["promoted"] is False
+    assert again.curate.reused is True
+    assert again.register.version == "2" and again.register.promoted is False
     assert client.get_model_version_by_alias("tiny-clip", "challenger").version in (2, "2")
     assert str(client.get_model_version_by_alias("tiny-clip", "champion").version) == "1"
-    report = mlflow.artifacts.load_dict(f"runs:/{again['mlflow_run_id']}/evaluation/champion_report.json")
+    report = mlflow.artifacts.load_dict(f"runs:/{again.mlflow_run_id}/evaluation/champion_report.json")
     assert report["champion"] == {"version": "1"} and report["decision"]["promoted"] is False
     assert "does not beat champion v1" in report["decision"]["reason"]
     (rule,) = [r for r in report["rows"] if r["promotion_metric"]]
@@ -136,8 +139,8 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     path = write_yaml(tmp_path / "r.yaml", tiny_recipe)
     assert main(["evaluate", "models:/tiny-clip@champion", "--recipe", str(path), "--output", str(out), "--device", "cpu"]) == 0
     again_metrics = json.loads(out.read_text())
-    assert again_metrics.keys() == result["evaluate"]["metrics"].keys()
-    for name, value in result["evaluate"]["metrics"].items():
+    assert again_metrics.keys() == result.evaluate.metrics.keys()
+    for name, value in result.evaluate.metrics.items():
         assert again_metrics[name] == pytest.approx(value, abs=1e-6), name
     assert main(["evaluate", "models:/tiny-clip@nope", "--recipe", str(path)]) == 2
 
@@ -159,6 +162,6 @@ def test_a_failed_retrain_leaves_the_registry_alone_and_resumes(tiny_recipe, tra
     run_id = run.data.tags["clipforge.run_id"]
     result = retrain_flow(tiny_recipe, run_id=run_id, tracking_uri=tracking)
     assert recorder.stages("before_stage") == ["evaluate", "register"]  # curation and training are not redone
-    assert result["mlflow_run_id"] == run.info.run_id
+    assert result.mlflow_run_id == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert str(client.get_model_version_by_alias("tiny-clip", "champion").version) == "1"

@@ -81,7 +81,7 @@ def retrained(tmp_path_factory, prefect_server):
 
 def test_the_retrain_survives_injected_503s(retrained):
     result, proxy = retrained["result"], retrained["proxy"]
-    assert result["register"]["version"] == "1" and result["register"]["promoted"] is True
+    assert result.register.version == "1" and result.register.promoted is True
     failed = proxy.failed
     print(f"proxy: {proxy.requests} requests, {len(failed)} answered 503 SlowDown")
     assert len(failed) >= 5
@@ -94,17 +94,17 @@ def test_every_artifact_is_a_whole_object_on_s3(retrained):
     objects = list_objects(s3, BUCKET)
     assert incomplete_uploads(s3, BUCKET) == []
     assert not [k for k in objects if ".tmp" in k or k.endswith("/")]
-    run_dir = f"store/runs/{result['run_id']}"
+    run_dir = f"store/runs/{result.run_id}"
     keys = set(objects)
     store_keys = {k for k in keys if k.startswith("store/")}
-    curated = result["curate"]["manifest_uri"].removeprefix(f"s3://{BUCKET}/").rsplit("/", 1)[0]
+    curated = result.curate.manifest_uri.removeprefix(f"s3://{BUCKET}/").rsplit("/", 1)[0]
     assert f"{curated}/manifest.parquet" in keys and f"{curated}/summary.json" in keys
     assert [k for k in store_keys if k.startswith(curated) and k.endswith(".tar")]
     assert f"{run_dir}/run.json" in keys and f"{run_dir}/evaluate/metrics.json" in keys
     assert [k for k in store_keys if "/checkpoints/step-" in k and k.endswith("/state.json")]
-    assert f"{result['train']['model_uri'].removeprefix(f's3://{BUCKET}/')}/open_clip_model.safetensors" in keys
+    assert f"{result.train.model_uri.removeprefix(f's3://{BUCKET}/')}/open_clip_model.safetensors" in keys
     mlflow_keys = {k for k in keys if k.startswith("mlflow/")}
-    run = result["mlflow_run_id"]
+    run = result.mlflow_run_id
     for name in ("recipe.yaml", "MODEL_CARD.md", "open_clip_model/open_clip_model.safetensors", "figures/loss_curve.png"):
         assert any(k.endswith(f"/{run}/artifacts/{name}") for k in mlflow_keys), name
     assert any("/models/m-" in k and k.endswith("/artifacts/MLmodel") for k in mlflow_keys)
@@ -127,7 +127,7 @@ def test_every_artifact_is_a_whole_object_on_s3(retrained):
 def test_credentials_never_reach_mlflow_prefect_logs_or_the_store(retrained, capfd):
     result, s3 = retrained["result"], retrained["s3"]
     client = MlflowClient()
-    run = client.get_run(result["mlflow_run_id"])
+    run = client.get_run(result.mlflow_run_id)
     texts = [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(sorted(run.data.metrics))]
     texts.append(json.dumps(client.get_experiment(run.info.experiment_id).tags))
     texts.append(json.dumps(client.get_registered_model(MODEL).tags))
@@ -163,14 +163,17 @@ def test_mlflow_models_serve_answers_with_the_champions_embeddings(retrained):
     frame = pd.DataFrame({"image": [b64[0], None, b64[1], None, b64[2]], "text": [None, texts[0], None, texts[1], None]})
     want = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(frame)
     payload = {"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}
-    with process([*args, "-h", "127.0.0.1", "-p", str(port)], f"{url}/ping", retrained["workdir"] / "serve.log", env=env, timeout_s=120):
+    with process(
+        [*args, "-h", "127.0.0.1", "-p", str(port)], f"{url}/ping", retrained["workdir"] / "serve.log", env=env, timeout_s=120
+    ):
         request = urllib.request.Request(
             f"{url}/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=60) as answer:
             served = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float32)
         bad = urllib.request.Request(
-            f"{url}/invocations", data=json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode(),
+            f"{url}/invocations",
+            data=json.dumps({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"]]}}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as refused:

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from clipforge.core.storage import Store, retry
+from clipforge.core.retry import retry
+from clipforge.core.storage import Store
 
 
 def test_write_read_json_and_listing(tmp_path):
@@ -39,10 +40,9 @@ def test_a_stream_shows_under_its_name_only_once_complete(tmp_path):
         assert store.ls("d") != ["f.bin"]
         f.write(b"two")
     assert store.read_bytes("d/f.bin") == b"onetwo"
-    with pytest.raises(RuntimeError, match="producer failed"):
-        with store.open_atomic("d/g.bin") as f:
-            f.write(b"half")
-            raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError, match="producer failed"), store.open_atomic("d/g.bin") as f:
+        f.write(b"half")
+        raise RuntimeError("producer failed")
     assert store.ls("d") == ["f.bin"]  # no g.bin, no temporary file
 
 
@@ -63,10 +63,9 @@ def test_a_shard_writer_publishes_a_whole_tar_or_nothing(tmp_path):
     assert [(r["key"], r["image"], r["caption"]) for r in iter_shard(store, "s.tar")] == [
         (i.sample.key, i.image_bytes, i.sample.caption) for i in items
     ]
-    with pytest.raises(ValueError, match="bad sample"):
-        with ShardWriter(store, "t.tar") as writer:
-            writer.add(items[0])
-            raise ValueError("bad sample")
+    with pytest.raises(ValueError, match="bad sample"), ShardWriter(store, "t.tar") as writer:
+        writer.add(items[0])
+        raise ValueError("bad sample")
     assert store.ls() == ["s.tar"]
 
 
@@ -79,7 +78,12 @@ def test_the_shard_reader_reads_tarfile_archives_and_refuses_damaged_ones(tmp_pa
     buf = io.BytesIO()
     long_key = "d" * 60 + "/" + "k" * 60  # past the 100-byte name field: ustar's prefix field holds the folder
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in ((f"{long_key}.png", _png(1)), (f"{long_key}.txt", b"a long key"), ("k2.png", _png(2)), ("k2.txt", b"second")):
+        for name, data in (
+            (f"{long_key}.png", _png(1)),
+            (f"{long_key}.txt", b"a long key"),
+            ("k2.png", _png(2)),
+            ("k2.txt", b"second"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -97,12 +97,11 @@ def test_a_stream_to_s3_appears_whole_or_not_at_all(s3, creds, monkeypatch):
         f.blocksize = 5 << 20  # S3's smallest part: 12 MiB go up as a multipart upload
         for _ in range(12):
             f.write(chunk)
-    with pytest.raises(RuntimeError, match="producer failed"):
-        with store.open_atomic("half.bin") as f:
-            f.blocksize = 5 << 20
-            for _ in range(12):
-                f.write(chunk)
-            raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError, match="producer failed"), store.open_atomic("half.bin") as f:
+        f.blocksize = 5 << 20
+        for _ in range(12):
+            f.write(chunk)
+        raise RuntimeError("producer failed")
     assert list_objects(s3, "streams") == {"p/whole.bin": 12 << 20}
     assert incomplete_uploads(s3, "streams") == []
 

@@ -14,7 +14,7 @@ def _table(tmp_path, header="filepath,title"):
     for name, colour in (("a", "red"), ("b", "blue")):
         Image.new("RGB", (8, 8), colour).save(tmp_path / "img" / f"{name}.png")
     table = tmp_path / "train.csv"
-    table.write_text(f"{header}\nimg/a.png,a red square\n{tmp_path}/img/b.png,\"a blue square, small\"\nimg/missing.png,a ghost\n")
+    table.write_text(f'{header}\nimg/a.png,a red square\n{tmp_path}/img/b.png,"a blue square, small"\nimg/missing.png,a ghost\n')
     return table
 
 

@@ -16,7 +16,7 @@ import clipforge
 from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
 from clipforge.engine.curation import curate, curation_key
-from clipforge.engine.trainer import train
+from clipforge.engine.training import train
 
 VIT = {
     "embed_dim": 32,
@@ -30,13 +30,14 @@ TRAINER = textwrap.dedent(
     import torch
     import clipforge
     from clipforge.core.recipe import load_recipe
+    from clipforge.core.results import Shard
     from clipforge.core.storage import Store
-    from clipforge.engine.trainer import train
+    from clipforge.engine.training import train
 
     torch.set_num_threads(1)
     recipe = load_recipe(json.load(open(sys.argv[1])))
     train(recipe, clipforge.get_plugin_manager().catalog, Store(recipe.storage.root), sys.argv[3],
-          json.load(open(sys.argv[2])), progress=False)
+          [Shard.model_validate(s) for s in json.load(open(sys.argv[2]))], progress=False)
     """
 )
 
@@ -51,8 +52,8 @@ def test_two_torchrun_processes_train_like_one_process_with_the_global_batch(tin
     recipe = load_recipe(tiny_recipe)
     store = Store(recipe.storage.root)
     catalog = clipforge.get_plugin_manager().catalog
-    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False)["shards"]
-    (tmp_path / "shards.json").write_text(json.dumps(shards))
+    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False).shards
+    (tmp_path / "shards.json").write_text(json.dumps([s.model_dump() for s in shards]))
     (tmp_path / "trainer.py").write_text(TRAINER)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -70,10 +71,12 @@ def test_two_torchrun_processes_train_like_one_process_with_the_global_batch(tin
         single = train(load_recipe(tiny_recipe), catalog, store, "one/train", shards, progress=False)
     finally:
         torch.set_num_threads(threads)  # the tests after this one run with the machine's threads
-    assert single["steps"] == ddp["steps"]
+    assert single.steps == ddp["steps"]
     a = load_file(store.path("ddp/train/model/open_clip_model.safetensors"))
     b = load_file(store.path("one/train/model/open_clip_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), (k, (a[k] - b[k]).abs().max().item())
-    assert not torch.allclose(a["text_projection"], load_file(store.path("ddp/train/checkpoints/step-00000002/model.safetensors"))["text_projection"])
+    assert not torch.allclose(
+        a["text_projection"], load_file(store.path("ddp/train/checkpoints/step-00000002/model.safetensors"))["text_projection"]
+    )

@@ -15,7 +15,8 @@ from clipforge.core.errors import ConfigError, RecipeError
 from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
 from clipforge.engine.curation import curate, curation_key
-from clipforge.engine.trainer import forward_backward, train
+from clipforge.engine.training import train
+from clipforge.engine.training.step import forward_backward
 from tests.conftest import TINY_CONFIG
 
 VIT = {**TINY_CONFIG, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}}
@@ -27,7 +28,7 @@ def _setup(tiny_recipe, tmp_path, size=64, **train_cfg):
     recipe = load_recipe(tiny_recipe)
     catalog = clipforge.get_plugin_manager().catalog
     store = Store(str(tmp_path / "store"))
-    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False)["shards"]
+    shards = curate(recipe, catalog, store, f"curated/{curation_key(recipe)}", progress=False).shards
     return recipe, catalog, store, shards
 
 
@@ -36,17 +37,17 @@ def _exported(store, out):
 
 
 def _checkpoint(store, result):
-    return load_file(store.path(f"{result['checkpoint']}/model.safetensors"))
+    return load_file(store.path(f"{result.checkpoint}/model.safetensors"))
 
 
 def test_warm_start_from_a_folder_with_wise_ft_averaging(tiny_recipe, tmp_path):
     recipe, catalog, store, shards = _setup(tiny_recipe, tmp_path)
     base = train(recipe, catalog, store, "base/train", shards, progress=False)
     start = _exported(store, "base/train")
-    tiny_recipe["train"].update(init_from=f"local-dir:{store.path(base['model'])}", weight_average={"alpha": 0.25})
+    tiny_recipe["train"].update(init_from=f"local-dir:{store.path(base.model)}", weight_average={"alpha": 0.25})
     warm = load_recipe(tiny_recipe)
     result = train(warm, catalog, store, "warm/train", shards, progress=False)
-    assert result["init_from"] == f"local-dir:{store.path(base['model'])}" and result["weight_average_alpha"] == 0.25
+    assert result.init_from == f"local-dir:{store.path(base.model)}" and result.weight_average_alpha == 0.25
     trained, averaged = _checkpoint(store, result), _exported(store, "warm/train")
     moved = 0
     for name, value in averaged.items():
@@ -61,7 +62,7 @@ def test_warm_start_refuses_weights_of_another_model_and_averaging_without_a_sta
     base = train(recipe, catalog, store, "base/train", shards, progress=False)
     other = copy.deepcopy(tiny_recipe)
     other["model"]["config"] = {**TINY_CONFIG, "embed_dim": 16}
-    other["train"]["init_from"] = store.uri(base["checkpoint"])  # a checkpoint URI works too
+    other["train"]["init_from"] = store.uri(base.checkpoint)  # a checkpoint URI works too
     with pytest.raises(ConfigError, match="does not fit the recipe's model: .*other shape"):
         train(load_recipe(other), catalog, store, "other/train", shards, progress=False)
     tiny_recipe["train"]["weight_average"] = {"alpha": 0.5}
@@ -78,13 +79,13 @@ def test_warm_start_from_the_registered_champion(tiny_recipe, tmp_path, tracking
     recipe, catalog, store, shards = _setup(tiny_recipe, tmp_path)
     base = train(recipe, catalog, store, "base/train", shards, progress=False)
     with mlflow.start_run(experiment_id=ensure_experiment("tiny", artifact_root=str(tmp_path / "mlartifacts"))) as run:
-        info = log_pyfunc_model(Path(store.path(base["model"])))
+        info = log_pyfunc_model(Path(store.path(base.model)))
     version = register_version(info.model_uri, "tiny-clip", tags={}, metrics={}, run_id=run.info.run_id)
     set_champion("tiny-clip", version.version, reason="test")
     tiny_recipe["train"].update(init_from="models:/tiny-clip@champion", lr=1e-12, warmup_steps=0)
     result = train(load_recipe(tiny_recipe), catalog, store, "warm/train", shards, progress=False)
     # the alias is pinned to the version it pointed at, for a resumed run to start from the same weights
-    assert result["init_from"] == f"models:/tiny-clip/{version.version}"
+    assert result.init_from == f"models:/tiny-clip/{version.version}"
     start, after = _exported(store, "base/train"), _exported(store, "warm/train")
     weights = [k for k in start if "running_" not in k and "num_batches" not in k]  # batch-norm statistics move
     assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in weights)  # lr ~ 0: still the champion
@@ -125,7 +126,7 @@ def test_lit_training_with_the_pretrained_minilm_text_tower(tiny_recipe, tmp_pat
     tiny_recipe["model"] = {"type": "open-clip", "config": config, "lock_text": True, "lock_text_freeze_layer_norm": True}
     recipe, catalog, store, shards = _setup(tiny_recipe, tmp_path, size=64)
     result = train(recipe, catalog, store, "lit/train", shards, progress=False)
-    assert result["steps"] == 2
+    assert result.steps == 2
     pretrained = AutoModel.from_pretrained(config["text_cfg"]["hf_model_name"]).state_dict()
     after = _exported(store, "lit/train")
     tower = {k.removeprefix("text.transformer."): v for k, v in after.items() if k.startswith("text.transformer.")}
@@ -134,7 +135,7 @@ def test_lit_training_with_the_pretrained_minilm_text_tower(tiny_recipe, tmp_pat
     fresh = catalog.create("encoders", recipe.model.entry()).model.state_dict()
     assert not torch.equal(after["text.proj.weight"], fresh["text.proj.weight"])
     # plain open_clip loads the export, tokenizer included, with the same embeddings as clipforge
-    folder = store.path(result["model"])
+    folder = store.path(result.model)
     assert (Path(folder) / "tokenizer.json").is_file()
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokens = open_clip.get_tokenizer(f"local-dir:{folder}")(["a red circle"])
@@ -143,7 +144,9 @@ def test_lit_training_with_the_pretrained_minilm_text_tower(tiny_recipe, tmp_pat
 
     ours = load_open_clip_dir(folder)
     with torch.no_grad():
-        assert torch.allclose(model.eval().encode_text(tokens), ours.model.encode_text(ours.tokenizer(["a red circle"])), atol=1e-6)
+        assert torch.allclose(
+            model.eval().encode_text(tokens), ours.model.encode_text(ours.tokenizer(["a red circle"])), atol=1e-6
+        )
 
 
 def _bundle(seed=0):
@@ -183,9 +186,11 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_full_batch(loss):
 
 
 def test_accumulation_trains_and_counts_optimizer_steps(tiny_recipe, tmp_path):
-    recipe, catalog, store, shards = _setup(tiny_recipe, tmp_path, size=160, batch_size=16, accum_steps=2, grad_checkpointing=True)
+    recipe, catalog, store, shards = _setup(
+        tiny_recipe, tmp_path, size=160, batch_size=16, accum_steps=2, grad_checkpointing=True
+    )
     result = train(recipe, catalog, store, "run/train", shards, progress=False)
-    assert result["steps"] == 160 // 32
+    assert result.steps == 160 // 32
     history = store.read_json("run/train/history.json")
     assert all(h["samples_per_s"] > 0 for h in history) and len(history) == 5
 
@@ -195,7 +200,7 @@ def test_cpu_training_leaves_a_core_to_each_loader_worker(monkeypatch):
 
     import torch
 
-    from clipforge.engine.trainer import cores_for_loader
+    from clipforge.engine.training.runtime import cores_for_loader
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)

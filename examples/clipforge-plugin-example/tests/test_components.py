@@ -109,4 +109,3 @@ def test_pair_cosine_on_a_model_that_embeds_each_digit_to_its_own_axis():
 def test_pair_cosine_needs_two_samples(clipforge_bundle):
     with pytest.raises(ValueError, match="at least 2 samples"):
         PairCosine().evaluate(clipforge_bundle, list(Digits(split="test"))[:1], "cpu")
-
