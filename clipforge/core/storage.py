@@ -74,6 +74,21 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
+    @retry
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of ``rel``, in one ranged read; a body that ends early is retried."""
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            if len(data) != end - start:
+                raise OSError(f"{self.uri(rel)}: {len(data)} of {end - start} bytes at {start}: the file is shorter")
+            return data
+        data = self.fs.cat_file(self.path(rel), start=start, end=end)
+        if len(data) != end - start:  # a connection dropped mid-body: worth another try
+            raise ConnectionError(f"{self.uri(rel)}: the body ended after {len(data)} of {end - start} bytes at {start}")
+        return bytes(data)
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 

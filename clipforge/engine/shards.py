@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from clipforge.core.components import Sample
@@ -149,12 +150,19 @@ def _member(name: str, data: bytes) -> bytes:
     return header + data + b"\0" * (-len(data) % 512)
 
 
+def index_of(rel: str) -> str:
+    """Where a shard's index lies: the byte offset of each sample, then of the archive's end (``.npy``)."""
+    return f"{rel}.idx.npy"
+
+
 class ShardWriter:
     """A tar shard streamed to the store while samples are still being decoded.
 
     Samples become tar bytes at once (no decoded image is held); a background thread writes and
     hashes them, so storage I/O overlaps decoding. The shard appears under its name only when
     :meth:`close` returns; :meth:`abort` (or an error inside a ``with`` block) leaves nothing.
+    ``offsets`` is where each sample starts, then where the archive's end marker does: what
+    :func:`write_index` keeps for training to read any run of samples with one ranged read.
     """
 
     FLUSH_BYTES = 1 << 20
@@ -163,6 +171,8 @@ class ShardWriter:
         from concurrent.futures import ThreadPoolExecutor
 
         self.rel, self.samples = rel, 0
+        self._offsets: list[int] = []  # where each sample starts
+        self._position = 0
         self._file_cm = store.open_atomic(rel)
         self._file = self._file_cm.__enter__()
         self._digest = hashlib.sha256()
@@ -176,6 +186,7 @@ class ShardWriter:
         s = item.sample
         text = s.captions[0]
         meta = {"key": s.key, "label": s.label, "captions": s.caption if isinstance(s.caption, list) else None, "meta": s.meta}
+        self._offsets.append(self._position)
         for member in (
             _member(f"{s.key}.{item.ext}", item.image_bytes),
             _member(f"{s.key}.txt", text.encode()),
@@ -183,6 +194,7 @@ class ShardWriter:
         ):
             self._pending.append(member)
             self._pending_bytes += len(member)
+            self._position += len(member)
         self.samples += 1
         if self._pending_bytes >= self.FLUSH_BYTES:
             self._flush()
@@ -200,7 +212,7 @@ class ShardWriter:
         self._digest.update(data)
 
     def close(self) -> dict[str, Any]:
-        """End the archive and publish the shard; return its path, sample count and sha256."""
+        """End the archive and publish the shard and its index; return its path, sample count and sha256."""
         try:
             self._pending.append(b"\0" * 1024)  # two zero blocks end the archive
             self._flush()
@@ -211,6 +223,10 @@ class ShardWriter:
             raise
         self._finish(None)
         return {"path": self.rel, "samples": self.samples, "sha256": self._digest.hexdigest()}
+
+    @property
+    def offsets(self) -> list[int]:
+        return [*self._offsets, self._position]
 
     def abort(self) -> None:
         """Drop what was written: nothing appears under the shard's name."""
@@ -241,16 +257,38 @@ class ShardWriter:
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``."""
     with store.open(rel) as f:
-        current: dict[str, Any] = {}
-        for name, data in _members(f, store.uri(rel)):
-            key, _, ext = name.partition(".")
-            if current and current["key"] != key:
-                yield _finish(current)
-                current = {}
-            current["key"] = key
-            current[ext] = data
-        if current:
+        yield from _samples(_members(f, store.uri(rel)))
+
+
+def read_samples(store: Store, rel: str, offsets: np.ndarray, start: int, count: int) -> Iterator[dict[str, Any]]:
+    """Samples ``start`` to ``start + count`` of a shard, with one ranged read (``offsets``: its index)."""
+    data = store.read_range(rel, int(offsets[start]), int(offsets[start + count]))
+    return _samples(_members(io.BytesIO(data), store.uri(rel)))
+
+
+def write_index(store: Store, rel: str, offsets: list[int]) -> None:
+    """Keep a shard's sample offsets (:attr:`ShardWriter.offsets`) beside it (:func:`index_of`)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+    store.write_bytes(index_of(rel), buf.getvalue())
+
+
+def read_index(store: Store, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(index_of(rel))), allow_pickle=False)
+
+
+def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
+    """Consecutive members of one key make one sample."""
+    current: dict[str, Any] = {}
+    for name, data in members:
+        key, _, ext = name.partition(".")
+        if current and current["key"] != key:
             yield _finish(current)
+            current = {}
+        current["key"] = key
+        current[ext] = data
+    if current:
+        yield _finish(current)
 
 
 def _members(f: Any, uri: str) -> Iterator[tuple[str, bytes]]:

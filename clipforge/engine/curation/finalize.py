@@ -16,7 +16,7 @@ from clipforge.core.storage import Store
 from clipforge.engine.curation.parts import Funnel, PartResult
 from clipforge.engine.curation.plan import DECODE_STEP, Job, input_size, part_dir, step_labels
 from clipforge.engine.curation.reduce import Drop, Reduced
-from clipforge.engine.shards import Decoded, ShardWriter, decode, iter_shard
+from clipforge.engine.shards import Decoded, ShardWriter, decode, iter_shard, write_index
 
 
 class FinalizeJob(Job):
@@ -45,16 +45,23 @@ def finalize_part(job: FinalizeJob) -> list[Shard]:
             item = decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]))
             writer.add(_resized(item, size) if size else item)
             if writer.samples >= shard_size:
-                shards.append(Shard.model_validate(writer.close()))
+                shards.append(_published(store, writer))
                 writer = None
         if writer is not None:
-            shards.append(Shard.model_validate(writer.close()))
+            shards.append(_published(store, writer))
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     store.write_json(f"{folder}/final.json", [s.model_dump() for s in shards])
     return shards
+
+
+def _published(store: Store, writer: ShardWriter) -> Shard:
+    """Close a curated shard and keep its index beside it: training reads it by ranged reads."""
+    shard = Shard.model_validate(writer.close())
+    write_index(store, shard.path, writer.offsets)
+    return shard
 
 
 def _resized(item: Decoded, size: int) -> Decoded:
