@@ -19,7 +19,7 @@ from clipforge.core.errors import StageError
 from clipforge.core.recipe import Recipe, TrainConfig
 from clipforge.core.results import Shard, TrainResult
 from clipforge.core.storage import Store
-from clipforge.engine.data import ShardPairs, steps_in_epoch
+from clipforge.engine.data import EpochPlan, ShardBatches
 from clipforge.engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from clipforge.engine.training.optim import create_optimizer, lr_at, set_lr
 from clipforge.engine.training.runtime import Runtime, cores_for_loader
@@ -76,17 +76,14 @@ class Plan:
 
 
 def plan_steps(shards: list[Shard], cfg: TrainConfig, world: int) -> Plan:
-    shard_sizes = [s.model_dump() for s in shards]
-    global_batch = cfg.batch_size * world
-    plan = Plan(
-        [steps_in_epoch(shard_sizes, cfg.seed, e, cfg.workers, global_batch) // cfg.accum_steps for e in range(cfg.epochs)]
-    )
+    sizes = [s.samples for s in shards]
+    epochs = [EpochPlan(sizes, seed=cfg.seed, epoch=e, batch_size=cfg.batch_size, world=world) for e in range(cfg.epochs)]
+    plan = Plan([e.batches // cfg.accum_steps for e in epochs])
     if plan.total == 0:
         raise StageError(
-            f"train: {sum(s.samples for s in shards)} curated pairs give no full batch of train.batch_size={cfg.batch_size}"
+            f"train: {sum(sizes)} curated pairs give no full batch of train.batch_size={cfg.batch_size}"
             + (f" x {world} processes" if world > 1 else "")
             + (f" x train.accum_steps={cfg.accum_steps}" if cfg.accum_steps > 1 else "")
-            + (f" per loader worker ({cfg.workers} workers)" if cfg.workers > 1 else "")
             + "; lower the batch size or add data"
         )
     return plan
@@ -146,9 +143,10 @@ class Trainer:
         self.model.train()
         self.loss_fn.train()
         first_epoch, skip = self.plan.position(state.step)
+        stream = self._stream(first_epoch, skip)
         for epoch in range(first_epoch, cfg.epochs):
-            for micro in self._batches(epoch, skip if epoch == first_epoch else 0):
-                metrics = self._step(micro, epoch)
+            for _ in range(self.plan.per_epoch[epoch] - (skip if epoch == first_epoch else 0)):
+                metrics = self._step(self._micro_batches(stream, epoch), epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 if on_step and self.runtime.lead:
@@ -158,32 +156,40 @@ class Trainer:
         bar.close()
         return self._finish(time.perf_counter() - started)
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The micro-batches of each remaining step of ``epoch``, on the device."""
-        cfg, device = self.recipe.train, self.runtime.device
-        pairs = ShardPairs(
-            self.store, [s.model_dump() for s in self.shards], self.bundle.preprocess_train, self.bundle.tokenizer,
-            seed=cfg.seed, epoch=epoch, batch_size=cfg.batch_size, workers=cfg.workers,
-            skip_batches=skip * cfg.accum_steps, rank=self.runtime.rank, world=self.runtime.world,
+    def _stream(self, first_epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every micro-batch still to train, from one loader (its workers start once)."""
+        cfg, device, accum = self.recipe.train, self.runtime.device, self.recipe.train.accum_steps
+        schedule = [
+            (epoch, batch)
+            for epoch in range(first_epoch, cfg.epochs)
+            for batch in range((skip if epoch == first_epoch else 0) * accum, self.plan.per_epoch[epoch] * accum)
+        ]
+        batches = ShardBatches(
+            self.store, self.shards, self.bundle.preprocess_train, self.bundle.tokenizer,
+            seed=cfg.seed, batch_size=cfg.batch_size, schedule=schedule, rank=self.runtime.rank, world=self.runtime.world,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
-            pairs, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True,
-            pin_memory=device.type == "cuda",
-            # forked workers inherit the threads of Prefect and MLflow clients and die at exit
-            multiprocessing_context="forkserver" if cfg.workers else None,
+            batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+            # spawned, not forked: a fork would inherit the threads of Prefect and MLflow clients, and a
+            # forkserver's workers outlive a training process that is killed
+            multiprocessing_context="spawn" if cfg.workers else None,
+            # its own generator: iterating must not draw from the global one, which a resume restored
+            generator=torch.Generator().manual_seed(cfg.seed),
         )  # fmt: skip
-        batches = iter(loader)
-        for _ in range(self.plan.per_epoch[epoch] - skip):
-            micro = []
-            for _ in range(cfg.accum_steps):
-                try:
-                    images, tokens = next(batches)
-                except StopIteration:
-                    raise StageError(
-                        f"train: epoch {epoch + 1} ended before its {self.plan.per_epoch[epoch]} steps; the shards changed under the run?"
-                    ) from None
-                micro.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
-            yield micro
+        return iter(loader)
+
+    def _micro_batches(
+        self, stream: Iterator[tuple[torch.Tensor, torch.Tensor]], epoch: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next step's micro-batches, on the device."""
+        device, micro = self.runtime.device, []
+        for _ in range(self.recipe.train.accum_steps):
+            try:
+                images, tokens = next(stream)
+            except StopIteration:
+                raise StageError(f"train: the data of epoch {epoch + 1} ended early; the shards changed under the run?") from None
+            micro.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
+        return micro
 
     def _step(self, micro: list[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> dict[str, float]:
         """One optimizer step over the accumulated micro-batches; returns its metrics."""
@@ -211,6 +217,11 @@ class Trainer:
             "samples_per_s": n / max(time.perf_counter() - self.clock, 1e-9),  # loading the batch included
             "epoch": epoch + 1,
         }
+        if runtime.world > 1:  # each rank's own pace: a slow one holds every step back
+            metrics["world_size"] = float(runtime.world)
+            per_rank = n // runtime.world
+            for rank, seconds in enumerate(runtime.gather(time.perf_counter() - self.clock)):
+                metrics[f"samples_per_s_rank{rank}"] = per_rank / max(seconds, 1e-9)
         state.history.append({"step": state.step, **metrics})
         self.clock = time.perf_counter()
         return metrics

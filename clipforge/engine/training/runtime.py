@@ -94,6 +94,15 @@ class Runtime:
         ids = [self.device] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def gather(self, value: float) -> list[float]:
+        """``value`` of every rank, in rank order."""
+        if self.world == 1:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.float64, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(every, mine)
+        return [float(v.item()) for v in every]
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -31,8 +31,13 @@ def forward_backward(
     without gradients; then each micro-batch is forwarded again with gradients and the loss of
     the full batch (its own features live, the others cached) is backpropagated. The sum of
     these gradients is the gradient of the full-batch loss; unlike open_clip_train, the logit
-    scale and bias are live only in the first pass, so their gradients are not counted
-    ``len(micro)`` times. Costs one extra forward per micro-batch.
+    scale and bias are live in one pass only, so their gradients are not counted ``len(micro)``
+    times. Costs one extra forward per micro-batch.
+
+    Under DDP the passes but the last run in ``no_sync`` and the last one all-reduces every
+    gradient: the logit scale and bias are live in that last pass, so that every parameter's
+    gradient is ready when the reduction runs (else their bucket never reduces, the next step
+    fails, and the ranks' weights drift apart).
     """
     if len(micro) == 1:
         images, tokens = micro[0]
@@ -56,7 +61,7 @@ def forward_backward(
                 }
                 for key in ("logit_scale", "logit_bias"):
                     if live.get(key) is not None:
-                        out[key] = live[key] if j == 0 else live[key].detach()
+                        out[key] = live[key] if last else live[key].detach()
                 losses = call_loss(loss_fn, out, all_images, all_tokens)
             if not torch.isfinite(losses["loss"]):
                 return losses

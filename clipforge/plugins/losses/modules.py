@@ -78,6 +78,10 @@ class SigLip(torch.nn.Module):
         return self.inner(image_features, text_features, logit_scale, logit_bias)
 
 
+#: Pairs the distillation teacher embeds at a time: its activations never hold a whole large batch.
+TEACHER_CHUNK = 256
+
+
 class Distill(torch.nn.Module):
     """Contrastive loss plus cross-entropy to a frozen teacher's softmax over the logits, both directions (open_clip DistillClipLoss).
 
@@ -102,6 +106,7 @@ class Distill(torch.nn.Module):
         self.teacher_uri, self.teacher_arch = teacher, model_cfg_of(bundle.arch)
         self.teacher_preprocess = bundle.preprocess_cfg
         self.teacher = bundle.model.eval().requires_grad_(False)
+        self._cached: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def prepare(self, bundle) -> None:
         """Check that the teacher reads the student's inputs: same image preprocessing and tokens."""
@@ -120,9 +125,23 @@ class Distill(torch.nn.Module):
         self.teacher.eval()  # frozen, also its dropout and norm statistics
         return self
 
+    def _teacher_outputs(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's features of the batch, embedded once per batch, :data:`TEACHER_CHUNK` pairs at a time.
+
+        With accumulation the trainer calls the loss once per micro-batch with the same whole-batch
+        tensors: the teacher embeds them the first time only (the tensors are kept, so that their
+        identity cannot be taken by another batch's).
+        """
+        if self._cached is None or self._cached[0] is not images or self._cached[1] is not texts:
+            with torch.no_grad():
+                parts = [self.teacher(i, t) for i, t in zip(images.split(TEACHER_CHUNK), texts.split(TEACHER_CHUNK))]
+            out = {k: torch.cat([p[k] for p in parts]) for k in ("image_features", "text_features")}
+            out["logit_scale"] = parts[0]["logit_scale"]
+            self._cached = (images, texts, out)
+        return self._cached[2]
+
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, *, images, texts):
-        with torch.no_grad():
-            out = self.teacher(images, texts)
+        out = self._teacher_outputs(images, texts)
         losses = self.inner(
             image_features, text_features, logit_scale,
             out["image_features"], out["text_features"], out["logit_scale"], output_dict=True,
