@@ -141,6 +141,21 @@ class ScopedParams(Protocol):
     def whole_dataset(self) -> bool: ...
 
 
+@runtime_checkable
+class Launcher(Protocol):
+    """``register_launchers``: how the train stage runs, on one or many processes and machines.
+
+    ``launch(job, device)`` calls ``job()`` once in every process it starts and waits for all of
+    them (``device``: the recipe's ``train.device``, to size the processes by);
+    a failure is a :class:`~clipforge.StageError` that names the rank and its error. ``job`` is a
+    picklable callable that trains and leaves the result on the store; each process learns its
+    part as ``torch.distributed`` does: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
+    and ``MASTER_PORT`` in its environment, or a process group already initialised.
+    """
+
+    def launch(self, job: Callable[[], object], device: str) -> None: ...
+
+
 # -- optional capabilities: what a component may declare beyond its protocol ---------------------
 
 

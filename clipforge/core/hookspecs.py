@@ -87,6 +87,16 @@ def register_curation_steps(register: RegisterFn) -> None:
     """
 
 
+@hookspec
+def register_launchers(register: RegisterFn) -> None:
+    """Register ways to run the train stage: in this process, on several processes, on a cluster.
+
+    Runs once, when the catalogs are first built. Each factory returns a
+    :class:`~clipforge.Launcher`: ``launch(job)`` runs the picklable ``job`` on every process it
+    starts, each told its rank as ``torch.distributed`` expects, and waits for all of them.
+    """
+
+
 # -- lifecycle ------------------------------------------------------------------------------
 
 

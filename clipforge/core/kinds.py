@@ -64,6 +64,7 @@ KINDS: dict[str, Kind] = {
             "check_curation_step",
             ("curation.*",),
         ),
+        Kind("launchers", "launcher", "register_launchers", (c.Launcher,), (), "check_launcher", ("train.launcher",)),
     )
 }
 

@@ -105,6 +105,10 @@ class TrainConfig(_Strict):
         None, description="warm start: models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a checkpoint"
     )
     weight_average: WeightAverage | None = Field(None, description="WiSE-FT with the init_from weights after training")
+    launcher: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(type="local"),
+        description="how training runs: {type: local} in this process, {type: torchrun, nproc_per_node: N}, {type: ray, num_workers: N}",
+    )
 
     @pydantic.model_validator(mode="after")
     def _averaging_needs_a_start(self) -> TrainConfig:
@@ -246,6 +250,8 @@ def _child(node: Any, part: str, path: str, item: str) -> Any:
         return node[part]
     if isinstance(node, dict) and part in _SECTIONS and path == part:
         return node.setdefault(part, {})
+    if isinstance(node, dict) and (default := _component_default(path)) is not None:
+        return node.setdefault(part, default)
     if isinstance(node, list) and part.isdigit() and int(part) < len(node):
         return node[int(part)]
     raise ConfigError(f"--set {item!r}: {path!r} is not in the recipe")
@@ -260,7 +266,18 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
+def _component_default(path: str) -> dict[str, Any] | None:
+    """The default entry of a component field of a section (``train.launcher``), for --set to fill in."""
+    section, _, name = path.partition(".")
+    field = _SECTIONS[section].model_fields.get(name) if section in _SECTIONS else None
+    if field is None or field.annotation is not ComponentRef:
+        return None
+    return field.get_default(call_default_factory=True).entry()
+
+
 def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:
+    if len(parts) >= 3 and _component_default(".".join(parts[:2])) is not None:
+        return True  # a component's parameter: its params model checks it
     if len(parts) == 2 and parts[0] in _SECTIONS:
         return parts[1] in _SECTIONS[parts[0]].model_fields
     if parts[0] == "registry" and len(parts) == 3 and parts[1] == "promote":

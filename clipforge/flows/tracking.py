@@ -48,6 +48,10 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def tracking_uri() -> str:
+    return str(mlflow.get_tracking_uri())
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 

@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 from prefect import flow
+from pydantic import BaseModel, ConfigDict
 
 from clipforge.core.context import RunContext
 from clipforge.core.recipe import Recipe
-from clipforge.core.results import CurateResult, TrainResult
+from clipforge.core.results import CurateResult, Shard, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training import train
 from clipforge.flows import tracking
@@ -24,7 +25,8 @@ def training_key(recipe: Recipe, curated: CurateResult) -> str:
         "data": curated.content_hash,
         "model": recipe.model.entry(),
         "loss": recipe.loss.entry(),
-        "train": recipe.train.model_dump(mode="json", exclude={"log_every"}),  # how often to log changes nothing
+        # how often it logs and how many loader workers it has change nothing of what it trains
+        "train": recipe.train.model_dump(mode="json", exclude={"log_every", "workers"}),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -51,6 +53,39 @@ def train_flow(recipe: dict[str, Any], run_id: str) -> TrainResult:
     return run_stage(ctx, "train", lambda: _train(ctx, curated))
 
 
+class TrainJob(BaseModel):
+    """The train stage's work in one process: what a launcher runs in each process it starts.
+
+    Plain data, so that it pickles to spawned processes and other machines. Every process trains
+    its share; the engine calls ``on_step`` on rank 0 only, which fires ``after_train_step`` (of the
+    plugins installed where it runs) and logs the step's metrics to the retrain's MLflow run.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    recipe: dict[str, Any]
+    run_id: str
+    out: str
+    shards: list[Shard]
+    tracking_uri: str
+    mlflow_run_id: str
+
+    def __call__(self) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        ctx = open_context(self.recipe, self.run_id)
+        logger = tracking.StepLogger(self.mlflow_run_id, ctx.recipe.train.log_every)
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            ctx.plugins.hook.after_train_step(context=ctx, step=step, metrics=metrics)
+            logger(step, metrics)
+
+        try:
+            train(ctx.recipe, ctx.plugins.catalog, ctx.store, self.out, self.shards, on_step=on_step)
+        finally:
+            logger.close()
+
+
 def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
     run = tracking.mlflow_run(ctx)
     key = training_key(ctx.recipe, curated)
@@ -62,17 +97,19 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
         tracking.set_tags(run, {"clipforge.train_reused_from": ctx.store.uri(out)})
         result = earlier.model_copy(update={"reused": True, "key": key})
     else:
-        logger = tracking.StepLogger(run, ctx.recipe.train.log_every)
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            ctx.plugins.hook.after_train_step(context=ctx, step=step, metrics=metrics)
-            logger(step, metrics)
-
-        try:
-            result = train(ctx.recipe, ctx.plugins.catalog, ctx.store, out, curated.shards, on_step=on_step)
-        finally:
-            logger.close()
+        if not ctx.store.exists(f"{out}/result.json"):  # a finished training is not launched again
+            launcher = ctx.plugins.catalog.create("launchers", ctx.recipe.train.launcher.entry())
+            job = TrainJob(
+                recipe=ctx.recipe.as_dict(), run_id=ctx.run_id, out=out, shards=curated.shards,
+                tracking_uri=tracking.tracking_uri(), mlflow_run_id=run,
+            )  # fmt: skip
+            launcher.launch(job, ctx.recipe.train.device)
+        result = TrainResult.model_validate(ctx.store.read_json(f"{out}/result.json"))
         result = result.model_copy(update={"reused": False, "key": key})
+        print(
+            f"train: {result.steps} steps on {result.world_size} process(es), {result.device} "
+            f"({ctx.recipe.train.launcher.type} launcher), {result.samples_per_s} samples/s"
+        )
         # each run trains in its own folder, so overlapping retrains never write into one another;
         # the index entry is written atomically once the training is complete (the last one wins)
         ctx.store.write_json(f"cache/train/{key}.json", {"run_id": ctx.run_id, "result": result.model_dump(mode="json")})

@@ -19,4 +19,7 @@ BUILTINS = (
     "clipforge.plugins.evaluators.geometry",
     "clipforge.plugins.evaluators.compositionality",
     "clipforge.plugins.evaluators.digits",
+    "clipforge.plugins.launchers.local",
+    "clipforge.plugins.launchers.torchrun",
+    "clipforge.plugins.launchers.ray",
 )

@@ -157,9 +157,7 @@ def promote_if_better(
                 client.set_model_version_tag(name, version, "promotion_reason", reason)
                 return False, champion
             fresh_until = read_at + fresh_for
-            if not _claim_generation(client, name, generation, version) or not _move_champion(
-                client, name, version, champion, reason=reason, user=f"auto:{_whoami()}", fresh_until=fresh_until
-            ):
+            if not _claimed_and_moved(client, name, version, champion, generation, reason, fresh_until):
                 # another promoter claimed the generation, or our decision went stale: back off
                 retries += 1
                 time.sleep(random.uniform(0, settle / 4 * 2 ** min(retries, 4)))
@@ -168,6 +166,24 @@ def promote_if_better(
             moves += 1
             time.sleep(settle)  # lets a racing promoter's write land before we re-read
     raise PromotionError(f"{name}: champion kept moving while v{version} was being promoted; try again")
+
+
+def _claimed_and_moved(
+    client: MlflowClient, name: str, version: str, champion: str | None, generation: str, reason: str, fresh_until: float
+) -> bool:
+    """Claim the next generation and move ``champion``; False when another promoter got in first.
+
+    Two writes of the alias at once can also collide in the registry's database (a unique
+    constraint): the other promoter got in first as well.
+    """
+    try:
+        return _claim_generation(client, name, generation, version) and _move_champion(
+            client, name, version, champion, reason=reason, user=f"auto:{_whoami()}", fresh_until=fresh_until
+        )
+    except MlflowException as e:
+        if "UNIQUE constraint" in str(e) or "IntegrityError" in str(e) or "Duplicate entry" in str(e):
+            return False
+        raise
 
 
 def set_champion(name: str, version: str, *, reason: str, user: str | None = None) -> str | None:

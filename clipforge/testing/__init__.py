@@ -21,6 +21,7 @@ from clipforge.testing.checks import (
     check_dataset,
     check_encoder,
     check_evaluator,
+    check_launcher,
     check_loss,
     components,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "check_dataset",
     "check_encoder",
     "check_evaluator",
+    "check_launcher",
     "check_loss",
     "components",
     "tiny_dataset",

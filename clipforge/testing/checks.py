@@ -8,10 +8,13 @@ run, in a model that cannot be loaded back, in metrics MLflow refuses.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import numbers
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +380,50 @@ def _judge(step: Any, samples: list[Sample], name: str) -> list[Any]:
     if hasattr(features, "astype"):  # arrays reach decide() as float32, as the reduce phase hands them
         features = features.astype("float32")
     return list(step.decide([s.key for s in samples], features))
+
+
+# -- launchers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankProbe:
+    """A job for launchers: each process records the rank and world size it was told, in ``folder``;
+    with ``fail``, the process of rank ``fail`` raises instead."""
+
+    folder: str
+    fail: int | None = None
+
+    def __call__(self) -> None:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if rank == self.fail:
+            raise RuntimeError(f"probe failure on rank {rank}")
+        Path(self.folder, f"{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "pid": os.getpid()}))
+
+
+def check_launcher(launcher: Any, *, device: str = "cpu", name: str = "launcher") -> int:
+    """A launcher runs a job once in every process it starts, each told its rank and the world size
+    (``RANK``, ``WORLD_SIZE``) as ``torch.distributed`` expects; it returns once all finished; the
+    error of a failing process reaches the caller, naming the rank or the error. Returns the world size."""
+    from clipforge.core.components import Launcher
+
+    if not isinstance(launcher, Launcher):
+        raise _fail(name, f"must have launch(job, device), got {type(launcher).__name__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        launcher.launch(RankProbe(tmp), device)
+        seen = [json.loads(p.read_text()) for p in Path(tmp).glob("*.json")]
+        if not seen:
+            raise _fail(name, "returned without running the job")
+        world = seen[0]["world"]
+        if sorted(s["rank"] for s in seen) != list(range(world)) or any(s["world"] != world for s in seen):
+            raise _fail(name, f"ran the job as ranks {sorted(s['rank'] for s in seen)} of {[s['world'] for s in seen]}")
+        try:
+            launcher.launch(RankProbe(tmp, fail=world - 1), device)
+        except Exception as e:
+            if f"rank {world - 1}" not in str(e) and "probe failure" not in str(e):
+                raise _fail(name, f"reported a failed process without its rank or error: {e}") from e
+        else:
+            raise _fail(name, f"returned although rank {world - 1} failed")
+    return int(world)
 
 
 # -- by name, through the catalog ----------------------------------------------------------

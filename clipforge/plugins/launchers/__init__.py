@@ -1,0 +1,1 @@
+"""Built-in launchers: how the train stage runs."""
