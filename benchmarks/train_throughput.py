@@ -2,6 +2,7 @@
 batch size, precision and CSV of PNG images.
 
     python benchmarks/train_throughput.py                      # CPU, fp32, the tiny model
+    python benchmarks/train_throughput.py --nproc 2            # 2 processes each: torchrun against the torchrun launcher
     python benchmarks/train_throughput.py --model ViT-B-32 --precision bf16 --device cuda \
         --image-size 224 --batch-size 256 --samples 5120 --workers 8
 
@@ -9,6 +10,10 @@ Three runs: open_clip_train reading the CSV; clipforge reading the same PNGs (pu
 unchanged); clipforge reading the shards its curation wrote from the CSV (images resized to the
 model's input size). Samples/s are steady-state figures: the time of every
 step after the first ``--skip`` (data waits included, as open_clip_train's "Batch (t)").
+
+With ``--nproc N`` both train on N processes: open_clip_train under ``torchrun --standalone``,
+clipforge through its ``torchrun`` launcher; ``--batch-size`` is per process on both sides, the
+samples/s are of the global batches, and both get the same ``OMP_NUM_THREADS`` (printed).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,8 +68,13 @@ def steady_rate(step_seconds: list[float], batch: int, skip: int) -> float:
 def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
     name = f"bench-{uuid.uuid4().hex[:8]}"  # a reused name makes open_clip_train skip training
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+        if args.nproc > 1
+        else [sys.executable]
+    )
     cmd = [
-        sys.executable, "-m", "open_clip_train.main",
+        *launch, "-m", "open_clip_train.main",
         "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", ",",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--model", model, "--precision", precision, "--workers", str(args.workers),
@@ -76,13 +87,30 @@ def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
     times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
     if done.returncode != 0 or len(times) <= args.skip:
         raise SystemExit(f"open_clip_train failed or trained too few steps:\n{log[-3000:]}\n{done.stderr[-3000:]}")
-    return steady_rate(times, args.batch_size, args.skip)
+    return steady_rate(times, args.batch_size * args.nproc, args.skip)
+
+
+class _Training:
+    """clipforge's training of one run, as its torchrun launcher runs it in each process (picklable)."""
+
+    def __init__(self, recipe: dict, root: str, out: str, shards: list[dict]):
+        self.recipe, self.root, self.out, self.shards = recipe, root, out, shards
+
+    def __call__(self) -> None:
+        import clipforge
+        from clipforge.core.recipe import load_recipe
+        from clipforge.core.results import Shard
+        from clipforge.core.storage import Store
+        from clipforge.engine.training import train
+
+        recipe, shards = load_recipe(self.recipe), [Shard.model_validate(s) for s in self.shards]
+        train(recipe, clipforge.get_plugin_manager().catalog, Store(self.root), self.out, shards, progress=False)
 
 
 def png_shards(store, catalog, table: Path, per_shard: int = 1000) -> list[dict]:
     """The CSV's PNG files as shards, bytes unchanged (curation would resize them to the model's input)."""
     from clipforge.core.results import Shard
-    from clipforge.engine.shards import ShardWriter, decode
+    from clipforge.engine.shards import ShardWriter, decode, write_index
 
     items = [decode(s) for s in catalog.create("datasets", {"type": "csv", "path": str(table), "caption_column": "title"})]
     shards = []
@@ -91,6 +119,7 @@ def png_shards(store, catalog, table: Path, per_shard: int = 1000) -> list[dict]
             for item in items[i : i + per_shard]:
                 writer.add(item)
             shards.append(Shard.model_validate(writer.close()))
+            write_index(store, shards[-1].path, writer.offsets)
     return shards
 
 
@@ -99,7 +128,6 @@ def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
     from clipforge.core.recipe import load_recipe
     from clipforge.core.storage import Store
     from clipforge.engine.curation import curate
-    from clipforge.engine.training import train
 
     model = {"type": "open-clip", "config": TINY} if args.model == "tiny" else {"type": "open-clip", "arch": args.model}
     recipe = load_recipe({
@@ -116,11 +144,17 @@ def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
         "same-pngs": png_shards(store, catalog, table),
         "resized": curate(recipe, catalog, store, "curated", progress=False).shards,
     }
-    rates = []
+    rates, per_step = [], args.batch_size * args.nproc
     for name, shards in runs.items():
-        train(recipe, catalog, store, f"{name}/train", shards, progress=False)
+        job = _Training(recipe.as_dict(), str(root), f"{name}/train", [s.model_dump() for s in shards])
+        if args.nproc > 1:
+            from clipforge.plugins.launchers.torchrun import Torchrun
+
+            Torchrun(args.nproc).launch(job, args.device)
+        else:
+            job()
         history = store.read_json(f"{name}/train/history.json")
-        rates.append(steady_rate([args.batch_size / h["samples_per_s"] for h in history], args.batch_size, args.skip))
+        rates.append(steady_rate([per_step / h["samples_per_s"] for h in history], per_step, args.skip))
     return rates[0], rates[1]
 
 
@@ -134,8 +168,18 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the rates")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes on both sides (torchrun)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each process; default: cores / nproc")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cores // args.nproc)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the same for every process of both sides
+    print(
+        f"settings: {args.model}, {args.precision} on {args.device}, batch {args.batch_size} per process x {args.nproc} "
+        f"process(es), {args.workers} loader worker(s) each, OMP_NUM_THREADS={threads}, {args.samples} samples",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -155,6 +199,7 @@ def main() -> None:
         print(f"clipforge (shards of the same PNGs): {same:8.1f} samples/s  ratio {same / open_clip_rate:.2f}x")
         print(f"clipforge (shards, resized images):  {resized:8.1f} samples/s  ratio {resized / open_clip_rate:.2f}x")
         print(json.dumps({"model": args.model, "precision": args.precision, "device": args.device, "batch_size": args.batch_size,
+                          "nproc": args.nproc, "omp_num_threads": threads,
                           "open_clip_train": round(open_clip_rate, 1), "clipforge_same_pngs": round(same, 1),
                           "clipforge_resized": round(resized, 1)}))  # fmt: skip
 

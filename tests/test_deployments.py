@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clipforge.core.recipe import load_recipe
 from tests.conftest import TINY_RECIPE, write_yaml
 from tests.services import free_port, process
 
@@ -138,3 +139,20 @@ def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server)
     assert deployment["job_variables"]["gpu_count"] == 1
     assert "train.device=cuda" in deployment["parameters"]["overrides"]
     assert [s["active"] for s in deployment["schedules"]] == [False]
+
+
+def test_the_launcher_deployments_train_on_every_gpu_of_a_pod_or_on_a_ray_cluster(server):
+    env, api = server
+    env = {**env, "CLIPFORGE_HOME": str(REPO)}
+    template = "deployments/k8s-gpu-job-template.json"
+    _run([*PREFECT, "work-pool", "create", "clipforge-k8s-gpu", "--type", "kubernetes", "--base-job-template", template], env)
+    for name in ("vit-b32-8gpu", "vit-b32-ray"):
+        _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", name], env)
+    pod = api.get("/deployments/name/retrain-recipe/vit-b32-8gpu").json()
+    ray = api.get("/deployments/name/retrain-recipe/vit-b32-ray").json()
+    recipe = load_recipe(REPO / pod["parameters"]["recipe_path"])
+    assert (recipe.train.launcher.type, recipe.train.launcher.fields) == ("torchrun", {"nproc_per_node": "auto"})
+    assert pod["job_variables"]["gpu_count"] == 8 and recipe.storage.root.startswith("s3://")
+    on_ray = load_recipe(REPO / ray["parameters"]["recipe_path"], ray["parameters"]["overrides"])
+    assert (on_ray.train.launcher.type, on_ray.train.launcher.fields) == ("ray", {"num_workers": 16, "use_gpu": True})
+    assert ray["job_variables"]["env"]["RAY_ADDRESS"].startswith("ray://") and ray["job_variables"]["gpu_count"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -82,7 +83,8 @@ def _tiny_bundle(seed=0, **cfg):
 def _batch(bundle, n=4):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(n, 3, 32, 32, generator=g)
-    tokens = bundle.tokenizer([f"a {c} square" for c in ("red", "blue", "green", "pink", "grey", "cyan")[:n]])
+    colors = ("red", "blue", "green", "pink", "grey", "cyan", "gold", "teal")
+    tokens = bundle.tokenizer([f"a {c} square" for c in colors[:n]])
     return images, tokens
 
 
@@ -135,44 +137,57 @@ def test_distill_refuses_a_teacher_that_reads_other_inputs(tmp_path):
 WORLD = 2
 # a ViT image tower: batch norm would normalise each rank's half batch by its own statistics
 VIT = {"vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}}
-LOSSES = [
-    {"type": "clip", "gather_with_grad": True},
-    {"type": "clip", "gather_with_grad": True, "local_loss": True},
-    {"type": "dcl", "gather_with_grad": True, "local_loss": True},
-    {"type": "siglip"},
-]
+ACCUMS = (1, 2)
+
+
+def _losses(teacher: str) -> list[tuple[dict, int]]:
+    """Each loss, and the factor that turns its DDP gradient into one process's: 1, or the world
+    size without gather_with_grad (as open_clip: each rank's features get their own rows' gradient;
+    the temperature, which every rank uses whole, gets the whole gradient)."""
+    return [
+        ({"type": "clip", "gather_with_grad": True}, 1),
+        ({"type": "clip", "gather_with_grad": True, "local_loss": True}, 1),
+        ({"type": "clip"}, WORLD),
+        ({"type": "dcl", "gather_with_grad": True, "local_loss": True}, 1),
+        ({"type": "siglip"}, 1),
+        ({"type": "distill", "teacher": teacher, "gather_with_grad": True, "local_loss": True}, 1),
+    ]
 
 
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _global_run(entry, images, tokens, bias):
+def _global_run(entry, images, tokens, bias, accum):
+    """The loss and gradients of the global batch (``accum`` micro-batches), as the trainer computes them."""
+    from clipforge.engine.training.step import forward_backward
+
     bundle = _tiny_bundle(0, init_logit_bias=-10.0, **VIT) if bias else _tiny_bundle(0, **VIT)
     loss_fn = _loss(entry)
     model = bundle.model
     rank, world = (torch.distributed.get_rank(), WORLD) if torch.distributed.is_initialized() else (0, 1)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-        n = images.shape[0] // world
-        images, tokens = images[rank * n : (rank + 1) * n], tokens[rank * n : (rank + 1) * n]
-    out = model(images, tokens)
-    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-    loss.backward()
+    size = images.shape[0] // accum // world  # each rank's share of each global micro-batch
+    micro = []
+    for j in range(accum):
+        first = j * size * world + rank * size
+        micro.append((images[first : first + size], tokens[first : first + size]))
+    losses = forward_backward(model, loss_fn, micro, contextlib.nullcontext, lambda loss: loss.backward())
+    loss = losses["loss"].detach().clone()
     if world > 1:  # the loss of the global batch: the mean of the ranks' losses (local_loss) or any rank's
-        loss = loss.detach().clone()
         torch.distributed.all_reduce(loss)
         loss /= world
     return loss.item(), _grads(bundle.model)
 
 
-def _worker(rank, port, path):
+def _worker(rank, port, path, teacher):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        images, tokens = _batch(_tiny_bundle(0), n=6)
-        results = [_global_run(e, images, tokens, e["type"] == "siglip") for e in LOSSES]
+        images, tokens = _batch(_tiny_bundle(0), n=8)
+        results = [_global_run(e, images, tokens, e["type"] == "siglip", accum) for accum in ACCUMS for e, _ in _losses(teacher)]
         if rank == 0:
             torch.save(results, path)
     finally:
@@ -187,15 +202,19 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
-    """Tolerance (fp32, the sums run in another order): loss 1e-5 relative; each gradient tensor 1e-4 of its largest entry."""
-    path = tmp_path / "ranks.pt"
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(path)), nprocs=WORLD, join=True)
-    distributed = torch.load(path, weights_only=True)
-    images, tokens = _batch(_tiny_bundle(0), n=6)
-    for entry, (loss, grads) in zip(LOSSES, distributed):
-        ref_loss, ref_grads = _global_run(entry, images, tokens, entry["type"] == "siglip")
-        assert math.isclose(loss, ref_loss, rel_tol=1e-5), entry
-        assert grads.keys() == ref_grads.keys()
-        for name in grads:
-            error = (grads[name] - ref_grads[name]).abs().max().item()
-            assert error <= 1e-4 * ref_grads[name].abs().max().item() + 1e-7, (entry, name, error)
+    """clip, dcl, siglip and distill, gather_with_grad on and off, accum_steps 1 and 2 (DDP with no_sync).
+    Tolerance (fp32, the sums run in another order): loss 1e-5 relative; each gradient tensor 1e-4 of its largest entry."""
+    path, teacher = tmp_path / "ranks.pt", f"local-dir:{_teacher_dir(tmp_path, **VIT)}"
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(path), teacher), nprocs=WORLD, join=True)
+    distributed = iter(torch.load(path, weights_only=True))
+    images, tokens = _batch(_tiny_bundle(0), n=8)
+    for accum in ACCUMS:
+        for entry, factor in _losses(teacher):
+            loss, grads = next(distributed)
+            ref_loss, ref_grads = _global_run(entry, images, tokens, entry["type"] == "siglip", accum)
+            assert math.isclose(loss, ref_loss, rel_tol=1e-5), (entry, accum)
+            assert grads.keys() == ref_grads.keys()
+            for name in grads:
+                scale = 1 if name in ("logit_scale", "logit_bias") else factor
+                error = (scale * grads[name] - ref_grads[name]).abs().max().item()
+                assert error <= 1e-4 * ref_grads[name].abs().max().item() + 1e-7, (entry, accum, name, error)

@@ -76,6 +76,8 @@ TINY_FIELDS = {
     "clip-score": {"model": f"{_FILES}/scorer", "threshold": -1.0},
     "balance": {"entries": ["red", "circle", "blue square"], "t": 2},
     "distill": {"teacher": f"{_FILES}/scorer"},
+    "torchrun": {"nproc_per_node": 2},
+    "ray": {"num_workers": 2},
 }
 
 
@@ -83,7 +85,13 @@ def _builtins():
     return [(kind, name) for kind in clipforge.testing.CHECKS for name in components(kind, distribution="clipforge")]
 
 
-@pytest.mark.parametrize(("kind", "name"), _builtins())
+#: Built-ins whose check starts processes or a Ray runtime: tens of seconds each.
+_SLOW = {"torchrun", "ray"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [pytest.param(kind, name, marks=[pytest.mark.slow] if name in _SLOW else []) for kind, name in _builtins()]
+)
 def test_every_builtin_component_conforms(kind, name):
     inputs = {"features": tiny_features(logit_bias=True)} if name == "siglip" else {}  # SigLIP learns a bias
     check_component(kind, name, TINY_FIELDS.get(name), **inputs)
