@@ -3,8 +3,8 @@
 Each works under ``torch.distributed`` as open_clip's losses do: features are gathered from
 every rank (``gather_with_grad``: gradients flow through the gathered copies; ``local_loss``:
 a rank computes only its own rows). With ``gather_with_grad`` the DDP-averaged gradients equal
-those of one process holding the whole global batch; without it they are ``1/world_size`` of
-them, as in open_clip.
+those of one process holding the whole global batch; without it the towers' gradients are
+``1/world_size`` of them (the logit scale's, used whole by every rank, is whole), as in open_clip.
 """
 
 from __future__ import annotations
