@@ -8,6 +8,7 @@ import io
 import json
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from PIL import Image
 
 from clipforge.core.components import Sample
 from clipforge.core.storage import Store
+from clipforge.core.tarstream import TarError, read_members
 
 # A key becomes a tar member name: no path traversal, no dots (webdataset splits the extension at the first dot).
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
@@ -62,7 +64,7 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
             raise BadSample("caption is not UTF-8") from None
     if not all(isinstance(c, str) for c in captions):
         raise BadSample("caption is not text")
-    if any(not c.strip() for c in captions):
+    if not all(map(visible, captions)):
         raise BadSample("empty caption")
     if any(len(c) > MAX_CAPTION_CHARS for c in captions):
         raise BadSample(f"caption longer than {MAX_CAPTION_CHARS} characters")
@@ -86,6 +88,16 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
     clean = Sample(key=key, image=pil, caption=caption, label=sample.label, meta=dict(sample.meta))
     item = Decoded(clean, data, ext, loaded)
     return load_pixels(item) if pixels else item  # decodes fully: truncated files fail here, not later in training
+
+
+# characters that print nothing although Unicode files them as letters or symbols: Hangul fillers, the blank Braille pattern
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` shows anything: a letter, digit, punctuation or symbol, not only spaces,
+    control or format characters (zero-width spaces, joiners, byte-order marks) or combining marks."""
+    return any(unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK for ch in text)
 
 
 def load_pixels(item: Decoded) -> Decoded:
@@ -239,45 +251,28 @@ class ShardWriter:
 
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:
-    """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``."""
+    """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``.
+
+    A shard clipforge wrote is read strictly: any damage raises :class:`~clipforge.core.tarstream.TarError`.
+    """
     with store.open(rel) as f:
         current: dict[str, Any] = {}
-        for name, data in _members(f, store.uri(rel)):
-            key, _, ext = name.partition(".")
-            if current and current["key"] != key:
-                yield _finish(current)
-                current = {}
-            current["key"] = key
-            current[ext] = data
+        try:
+            for member in read_members(f):
+                if member.kind == "dir":
+                    continue
+                if member.kind != "file":
+                    raise TarError(f"member {member.name!r} is a {member.kind}, not one clipforge writes")
+                key, _, ext = member.name.partition(".")
+                if current and current["key"] != key:
+                    yield _finish(current)
+                    current = {}
+                current["key"] = key
+                current[ext] = member.data
+        except TarError as e:
+            raise TarError(f"{store.uri(rel)}: {e}") from None
         if current:
             yield _finish(current)
-
-
-def _members(f: Any, uri: str) -> Iterator[tuple[str, bytes]]:
-    """The regular files of a ustar archive as written by :class:`ShardWriter`: a header parse costs a tenth of tarfile's."""
-    while True:
-        header = f.read(512)
-        if 0 < len(header) < 512:
-            raise tarfile.ReadError(f"{uri}: truncated archive")
-        if not header or header == _ZERO_BLOCK:  # the end-of-archive marker (or a bare end)
-            return
-        if b"%06o" % (sum(header) - sum(header[148:156]) + 256) != header[148:154]:
-            raise tarfile.ReadError(f"{uri}: bad tar header checksum")
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"{uri}: truncated archive")
-        f.read(-size % 512)
-        kind = header[156:157]
-        if kind in (b"0", b"\0"):
-            name = header[0:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode()
-            yield (f"{prefix}/{name}" if prefix else name), data
-        elif kind != b"5":  # directories carry nothing; the writer makes nothing else
-            raise tarfile.ReadError(f"{uri}: tar member type {kind!r} is not one clipforge writes")
-
-
-_ZERO_BLOCK = bytes(512)
 
 
 def _finish(raw: dict[str, Any]) -> dict[str, Any]:
