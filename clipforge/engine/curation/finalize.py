@@ -90,7 +90,12 @@ def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], re
     funnel.add(reduced.funnel)
     duplicate_keys = sum(1 for d in reduced.drops if d.step == DECODE_STEP)
     if duplicate_keys:
+        # a key already read in an earlier part: dropped at decode, so the per-sample steps, which
+        # saw it in its own part, count it as never seen (each step sees what the one before kept)
         funnel.drop(DECODE_STEP, "duplicate key", duplicate_keys)
+        for label in step_labels(recipe):
+            if label not in reduced.funnel:  # a per-sample step
+                funnel.seen[label] -= duplicate_keys
     digest = hashlib.sha256()
     buf = io.BytesIO()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _SCHEMA])
@@ -132,7 +137,8 @@ def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop
             position += 1
             if drop:
                 table["kept"][r] = False
-                table["step"][r], table["reason"][r], table["detail"][r] = drop.step, drop.reason, drop.detail
+                table["step"][r], table["reason"][r] = drop.step, drop.reason
+                table["detail"][r] = drop.detail or table["detail"][r]  # else where the sample was read
                 scores = json.loads(table["scores"][r] or "{}")
                 scores.update({f"{drop.step}/{k}": v for k, v in drop.scores.items()})
                 table["scores"][r] = json.dumps(scores, sort_keys=True) if scores else ""
