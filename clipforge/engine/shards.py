@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clipforge.core.components import Sample
 from clipforge.core.storage import Store
@@ -22,6 +22,7 @@ from clipforge.core.tarstream import TarError, read_members
 # A key becomes a tar member name: no path traversal, no dots (webdataset splits the extension at the first dot).
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+_ORIENTATION = 0x0112  # EXIF: how the stored pixels must turn to stand upright
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -75,12 +76,17 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
                 raise BadSample("empty image file")
             pil: Image.Image = Image.open(io.BytesIO(image))
             ext = _FORMATS.get(pil.format or "")
-            if ext:
+            if ext and _orientation(pil) in (1, None):
                 data, loaded = bytes(image), False
+            elif ext:  # turned upright now, so that no reader of the curated bytes needs to know EXIF
+                pil = _rgb(ImageOps.exif_transpose(pil))
+                data, loaded = encode(pil, ext), True
             else:  # stored as PNG, which needs the pixels now
                 pil = _rgb(pil)
                 data, ext, loaded = _png(pil), "png", True
         elif isinstance(image, Image.Image):
+            if _orientation(image) not in (1, None):
+                image = ImageOps.exif_transpose(image)
             pil, data, ext, loaded = _rgb(image), _png(image), "png", True
         else:
             raise BadSample("no image")
@@ -107,6 +113,24 @@ def load_pixels(item: Decoded) -> Decoded:
             item.sample.image = _rgb(item.sample.image)
         item.loaded = True
     return item
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag, read without decoding pixels (PNG's only when it precedes the pixels)."""
+    if image.format != "PNG":
+        return image.getexif().get(_ORIENTATION)
+    exif = Image.Exif()
+    if image.info.get("exif"):  # PNG's getexif() would decode the pixels to look after them
+        exif.load(image.info["exif"])
+    return exif.get(_ORIENTATION)
+
+
+def encode(image: Image.Image, ext: str) -> bytes:
+    """``image`` in the format of ``ext`` (jpg, webp: quality 95; png)."""
+    buf = io.BytesIO()
+    fmt = {"jpg": "JPEG", "webp": "WEBP"}.get(ext, "PNG")
+    image.save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    return buf.getvalue()
 
 
 def _rgb(image: Image.Image) -> Image.Image:

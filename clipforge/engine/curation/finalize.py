@@ -16,7 +16,7 @@ from clipforge.core.storage import Store
 from clipforge.engine.curation.parts import Funnel, PartResult
 from clipforge.engine.curation.plan import DECODE_STEP, Job, input_size, part_dir, step_labels
 from clipforge.engine.curation.reduce import Drop, Reduced
-from clipforge.engine.shards import Decoded, ShardWriter, decode, iter_shard
+from clipforge.engine.shards import Decoded, ShardWriter, decode, encode, iter_shard
 
 
 class FinalizeJob(Job):
@@ -67,11 +67,8 @@ def _resized(item: Decoded, size: int) -> Decoded:
         return item
     scale = size / short
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    fmt = {"jpg": "JPEG", "webp": "WEBP"}.get(item.ext, "PNG")
-    image.save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
     item.sample.image = image
-    return Decoded(item.sample, buf.getvalue(), item.ext)
+    return Decoded(item.sample, encode(image, item.ext), item.ext)
 
 
 _SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
