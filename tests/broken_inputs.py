@@ -232,6 +232,23 @@ def split_sample(prefix: str, at: int, fmt: int) -> ShardCase:
     return ShardCase(prefix, build(order, fmt).data, dict.fromkeys(keys, KEPT), notes={keys[at]: "after other keys"})
 
 
+def split_and_damaged(prefix: str, at: int, fmt: int) -> ShardCase:
+    """As ``split_sample``, with the image's and the caption's headers damaged: the key's row says so,
+    and the damage by its image, away from the key's other members, is a row of its own."""
+    entries, keys = _plain(prefix)
+    later = (at + 1) % 4
+    order: list[Entry] = []
+    for j in range(4):
+        order += entries[3 * j : 3 * j + 1] if j == at else entries[3 * j : 3 * j + 3]
+        if j == later:
+            order += entries[3 * at + 1 : 3 * at + 3]
+    built = build(order, fmt)
+    image, text = (built.headers[order.index(entries[3 * at + i])] for i in (0, 1))
+    expect: dict[str, str | None] = dict.fromkeys(keys, KEPT)
+    expect[keys[at]] = "corrupt tar header"
+    return ShardCase(prefix, _flip(built.data, [image + 150, text + 150]), expect, extra={f"@{image}": "corrupt tar header"})
+
+
 def member_after_complete(prefix: str, at: int, fmt: int) -> ShardCase:
     """A caption of the damaged sample comes again at the end of the shard, after the sample was whole."""
     entries, keys = _plain(prefix)
@@ -309,6 +326,7 @@ SHARD_KINDS: list[ShardKind] = [
     image_is_a_link,
     repeated_member,
     split_sample,
+    split_and_damaged,
     member_after_complete,
     sidecar(b"[1, 2, 3]", "list"),
     sidecar(b"null", "null"),

@@ -166,3 +166,22 @@ def test_bad_recipes_and_arguments_exit_2_naming_the_input(tmp_path, capsys, mon
         assert "Traceback" not in err and err.count("error:") == 1, (case.name, err)
         for name in case.names:
             assert name in err, (case.name, name, err)
+
+
+def test_keys_waiting_for_their_members_hold_bounded_memory(tmp_path, monkeypatch):
+    """All images first, all captions after: keys wait for their captions until the bytes held reach
+    the bound; those given up are dropped, their late captions rows of their own; every key once."""
+    from clipforge.plugins.datasets import webdataset
+
+    images = [Entry(f"k{i}.jpg", jpeg(i)) for i in range(10)]
+    captions = [Entry(f"k{i}.txt", f"caption {i} of ten".encode()) for i in range(10)]
+    monkeypatch.setattr(webdataset, "MAX_PENDING", 3 * max(len(e.data) for e in images))
+    path = tmp_path / "sorted-by-kind.tar"
+    path.write_bytes(build(images + captions, tarfile.GNU_FORMAT).data)
+    samples = list(webdataset.WebDataset(str(path)))
+    by_key = collections.Counter(s.key.split("@")[0] for s in samples)
+    assert by_key == dict.fromkeys([f"k{i}" for i in range(10)], 1) | {f"k{i}": 2 for i in range(7)}
+    whole = [s.key for s in samples if s.caption is not None and s.image is not None]
+    assert whole == ["k7", "k8", "k9"]  # the last three waited within the bound and were joined
+    late = [s for s in samples if "@" in s.key]
+    assert len(late) == 7 and {s.meta["error"] for s in late} == {"key repeated after other keys"}

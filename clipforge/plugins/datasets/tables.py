@@ -165,7 +165,10 @@ class Table:
         if _URL.match(location):
             protocol = location.split("://", 1)[0]
             options = self.storage_options if protocol == self.protocol else {}
-            fs, target = fsspec.core.url_to_fs(location, **options)
+            try:
+                fs, target = fsspec.core.url_to_fs(location, **options)
+            except (ValueError, ImportError) as e:  # a protocol fsspec does not know, or whose package is missing
+                raise _Bad(f"image URL not readable here ({e})"[:300]) from None
         else:
             fs = self.fs
             target = location if location.startswith("/") else posixpath.join(posixpath.dirname(self._table_path), location)

@@ -135,7 +135,7 @@ class _Group:
     links: list[Member] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nearby: list[_Damage] = field(default_factory=list)  # damages next to one of its members
-    repeat_of: int | None = None  # the offset of the key's earlier sample, for members that came back after it
+    repeat_of: int | None = None  # for members that came back after their key's sample: that sample's offset
     size: int = 0
 
     @property
@@ -187,6 +187,7 @@ class _Shard:
         for d in self.damages:  # damage no key's sample accounts for: a sample of its own
             if not d.told:
                 key = d.key if d.key and d.key not in self.done else f"{posixpath.basename(self.url)}@{d.damage.offset}"
+                self.done[key] = d.damage.offset
                 yield self._bad(key, _reason(d.damage), f"{self.url}: {describe(d.damage)}")
 
     def _damage(self, damage: Damage) -> None:
@@ -238,14 +239,16 @@ class _Shard:
     def _sample(self, group: _Group) -> Sample:
         """The one sample of ``group``'s key, with the reason it is bad, if it is."""
         source = f"{self.url}@{group.offset}"
-        told = [d for d in group.nearby if d.key == group.key or not group.complete]
+        # a damage next to the group is its own when the damaged header names its key, or when it
+        # explains a member the group lacks
+        whole = group.complete or group.repeat_of is not None
+        told = [d for d in group.nearby if d.key == group.key or not whole]
         for d in told:
             d.told = True
-        notes = [*group.notes, *(describe(d.damage) for d in told if group.complete)]
+        notes = [*group.notes, *(describe(d.damage) for d in told if whole)]
         if group.repeat_of is not None:
-            first = self.done[group.key]
-            detail = f"{source}: members of {group.key} after other keys; its sample is the one at @{first}"
-            return self._bad(f"{group.key}@{group.offset}", REPEATED_KEY, detail)
+            notes.insert(0, f"members of {group.key} after other keys; its sample is the one at @{group.repeat_of}")
+            return self._bad(f"{group.key}@{group.offset}", REPEATED_KEY, "; ".join([source, *notes]))
         self.done[group.key] = group.offset
         error = None
         if not group.complete:
