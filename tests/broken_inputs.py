@@ -503,6 +503,10 @@ def cli_cases(folder) -> list[CliCase]:
     recipe("whole-step-first", good.replace("  - {type: caption-length, min_words: 2}",
                                             "  - {type: exact-duplicates}\n  - {type: caption-length, min_words: 2}"),
            "curation.1 (caption-length)", "curation.0 (exact-duplicates)")  # fmt: skip
+    recipe("top-fraction-first", good.replace("  - {type: caption-length, min_words: 2}",
+                                              "  - {type: clip-score, model: 'models:/m@champion', fraction: 0.3}\n"
+                                              "  - {type: caption-length, min_words: 2}"),
+           "curation.1 (caption-length)", "curation.0 (clip-score)")  # fmt: skip
     path = folder / "good.yaml"
     path.write_text(good)
     for name, value, names in (

@@ -244,6 +244,7 @@ class Store:
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+        """``rel`` for reading (seekable; a remote object by retried ranges, see :func:`open_read`)."""
         if mode != "rb":
             raise ValueError("the store opens files for reading, in binary ('rb'); writes must be atomic: use write_bytes")
         return open_read(self.fs, self.path(rel))
