@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -103,6 +104,10 @@ def _stages(stage: str) -> tuple[str, ...]:
 
 
 def cmd_run(args) -> int:
+    from clipforge.core.context import check_run_id
+
+    if args.run_id:
+        check_run_id(args.run_id)
     recipe = _recipe(args.recipe, args.set)
     workdir = Path(args.workdir).resolve()
     if args.stage != "all" and args.stage != "curate" and not args.run_id:
@@ -271,9 +276,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _NoTraceback(logging.Filter):
+    """Log records without their traceback: a failed flow or task run is told by clipforge's one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _hide_flow_tracebacks() -> None:
+    """Prefect logs each failed flow and task run with its traceback: on the terminal, unless ``--debug``,
+    only the message (the Prefect server's own log keeps the traceback)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect's handlers, which it would otherwise set up at the first flow run
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
+
+
+FLOW_COMMANDS = ("demo", "run", "evaluate", "schedule")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in FLOW_COMMANDS and not args.debug:
+            _hide_flow_tracebacks()
         return args.fn(args)
     except ConfigError as e:
         if args.debug:

@@ -74,26 +74,37 @@ def moto_s3(log_dir: Path) -> Iterator[str]:
 
 
 class FaultProxy(ThreadingHTTPServer):
-    """An HTTP proxy to ``upstream`` that answers every ``every``-th request with 503 SlowDown."""
+    """An HTTP proxy to ``upstream`` that answers every ``every``-th request with 503 SlowDown (0: none)
+    and cuts the body of every ``cut_every``-th GET answer halfway, closing the connection after the
+    first half as a dropped connection would (0: none)."""
 
     daemon_threads = True
 
-    def __init__(self, upstream: str, every: int = 10):
+    def __init__(self, upstream: str, every: int = 10, cut_every: int = 0):
         self.upstream = urlsplit(upstream)
-        self.every = every
+        self.every, self.cut_every = every, cut_every
         self.lock = threading.Lock()
-        self.requests = 0
+        self.requests = self.bodies = 0
         self.failed: list[str] = []
+        self.cut: list[str] = []
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def should_fail(self, line: str) -> bool:
         with self.lock:
             self.requests += 1
-            fail = self.requests % self.every == 0
+            fail = bool(self.every) and self.requests % self.every == 0
             if fail:
                 self.failed.append(line)
             return fail
+
+    def should_cut(self, line: str) -> bool:
+        with self.lock:
+            self.bodies += 1
+            cut = bool(self.cut_every) and self.bodies % self.cut_every == 0
+            if cut:
+                self.cut.append(line)
+            return cut
 
     @contextmanager
     def running(self) -> Iterator[FaultProxy]:
@@ -160,8 +171,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if not head:
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if not head:
-            self.wfile.write(data)
+        if head:
+            return
+        if self.command == "GET" and len(data) > 1 and self.server.should_cut(f"{self.command} {self.path}"):
+            self.wfile.write(data[: len(data) // 2])  # the promised length, half of it sent: then the connection drops
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 

@@ -107,3 +107,29 @@ def test_evaluate_refuses_what_is_no_model(tmp_path, tiny_recipe, capsys, uri, t
     assert main(["evaluate", uri.format(tmp=tmp_path), "--recipe", str(path)]) == 2
     err = capsys.readouterr().err
     assert "not an open_clip model folder" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_failed_flow_prints_clipforge_s_message_and_no_traceback_unless_debug(tmp_path):
+    """Prefect logs a failed flow run with its traceback; the terminal shows only clipforge's one line."""
+    import tarfile
+
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    recipe = {
+        "name": "fails",
+        "storage": {"root": str(tmp_path / "store")},
+        "data": {"train": {"type": "webdataset", "urls": str(tmp_path / "empty.tar")}},
+        "model": {"type": "open-clip", "arch": "RN50"},
+    }
+    path = write_yaml(tmp_path / "r.yaml", recipe)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    message = "failed: curate: the training dataset 'webdataset' yielded no samples"
+    for debug in ([], ["--debug"]):
+        cmd = [sys.executable, "-m", "clipforge.cli", "run", str(path), "--workdir", str(tmp_path), *debug]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        if debug:
+            assert "Traceback" in proc.stderr and "StageError" in proc.stderr
+        else:
+            assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]

@@ -163,5 +163,8 @@ def test_a_failed_retrain_leaves_the_registry_alone_and_resumes(tiny_recipe, tra
     result = retrain_flow(tiny_recipe, run_id=run_id, tracking_uri=tracking)
     assert recorder.stages("before_stage") == ["evaluate", "register"]  # curation and training are not redone
     assert result.mlflow_run_id == run.info.run_id
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED" and "clipforge.error" not in resumed.data.tags
+    assert "evaluation failed on purpose" in resumed.data.tags["clipforge.resumed_after"]
+    assert "resumed" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
     assert str(client.get_model_version_by_alias("tiny-clip", "champion").version) == "1"

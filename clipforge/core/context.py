@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from clipforge.core.errors import ConfigError
 from clipforge.core.results import StageResults
 
 if TYPE_CHECKING:
     from clipforge.core.plugins import PluginManager
     from clipforge.core.recipe import Recipe
     from clipforge.core.storage import Store
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it can name a folder under the store's ``runs/``; else a :class:`ConfigError` naming it."""
+    if not _RUN_ID.match(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"run id {run_id!r}: letters, digits, '_', '-' and '.' only (no '..', no '/'), at most 128, "
+            "as clipforge makes them (20260101-120000-abc123)"
+        )
+    return run_id
 
 
 @dataclass
@@ -28,6 +43,9 @@ class RunContext:
     plugins: PluginManager
     mlflow_run_id: str | None = None
     state: StageResults = field(default_factory=StageResults)
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
 
     @property
     def run_dir(self) -> str:

@@ -209,12 +209,49 @@ def builtin_recipe(name: str) -> Path:
     return path
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"line {line}: key {key!r} is given twice (first on line {first})")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader (no tag builds an object), refusing a key given twice in one mapping:
+    PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys given after it override the merged ones on purpose
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key: the base class refuses it with its own message
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as plain data (:class:`_Loader`); raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a recipe file")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "not text" if b"\0" in raw else "not UTF-8"
+        raise ConfigError(f"{path}: {kind} (byte {e.start}: {raw[e.start : e.start + 1]!r}); a recipe is UTF-8 YAML") from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -235,14 +272,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         leaf = parts[-1]
         if isinstance(node, list):
             _child(node, leaf, key, item)
-            node[int(leaf)] = yaml.safe_load(raw)
+            node[int(leaf)] = _override_value(raw, item)
         elif isinstance(node, dict):
             if leaf not in node and not _is_known_field(data, parts):
                 raise ConfigError(f"--set {item!r}: {key!r} is not a field of the recipe")
-            node[leaf] = yaml.safe_load(raw)
+            node[leaf] = _override_value(raw, item)
         else:
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])!r} is not a section")
     return data
+
+
+def _override_value(raw: str, item: str) -> Any:
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def _child(node: Any, part: str, path: str, item: str) -> Any:

@@ -13,7 +13,15 @@ from typing import Any, TypeVar, cast, overload
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class IncompleteBody(ConnectionError):
+    """A read got fewer bytes than the object or range holds: the connection ended early."""
+
+
 _TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+# a body that ended early, as aiohttp (under s3fs), urllib3/http.client (under botocore, MLflow) and botocore say it
+_CUT_SHORT = {"ClientPayloadError", "ContentLengthError", "TransferEncodingError", "IncompleteRead", "ResponseStreamingError",
+              "ProtocolError", "ChunkedEncodingError"}  # fmt: skip
 _PERMANENT: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # what object stores (s3fs, botocore, aiohttp) and MLflow say of throttling, 5xx answers and dropped connections
 _TRANSIENT_TEXT = ("503", "500", "502", "504", "SlowDown", "Throttl", "Timeout", "Connection", "database is locked")
@@ -25,6 +33,8 @@ def is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, _PERMANENT):
         return False
+    if any(cls.__name__ in _CUT_SHORT for cls in type(e).__mro__):
+        return True
     text = f"{type(e).__name__} {e}"
     return any(s in text for s in _TRANSIENT_TEXT)
 

@@ -1,25 +1,29 @@
 """The artifact store: a folder on the local disk or an S3 prefix, through fsspec.
 
 Every write is atomic (nothing half-written is ever visible under its final name) and checked
-by size; transient errors are retried with exponential backoff.
+by size; transient errors are retried with exponential backoff. Every read of a remote object
+goes by byte ranges, each one retried when it fails or its body ends early (a dropped
+connection), so a read resumes from where it stopped: s3fs reads a large object's ranges outside
+its own retries, and does not count a short body as an error at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import posixpath
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from clipforge.core.retry import retry
+from clipforge.core.retry import IncompleteBody, retry
 from clipforge.core.secrets import resolve_env_refs
 
 #: botocore's "standard" retry mode retries 5xx answers, throttling (SlowDown) and connection errors
@@ -32,6 +36,96 @@ def _with_s3_retries(options: dict[str, Any]) -> dict[str, Any]:
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("retries", S3_RETRIES)
     return {**options, "config_kwargs": config}
+
+
+#: bytes per ranged GET where the filesystem does not say (s3fs: its ``default_block_size``)
+READ_BLOCK = 8 << 20
+
+
+class _RangedReader(io.RawIOBase):
+    """A remote object read by byte ranges, each fetched whole or retried (see the module's docstring)."""
+
+    def __init__(self, fs: Any, path: str, size: int) -> None:
+        self.fs, self.path, self.size, self.pos = fs, path, size, 0
+        self.block = int(getattr(fs, "default_block_size", None) or READ_BLOCK)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _range(self, start: int, end: int) -> bytes:
+        return read_range(self.fs, self.path, start, end, self.size)
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self._range(self.pos, self.pos + n)
+        buffer[:n] = data
+        self.pos += n
+        return n
+
+    def readall(self) -> bytes:
+        """The rest of the object: its blocks fetched concurrently where the filesystem can, each retried alone."""
+        starts = list(range(self.pos, self.size, self.block))
+        ends = [min(start + self.block, self.size) for start in starts]
+        if len(starts) > 1 and hasattr(self.fs, "cat_ranges"):
+            parts = self.fs.cat_ranges([self.path] * len(starts), starts, ends, on_error="return")
+        else:
+            parts = [None] * len(starts)
+        out = [p if isinstance(p, bytes) and len(p) == e - s else self._range(s, e) for p, s, e in zip(parts, starts, ends)]
+        self.pos = self.size
+        return b"".join(out)
+
+
+@retry
+def read_range(fs: Any, path: str, start: int, end: int, size: int | None = None) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of a remote object, one ranged GET, retried whole when
+    its body ends early; ``size``, the object's, when known."""
+    data = fs.cat_file(path, start=start, end=end)
+    if len(data) == end - start:
+        return bytes(data)
+    if size is not None and len(data) == size and end - start < size:  # a server that ignores Range answers the whole object
+        return bytes(data[start:end])
+    if len(data) < end - start:
+        raise IncompleteBody(f"{path}: got {len(data)} of the {end - start} bytes at {start}")
+    raise OSError(f"{path}: got {len(data)} bytes for the {end - start} at {start}")
+
+
+def open_read(fs: Any, path: str) -> BinaryIO:
+    """``path`` on ``fs`` opened for reading: a local file as it is, a remote object by retried ranges."""
+    if isinstance(fs, LocalFileSystem):
+        return fs.open(path, "rb")
+    fs.invalidate_cache(path)  # a listing cached before another process rewrote the object has the old size
+    size = retry(fs.info)(path).get("size")
+    if size is None:  # a server that does not say: one whole read, retried whole
+        return io.BytesIO(retry(fs.cat_file)(path))
+    raw = _RangedReader(fs, path, int(size))
+    return io.BufferedReader(raw, buffer_size=min(raw.block, READ_BLOCK))
+
+
+def open_input(url: str, storage_options: dict[str, Any] | None = None) -> BinaryIO:
+    """A file at any fsspec URL (a dataset's shard, table or image) opened as :func:`open_read` does."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return open_read(fs, path)
+
+
+def read_all(fs: Any, path: str) -> bytes:
+    """The whole of ``path`` on ``fs``, remote objects by retried ranges."""
+    if isinstance(fs, LocalFileSystem):
+        return fs.cat_file(path)
+    with open_read(fs, path) as f:
+        return f.read()
 
 
 class Store:
@@ -70,24 +164,19 @@ class Store:
         self.fs.invalidate_cache(self.path(rel))  # s3fs answers from cached listings otherwise
         return self.fs.exists(self.path(rel))
 
-    @retry
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return read_all(self.fs, self.path(rel))
 
-    @retry
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes ``start`` to ``end`` (exclusive) of ``rel``, in one ranged read; a body that ends early is retried."""
-        if self.local:
-            with open(self.path(rel), "rb") as f:
-                f.seek(start)
-                data = f.read(end - start)
-            if len(data) != end - start:
-                raise OSError(f"{self.uri(rel)}: {len(data)} of {end - start} bytes at {start}: the file is shorter")
-            return data
-        data = self.fs.cat_file(self.path(rel), start=start, end=end)
-        if len(data) != end - start:  # a connection dropped mid-body: worth another try
-            raise ConnectionError(f"{self.uri(rel)}: the body ended after {len(data)} of {end - start} bytes at {start}")
-        return bytes(data)
+        """Bytes ``start`` to ``end`` (exclusive) of ``rel``, in one ranged read (retried on a remote store)."""
+        if not self.local:
+            return read_range(self.fs, self.path(rel), start, end)
+        with open(self.path(rel), "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise OSError(f"{self.uri(rel)}: {len(data)} of {end - start} bytes at {start}: the file is shorter")
+        return data
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -150,16 +239,15 @@ class Store:
                 self.put_file(f, posixpath.join(rel, f.relative_to(local_dir).as_posix()))
         return self.uri(rel)
 
-    @retry
     def get_dir(self, rel: str, local_dir: str | Path) -> Path:
         """Copy the folder ``rel`` to ``local_dir`` (returned)."""
         local_dir = Path(local_dir)
         src = self.path(rel)
         self.fs.invalidate_cache(src)  # another process (an earlier stage, a resumed run) wrote it
-        for f in self.fs.find(src):
+        for f in retry(self.fs.find)(src):
             target = local_dir / posixpath.relpath(f, src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.fs.cat_file(f))
+            target.write_bytes(read_all(self.fs, f))
         return local_dir
 
     @retry
@@ -172,7 +260,8 @@ class Store:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
-    def open(self, rel: str, mode: str = "rb"):
-        if "w" in mode or "a" in mode:
-            raise ValueError("use write_bytes/put_file: writes must be atomic")
-        return self.fs.open(self.path(rel), mode)
+    def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+        """``rel`` for reading (seekable; a remote object by retried ranges, see :func:`open_read`)."""
+        if mode != "rb":
+            raise ValueError("the store opens files for reading, in binary ('rb'); writes must be atomic: use write_bytes")
+        return open_read(self.fs, self.path(rel))

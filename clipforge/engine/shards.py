@@ -8,19 +8,22 @@ import io
 import json
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clipforge.core.components import Sample
 from clipforge.core.storage import Store
+from clipforge.core.tarstream import TarError, read_members
 
 # A key becomes a tar member name: no path traversal, no dots (webdataset splits the extension at the first dot).
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+_ORIENTATION = 0x0112  # EXIF: how the stored pixels must turn to stand upright
 MAX_CAPTION_CHARS = 10_000
 
 
@@ -63,7 +66,7 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
             raise BadSample("caption is not UTF-8") from None
     if not all(isinstance(c, str) for c in captions):
         raise BadSample("caption is not text")
-    if any(not c.strip() for c in captions):
+    if not all(map(visible, captions)):
         raise BadSample("empty caption")
     if any(len(c) > MAX_CAPTION_CHARS for c in captions):
         raise BadSample(f"caption longer than {MAX_CAPTION_CHARS} characters")
@@ -74,12 +77,17 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
                 raise BadSample("empty image file")
             pil: Image.Image = Image.open(io.BytesIO(image))
             ext = _FORMATS.get(pil.format or "")
-            if ext:
+            if ext and _orientation(pil) in (1, None):
                 data, loaded = bytes(image), False
+            elif ext:  # turned upright now, so that no reader of the curated bytes needs to know EXIF
+                pil = _rgb(ImageOps.exif_transpose(pil))
+                data, loaded = encode(pil, ext), True
             else:  # stored as PNG, which needs the pixels now
                 pil = _rgb(pil)
                 data, ext, loaded = _png(pil), "png", True
         elif isinstance(image, Image.Image):
+            if _orientation(image) not in (1, None):
+                image = ImageOps.exif_transpose(image)
             pil, data, ext, loaded = _rgb(image), _png(image), "png", True
         else:
             raise BadSample("no image")
@@ -89,6 +97,16 @@ def decode(sample: Sample, *, pixels: bool = True) -> Decoded:
     return load_pixels(item) if pixels else item  # decodes fully: truncated files fail here, not later in training
 
 
+# characters that print nothing although Unicode files them as letters or symbols: Hangul fillers, the blank Braille pattern
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` shows anything: a letter, digit, punctuation or symbol, not only spaces,
+    control or format characters (zero-width spaces, joiners, byte-order marks) or combining marks."""
+    return any(unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK for ch in text)
+
+
 def load_pixels(item: Decoded) -> Decoded:
     """Decode the pixels of an image :func:`decode` only opened, or raise :class:`BadSample`."""
     if not item.loaded:
@@ -96,6 +114,24 @@ def load_pixels(item: Decoded) -> Decoded:
             item.sample.image = _rgb(item.sample.image)
         item.loaded = True
     return item
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag, read without decoding pixels (PNG's only when it precedes the pixels)."""
+    if image.format != "PNG":
+        return image.getexif().get(_ORIENTATION)
+    exif = Image.Exif()
+    if image.info.get("exif"):  # PNG's getexif() would decode the pixels to look after them
+        exif.load(image.info["exif"])
+    return exif.get(_ORIENTATION)
+
+
+def encode(image: Image.Image, ext: str) -> bytes:
+    """``image`` in the format of ``ext`` (jpg, webp: quality 95; png)."""
+    buf = io.BytesIO()
+    fmt = {"jpg": "JPEG", "webp": "WEBP"}.get(ext, "PNG")
+    image.save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    return buf.getvalue()
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -255,15 +291,18 @@ class ShardWriter:
 
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:
-    """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``."""
+    """Yield the raw samples of a shard: ``{"key", "image": bytes, "caption": str | list, "label", "meta"}``.
+
+    A shard clipforge wrote is read strictly: any damage raises :class:`~clipforge.core.tarstream.TarError`.
+    """
     with store.open(rel) as f:
-        yield from _samples(_members(f, store.uri(rel)))
+        yield from _samples(f, store.uri(rel))
 
 
 def read_samples(store: Store, rel: str, offsets: np.ndarray, start: int, count: int) -> Iterator[dict[str, Any]]:
     """Samples ``start`` to ``start + count`` of a shard, with one ranged read (``offsets``: its index)."""
     data = store.read_range(rel, int(offsets[start]), int(offsets[start + count]))
-    return _samples(_members(io.BytesIO(data), store.uri(rel)))
+    return _samples(io.BytesIO(data), store.uri(rel))
 
 
 def write_index(store: Store, rel: str, offsets: list[int]) -> None:
@@ -277,45 +316,25 @@ def read_index(store: Store, rel: str) -> np.ndarray:
     return np.load(io.BytesIO(store.read_bytes(index_of(rel))), allow_pickle=False)
 
 
-def _samples(members: Iterator[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
-    """Consecutive members of one key make one sample."""
+def _samples(f: Any, uri: str) -> Iterator[dict[str, Any]]:
+    """The samples of tar bytes clipforge wrote: consecutive members of one key make one sample."""
     current: dict[str, Any] = {}
-    for name, data in members:
-        key, _, ext = name.partition(".")
-        if current and current["key"] != key:
-            yield _finish(current)
-            current = {}
-        current["key"] = key
-        current[ext] = data
+    try:
+        for member in read_members(f):
+            if member.kind == "dir":
+                continue
+            if member.kind != "file":
+                raise TarError(f"member {member.name!r} is a {member.kind}, not one clipforge writes")
+            key, _, ext = member.name.partition(".")
+            if current and current["key"] != key:
+                yield _finish(current)
+                current = {}
+            current["key"] = key
+            current[ext] = member.data
+    except TarError as e:
+        raise TarError(f"{uri}: {e}") from None
     if current:
         yield _finish(current)
-
-
-def _members(f: Any, uri: str) -> Iterator[tuple[str, bytes]]:
-    """The regular files of a ustar archive as written by :class:`ShardWriter`: a header parse costs a tenth of tarfile's."""
-    while True:
-        header = f.read(512)
-        if 0 < len(header) < 512:
-            raise tarfile.ReadError(f"{uri}: truncated archive")
-        if not header or header == _ZERO_BLOCK:  # the end-of-archive marker (or a bare end)
-            return
-        if b"%06o" % (sum(header) - sum(header[148:156]) + 256) != header[148:154]:
-            raise tarfile.ReadError(f"{uri}: bad tar header checksum")
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"{uri}: truncated archive")
-        f.read(-size % 512)
-        kind = header[156:157]
-        if kind in (b"0", b"\0"):
-            name = header[0:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode()
-            yield (f"{prefix}/{name}" if prefix else name), data
-        elif kind != b"5":  # directories carry nothing; the writer makes nothing else
-            raise tarfile.ReadError(f"{uri}: tar member type {kind!r} is not one clipforge writes")
-
-
-_ZERO_BLOCK = bytes(512)
 
 
 def _finish(raw: dict[str, Any]) -> dict[str, Any]:

@@ -96,16 +96,29 @@ def mark_running(run_id: str) -> None:
         client.update_run(run_id, status="RUNNING")
 
 
+ERROR_TAG, RESUMED_TAG = "clipforge.error", "clipforge.resumed_after"
+
+
 @tracked
 def finish_run(run_id: str, error: BaseException | None = None, error_text: str = "") -> None:
-    """Mark the run FINISHED, or FAILED with the error as a tag and its traceback as ``error.txt``."""
+    """Mark the run FAILED with the error as a tag and its traceback as ``error.txt``, or FINISHED.
+
+    A run resumed to success after a failure says so: the error tag moves to
+    ``clipforge.resumed_after`` and ``error.txt`` becomes a note of the earlier failure.
+    """
     client = MlflowClient()
-    if error is None:
-        client.set_terminated(run_id, status="FINISHED")
+    if error is not None:
+        client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
+        client.log_text(run_id, error_text, "error.txt")
+        client.set_terminated(run_id, status="FAILED")
         return
-    client.set_tag(run_id, "clipforge.error", f"{type(error).__name__}: {error}"[:5000])
-    client.log_text(run_id, error_text, "error.txt")
-    client.set_terminated(run_id, status="FAILED")
+    earlier = client.get_run(run_id).data.tags.get(ERROR_TAG)
+    if earlier:  # the tag goes last, so that a retry of this call still finds it
+        note = f"This run failed earlier, with\n\n    {earlier}\n\nIt was resumed from where it stopped and finished.\n"
+        client.log_text(run_id, note, "error.txt")
+        client.set_tag(run_id, RESUMED_TAG, earlier)
+        client.delete_tag(run_id, ERROR_TAG)
+    client.set_terminated(run_id, status="FINISHED")
 
 
 @tracked

@@ -210,7 +210,12 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
     """
     client = MlflowClient()
     with _registry_lock(name):
-        champion = _aliases(client, name).get(CHAMPION)
+        try:
+            champion = _aliases(client, name).get(CHAMPION)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise PromotionError(f"the registry has no model {name!r} to roll back") from e
+            raise
         if champion is None:
             raise PromotionError(f"{name} has no champion to roll back")
         target = client.get_model_version(name, champion).tags.get("previous_champion")

@@ -16,7 +16,7 @@ from clipforge.core.storage import Store
 from clipforge.engine.curation.parts import Funnel, PartResult
 from clipforge.engine.curation.plan import DECODE_STEP, Job, input_size, part_dir, step_labels
 from clipforge.engine.curation.reduce import Drop, Reduced
-from clipforge.engine.shards import Decoded, ShardWriter, decode, iter_shard, write_index
+from clipforge.engine.shards import Decoded, ShardWriter, decode, encode, iter_shard, write_index
 
 
 class FinalizeJob(Job):
@@ -74,11 +74,8 @@ def _resized(item: Decoded, size: int) -> Decoded:
         return item
     scale = size / short
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    fmt = {"jpg": "JPEG", "webp": "WEBP"}.get(item.ext, "PNG")
-    image.save(buf, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
     item.sample.image = image
-    return Decoded(item.sample, buf.getvalue(), item.ext)
+    return Decoded(item.sample, encode(image, item.ext), item.ext)
 
 
 _SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
@@ -97,7 +94,12 @@ def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], re
     funnel.add(reduced.funnel)
     duplicate_keys = sum(1 for d in reduced.drops if d.step == DECODE_STEP)
     if duplicate_keys:
+        # a key already read in an earlier part: dropped at decode, so the per-sample steps, which
+        # saw it in its own part, count it as never seen (each step sees what the one before kept)
         funnel.drop(DECODE_STEP, "duplicate key", duplicate_keys)
+        for label in step_labels(recipe):
+            if label not in reduced.funnel:  # a per-sample step
+                funnel.seen[label] -= duplicate_keys
     digest = hashlib.sha256()
     buf = io.BytesIO()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _SCHEMA])
@@ -139,7 +141,8 @@ def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop
             position += 1
             if drop:
                 table["kept"][r] = False
-                table["step"][r], table["reason"][r], table["detail"][r] = drop.step, drop.reason, drop.detail
+                table["step"][r], table["reason"][r] = drop.step, drop.reason
+                table["detail"][r] = drop.detail or table["detail"][r]  # else where the sample was read
                 scores = json.loads(table["scores"][r] or "{}")
                 scores.update({f"{drop.step}/{k}": v for k, v in drop.scores.items()})
                 table["scores"][r] = json.dumps(scores, sort_keys=True) if scores else ""

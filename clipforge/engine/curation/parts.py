@@ -107,7 +107,7 @@ class _Part:
                 item = decode(raw, pixels=self.pixels_from == 0)
             except BadSample as e:
                 self.funnel.drop(DECODE_STEP, str(e))
-                self.record(key, False, DECODE_STEP, str(e), "", {})
+                self.record(key, False, DECODE_STEP, str(e), source_of(raw), {})
                 continue
             self.seen_keys.add(key)
             alive.append((item, {}))
@@ -129,7 +129,8 @@ class _Part:
                     survivors.append((item, scores))
                 else:
                     self.funnel.drop(label, verdict.reason or "dropped")
-                    self.record(item.sample.key, False, label, verdict.reason or "dropped", verdict.detail, scores)
+                    detail = verdict.detail or source_of(item.sample)
+                    self.record(item.sample.key, False, label, verdict.reason or "dropped", detail, scores)
             alive = survivors
         return alive
 
@@ -143,7 +144,7 @@ class _Part:
                 self.funnel.drop(DECODE_STEP, str(e))
                 for label, _ in self.steps.local[: self.pixels_from]:
                     self.funnel.seen[label] -= 1
-                self.record(item.sample.key, False, DECODE_STEP, str(e), "", {})
+                self.record(item.sample.key, False, DECODE_STEP, str(e), source_of(item.sample), {})
         return out
 
     def survivors(self, batch: list[Any]) -> Alive:
@@ -167,7 +168,7 @@ def curate_part(job: PartJob) -> PartResult:
     with ShardWriter(store, f"{folder}/staged.tar") as staged:
         for batch in _batches(catalog.create("datasets", job.entry), BATCH):
             for item, scores in part.survivors(batch):
-                part.record(item.sample.key, True, "", "", "", scores)
+                part.record(item.sample.key, True, "", "", source_of(item.sample), scores)
                 staged.add(item)
         staged.close()
     for label, values in part.features.items():
@@ -179,6 +180,13 @@ def curate_part(job: PartJob) -> PartResult:
     )  # fmt: skip
     store.write_json(f"{folder}/done.json", done.model_dump(mode="json"))  # last: marks the part complete
     return done
+
+
+def source_of(sample: Any) -> str:
+    """Where the dataset read a sample (``meta["source"]``: a shard and byte offset, a table's row): the
+    manifest's detail, unless a step gives its own."""
+    meta = getattr(sample, "meta", None)
+    return str(meta.get("source") or "") if isinstance(meta, dict) else ""
 
 
 def _batches(it: Iterable[Any], n: int) -> Iterator[list[Any]]:

@@ -16,7 +16,9 @@ from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.storage import Store
 
-FORMAT_VERSION = 3  # 3: every shard has an index of its samples' offsets
+# 3: shards read past damage, images turned upright by EXIF, invisible captions dropped, and an
+# index of every curated shard's sample offsets
+FORMAT_VERSION = 3
 #: The first step of every funnel: reading and checking the raw sample.
 DECODE_STEP = "decode"
 

@@ -1,108 +1,298 @@
-"""``webdataset``: tar shards in img2dataset's layout (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``), local or on S3."""
+"""``webdataset``: tar shards in img2dataset's layout (``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``), local or on S3.
+
+Shards from real crawls are read for everything they still hold (see docs/curation.md, "Bad input"):
+
+- a damaged stretch (a corrupt header, a truncation) costs only the members in it: reading goes
+  on at the next valid header (:mod:`clipforge.core.tarstream`), and archives concatenated into
+  one file are read whole;
+- every key read yields exactly one sample; one the shard cannot give whole carries an ``error``
+  (the reason curation records) and its ``source`` (the shard and byte offset) in ``meta``;
+- a key's members that are not adjacent are joined while the key is incomplete; the first member
+  of each kind wins and a later repeat is named in the sample's ``source``; members of a key that
+  come back after it was complete are one more sample, ``KEY@OFFSET``, dropped with its reason;
+- damage that no key read explains is a sample of its own, named by the member its header still
+  names, else ``SHARD@OFFSET``.
+"""
 
 from __future__ import annotations
 
 import json
 import posixpath
-import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
 from clipforge.core.components import Sample
+from clipforge.core.storage import open_input
+from clipforge.core.tarstream import Damage, Member, describe, read_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+#: a member bigger than this is no image or caption of a crawl: skipped and reported
+MAX_MEMBER = 256 << 20
+#: incomplete keys wait this many bytes for their other members before they are given up as incomplete
+MAX_PENDING = 64 << 20
+# fields of ``meta`` the reader sets; a sidecar's fields of the same name are kept as ``json_<name>``
+_RESERVED = ("shard", "source", "error", "json", "json_error")
+
+# Reasons (stable categories; the manifest's detail names the shard and offset)
+TRUNCATED = "truncated or unreadable shard"
+CORRUPT_HEADER = "corrupt tar header"
+TOO_LARGE = "member too large"
+LINKS = "members are links"
+LINKED_IMAGE = "image is a link"
+LINKED_CAPTION = "caption is a link"
+NO_IMAGE = "no image"
+REPEATED_KEY = "key repeated after other keys"
 
 
 class WebDatasetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...)")
     urls: str | list[str] = Field(
         description="shard paths or URLs: a list, a glob (shards/*.tar) or a brace pattern (shard-{000000..000099}.tar)"
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (endpoint_url, ...)")
+
+    @field_validator("urls")
+    @classmethod
+    def _globs_match(cls, urls: str | list[str], info: ValidationInfo) -> str | list[str]:
+        for item, matched in _expansions(urls, info.data.get("storage_options") or {}):
+            if not matched:
+                raise ValueError(f"no shard matches {item!r}")
+        return urls
 
 
-def expand_urls(urls: str | list[str], storage_options: dict[str, Any]) -> list[str]:
-    """Every shard the entry names, brace patterns and globs expanded, in order."""
+def _expansions(urls: str | list[str], storage_options: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
+    """Each item of ``urls`` after brace expansion, with the shards it names (a glob: those that exist)."""
     import braceexpand
     import fsspec
 
-    out: list[str] = []
     for url in [urls] if isinstance(urls, str) else urls:
         for item in braceexpand.braceexpand(url):
             if any(c in item for c in "*?["):
                 fs, _, paths = fsspec.get_fs_token_paths(item, storage_options=storage_options)
-                out += sorted(fs.unstrip_protocol(p) if "://" in item else p for p in paths)
+                yield item, sorted(fs.unstrip_protocol(p) if "://" in item else p for p in paths)
             else:
-                out.append(item)
-    return out
+                yield item, [item]
+
+
+def expand_urls(urls: str | list[str], storage_options: dict[str, Any]) -> list[str]:
+    """Every shard the entry names, brace patterns and globs expanded, in order."""
+    return [url for _, matched in _expansions(urls, storage_options) for url in matched]
 
 
 class WebDataset:
-    """Samples of webdataset tar shards; a truncated or unreadable shard yields one sample carrying the error."""
+    """Samples of webdataset tar shards, every key read accounted for (see the module's docstring)."""
 
     def __init__(self, urls: str | list[str], storage_options: dict[str, Any] | None = None):
         self.storage_options = dict(storage_options or {})
-        self.urls = expand_urls(urls, self.storage_options)
+        self.urls = []
+        for item, matched in _expansions(urls, self.storage_options):
+            if not matched:
+                raise clipforge.ConfigError(f"webdataset: no shard matches {item!r}")
+            self.urls += matched
         if not self.urls:
             raise clipforge.ConfigError(f"webdataset: no shard matches {urls!r}")
 
     def __iter__(self) -> Iterator[Sample]:
         for url in self.urls:
-            yield from self._shard(url)
+            yield from _Shard(url, self.storage_options).samples()
 
     def parts(self) -> list[dict[str, Any]]:
         """One dataset entry per shard, for curation to process in parallel."""
         return [{"type": "webdataset", "urls": url, "storage_options": self.storage_options} for url in self.urls]
 
-    def _shard(self, url: str) -> Iterator[Sample]:
-        import fsspec
-
-        group: dict[str, Any] = {}
-        try:
-            with fsspec.open(url, "rb", **self.storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = member.name
-                    key, ext = _split(name)
-                    if group and group["key"] != key:
-                        yield _sample(group, url)
-                        group = {}
-                    group["key"] = key
-                    data = tar.extractfile(member)
-                    group[ext] = data.read() if data is not None else b""
-        except (tarfile.TarError, EOFError, OSError) as e:
-            # the samples before the damage were yielded whole; the one being read when it hit is lost, with its reason
-            key = group.get("key") or f"{posixpath.basename(url)}#unreadable"
-            error = f"truncated or unreadable shard ({type(e).__name__})"
-            yield Sample(key=key, image=None, caption=None, meta={"shard": url, "error": error})
-            return
-        if group:
-            yield _sample(group, url)
-
 
 def _split(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is everything before the first dot of the file name."""
+    """webdataset's rule: the key is everything before the first dot of the file name (``./`` aside)."""
+    while name.startswith("./"):
+        name = name[2:]
     folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(folder, stem) if folder else stem), ext.lower()
 
 
-def _sample(group: dict[str, Any], url: str) -> Sample:
-    image = next((group[e] for e in IMAGE_EXTS if e in group), None)
-    meta: dict[str, Any] = {"shard": url}
-    if "json" in group:
+@dataclass(eq=False)
+class _Damage:
+    """A damage seen in a shard, and whether a key's sample accounts for it."""
+
+    damage: Damage
+    key: str  # of the member its header still names, or ""
+    told: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """The members of one key read so far."""
+
+    key: str
+    offset: int
+    image: Member | None = None
+    txt: Member | None = None
+    json: Member | None = None
+    links: list[Member] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    nearby: list[_Damage] = field(default_factory=list)  # damages next to one of its members
+    repeat_of: int | None = None  # for members that came back after their key's sample: that sample's offset
+    size: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.image is not None and self.txt is not None
+
+    def add(self, member: Member, ext: str) -> None:
+        slot = "image" if ext in IMAGE_EXTS else ext if ext in ("txt", "json") else None
+        if member.kind != "file":
+            self.links.append(member)
+            return
+        if slot is None:
+            return  # members of other kinds (.cls, .npy, ...) are not read
+        first = getattr(self, slot)
+        if first is not None:
+            self.notes.append(f"{member.name} at @{member.offset} repeats {first.name} at @{first.offset}: the first is used")
+            return
+        setattr(self, slot, member)
+        self.size += len(member.data or b"")
+
+
+class _Shard:
+    """One shard read into samples: members grouped by key, damage accounted for."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        self.url, self.storage_options = url, storage_options
+        self.current: _Group | None = None
+        self.pending: dict[str, _Group] = {}  # incomplete keys waiting for members that may come later
+        self.pending_bytes = 0
+        self.done: dict[str, int] = {}  # keys yielded, and the offset of their sample
+        self.damages: list[_Damage] = []
+        self.after: list[_Damage] = []  # damages that the next member read is next to
+        self.offset = 0  # of the last member read
+
+    def samples(self) -> Iterator[Sample]:
         try:
-            meta.update(json.loads(group["json"]))
-        except (ValueError, UnicodeDecodeError):
-            meta["json_error"] = "invalid JSON"
-    if image is None:
-        meta["error"] = "no image"
-    # captions stay bytes here: curation decodes them and drops non-UTF-8 with its reason
-    return Sample(key=group["key"], image=image, caption=group.get("txt"), meta=meta)
+            with open_input(self.url, self.storage_options) as f:
+                for item in read_tar(f, max_member=MAX_MEMBER):
+                    if isinstance(item, Damage):
+                        self._damage(item)
+                    elif item.kind != "dir":
+                        yield from self._member(item)
+        except OSError as e:  # the shard cannot be opened, or a read failed after its retries
+            self._damage(Damage(self.offset, None, f"unreadable ({type(e).__name__}: {e})"[:300]))
+        yield from self._close(self.current)
+        self.current = None
+        for group in list(self.pending.values()):
+            yield from self._give_up(group)
+        for d in self.damages:  # damage no key's sample accounts for: a sample of its own
+            if not d.told:
+                key = d.key if d.key and d.key not in self.done else f"{posixpath.basename(self.url)}@{d.damage.offset}"
+                self.done[key] = d.damage.offset
+                yield self._bad(key, _reason(d.damage), f"{self.url}: {describe(d.damage)}")
+
+    def _damage(self, damage: Damage) -> None:
+        record = _Damage(damage, _split(damage.name)[0] if damage.name else "")
+        self.damages.append(record)
+        if self.current is not None:
+            self.current.nearby.append(record)
+        self.after.append(record)
+
+    def _member(self, member: Member) -> Iterator[Sample]:
+        self.offset = member.offset
+        key, ext = _split(member.name)
+        group = self.current
+        if group is None or group.key != key:
+            yield from self._close(group)
+            group = self._open(key, member.offset)
+            self.current = group
+        if self.after:
+            group.nearby += [d for d in self.after if d not in group.nearby]
+            self.after = []
+        group.add(member, ext)
+
+    def _open(self, key: str, offset: int) -> _Group:
+        """The group a member of ``key`` at ``offset`` joins: an incomplete one of that key, or a new one."""
+        if key in self.pending:
+            group = self.pending.pop(key)
+            self.pending_bytes -= group.size
+            group.notes.append(f"members also at @{offset}, after other keys")
+            return group
+        return _Group(key, offset, repeat_of=self.done.get(key))
+
+    def _close(self, group: _Group | None) -> Iterator[Sample]:
+        """The sample of ``group`` once its key's members stop; an incomplete one waits for the rest."""
+        if group is None:
+            return
+        if group.complete or group.repeat_of is not None:
+            yield self._sample(group)
+            return
+        self.pending[group.key] = group
+        self.pending_bytes += group.size
+        while self.pending_bytes > MAX_PENDING and self.pending:
+            yield from self._give_up(next(iter(self.pending.values())))
+
+    def _give_up(self, group: _Group) -> Iterator[Sample]:
+        del self.pending[group.key]
+        self.pending_bytes -= group.size
+        yield self._sample(group)
+
+    def _sample(self, group: _Group) -> Sample:
+        """The one sample of ``group``'s key, with the reason it is bad, if it is."""
+        source = f"{self.url}@{group.offset}"
+        # a damage next to the group is its own when the damaged header names its key, or when it
+        # explains a member the group lacks
+        whole = group.complete or group.repeat_of is not None
+        told = [d for d in group.nearby if d.key == group.key or not whole]
+        for d in told:
+            d.told = True
+        notes = [*group.notes, *(describe(d.damage) for d in told if whole)]
+        if group.repeat_of is not None:
+            notes.insert(0, f"members of {group.key} after other keys; its sample is the one at @{group.repeat_of}")
+            return self._bad(f"{group.key}@{group.offset}", REPEATED_KEY, "; ".join([source, *notes]))
+        self.done[group.key] = group.offset
+        error = None
+        if not group.complete:
+            if told:
+                error = _reason(told[0].damage)
+                notes.append(describe(told[0].damage))
+            elif group.links and group.image is None and group.txt is None and group.json is None:
+                error = LINKS
+            elif group.image is None:
+                error = LINKED_IMAGE if any(_split(m.name)[1] in IMAGE_EXTS for m in group.links) else NO_IMAGE
+            elif any(_split(m.name)[1] == "txt" for m in group.links):
+                error = LINKED_CAPTION
+        meta = _sidecar(group.json.data if group.json is not None else None)
+        meta.update(shard=self.url, source="; ".join([source, *notes]))
+        if error:
+            meta["error"] = error
+        image = group.image.data if group.image is not None else None
+        # captions stay bytes here: curation decodes them and drops non-UTF-8 with its reason
+        caption = group.txt.data if group.txt is not None else None
+        return Sample(key=group.key, image=image, caption=caption, meta=meta)
+
+    def _bad(self, key: str, reason: str, detail: str) -> Sample:
+        return Sample(key=key, image=None, caption=None, meta={"shard": self.url, "error": reason, "source": detail})
+
+
+def _reason(damage: Damage) -> str:
+    if damage.reason.startswith("member of"):
+        return TOO_LARGE
+    if damage.reason.startswith("bad tar"):
+        return CORRUPT_HEADER
+    return TRUNCATED
+
+
+def _sidecar(data: bytes | None) -> dict[str, Any]:
+    """The sample's ``KEY.json`` as meta fields; one that is not a JSON object is kept whole under ``json``."""
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {"json_error": "invalid JSON"}
+    if not isinstance(value, dict):
+        return {"json": value, "json_error": f"not a JSON object ({type(value).__name__})"}
+    return {f"json_{k}" if k in _RESERVED else k: v for k, v in value.items()}
 
 
 @clipforge.hookimpl
