@@ -6,6 +6,7 @@ from __future__ import annotations
 import unicodedata
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -252,3 +253,16 @@ def test_entries_read_from_the_store(tmp_path, monkeypatch):
         assert step.entries == ["猫", "cat"]
         with pytest.raises(clipforge.ConfigError, match="'s3://meta/missing.txt' does not exist"):
             _create({"entries_file": "s3://meta/missing.txt", "storage_options": {"endpoint_url": endpoint}})
+
+
+@pytest.mark.parametrize(("count", "t"), [(10_000, 1_000), (5_000, 2_500), (300, 1_000)])
+def test_an_entry_keeps_about_t_of_its_pairs_in_any_order(count, t):
+    step = Balance(entries=["cat", "dog"], t=t, seed=3)
+    keys = [f"k{i}" for i in range(count)]
+    matches = [[0]] * count
+    kept = [v.keep for v in step.decide(keys, matches)]
+    expected = min(count, t)
+    assert abs(sum(kept) - expected) <= 4 * (expected * (1 - expected / count)) ** 0.5 + 1e-9
+    order = np.random.default_rng(0).permutation(count)
+    again = step.decide([keys[i] for i in order], [matches[i] for i in order])
+    assert [v.keep for v in again] == [kept[i] for i in order]  # a function of the key and the seed, not of the position

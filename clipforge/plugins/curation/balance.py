@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import random
 import unicodedata
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -221,35 +219,49 @@ class Balance:
         return self.signature
 
     def decide(self, keys: list[str], matches: list[list[int]]) -> list[Verdict]:
-        return self._decide(keys, matches, Counter())
+        return self._decide(keys, matches, np.zeros(len(self.entries), dtype=np.int64))
 
     def decide_against(self, keys: list[str], matches: list[list[int]], pool: Pool) -> list[Verdict]:
         """The pool's kept pairs of an entry fill its cap first: the new ones share what is left of ``t``."""
-        held: Counter[int] = Counter()
+        held = np.zeros(len(self.entries), dtype=np.int64)
         if pool.statistics:
-            held.update(e for m, kept in zip(pool.features, pool.kept) if kept for e in m)
+            flat = [e for m, kept in zip(pool.features, pool.kept) if kept for e in m]
+            held += np.bincount(np.asarray(flat, dtype=np.int64), minlength=len(self.entries))
         return self._decide(keys, matches, held)
 
-    def _decide(self, keys: list[str], matches: list[list[int]], held: Counter[int]) -> list[Verdict]:
-        counts = Counter(e for m in matches for e in m)
+    def _decide(self, keys: list[str], matches: list[list[int]], held: np.ndarray) -> list[Verdict]:
+        """Each (pair, entry) is kept with probability ``(t - held) / count``; a pair is kept if any of its entries keeps it."""
+        sizes = np.array([len(m) for m in matches], dtype=np.int64)
+        entry = np.fromiter((e for m in matches for e in m), dtype=np.int64, count=int(sizes.sum()))
+        owner = np.repeat(np.arange(len(matches)), sizes)
+        total = held + np.bincount(entry, minlength=len(self.entries))  # the pool's and the new pairs of each entry
+        chance = (self.t - held[entry]) / (total - held)[entry]
+        kept = np.zeros(len(matches), dtype=bool)
+        np.logical_or.at(kept, owner, _uniform(self.seed, keys, owner, entry) < chance)
+        head = np.zeros(len(matches), dtype=np.int64)
+        np.maximum.at(head, owner, total[entry])
         out = []
-        for key, entries in zip(keys, matches):
+        for i, entries in enumerate(matches):
             if not entries:
                 out.append(Verdict.kept(entries=0.0) if self.keep_unmatched else Verdict.dropped("matches no entry", entries=0.0))
-                continue
-            # seeded per pair and entry: the same data and seed give the same subset, in any order
-            kept = any(random.Random(f"{self.seed}-{key}-{e}").random() < (self.t - held[e]) / counts[e] for e in entries)
-            head = max(held[e] + counts[e] for e in entries)
-            out.append(
-                Verdict.kept(entries=float(len(entries)), head_count=float(head))
-                if kept
-                else Verdict.dropped(
-                    "entry over its cap",
-                    detail=self.entries[max(entries, key=lambda e: held[e] + counts[e])],
-                    head_count=float(head),
-                )
-            )
+            elif kept[i]:
+                out.append(Verdict.kept(entries=float(len(entries)), head_count=float(head[i])))
+            else:
+                biggest = self.entries[max(entries, key=lambda e: total[e])]
+                out.append(Verdict.dropped("entry over its cap", detail=biggest, head_count=float(head[i])))
         return out
+
+
+def _uniform(seed: int, keys: list[str], owner: np.ndarray, entry: np.ndarray) -> np.ndarray:
+    """A uniform draw in [0, 1) for each (pair, entry), a function of the seed, the pair's key and the entry
+    alone: the same data and seed give the same subset, in any order and over any split into parts."""
+    digests = b"".join(hashlib.blake2b(f"{seed}-{k}".encode(), digest_size=8).digest() for k in keys)
+    x = np.frombuffer(digests, dtype=np.uint64)[owner] ^ (entry.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    # splitmix64's finaliser mixes the entry into every bit
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 @clipforge.hookimpl
