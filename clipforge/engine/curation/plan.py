@@ -76,7 +76,8 @@ def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
 
 @functools.lru_cache(maxsize=8)
 def _built(catalog: Catalog, entries: str) -> Steps:
-    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in json.loads(entries)]
+    parsed = json.loads(entries)
+    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in parsed]
     first_whole = None
     for i, (label, step) in enumerate(labelled):
         if not isinstance(step, (CurationStep, WholeDatasetStep)):
@@ -91,7 +92,7 @@ def _built(catalog: Catalog, entries: str) -> Steps:
                 f"curation.{i} ({label}) decides sample by sample and must come before "
                 f"curation.{first_whole[0]} ({first_whole[1]}), which decides over the whole dataset"
             )
-    return Steps(labelled, {label: entry["type"] for label, entry in json.loads(entries)})
+    return Steps(labelled, {label: entry["type"] for label, entry in parsed})
 
 
 def parts_of(recipe: Recipe, catalog: Catalog) -> list[dict[str, Any]]:
