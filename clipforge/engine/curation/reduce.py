@@ -19,7 +19,7 @@ from clipforge.engine.curation.plan import DECODE_STEP, Steps
 if TYPE_CHECKING:
     from clipforge.engine.curation.pool import PoolChain
 
-#: The whole-dataset steps' scores of every survivor, by position: one float column per ``<step>/<score>``.
+#: The whole-dataset steps' scores of every survivor, by position: its key, then one float column per ``<step>/<score>``.
 SCORES = "reduce-scores.parquet"
 
 
@@ -90,20 +90,20 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
                                      detail=verdict.detail)  # fmt: skip
         dropped = sum(reasons.values())
         funnel[label] = StepCounts(seen=len(index), kept=len(index) - dropped, dropped=dropped, reasons=dict(reasons))
-    _write_scores(store, f"{out}/{SCORES}", scores)
+    _write_scores(store, f"{out}/{SCORES}", keys, scores)
     reduced = Reduced(drops=[drops[p] for p in sorted(drops)], funnel=funnel, kept=int(alive.sum()))
     store.write_json(f"{out}/reduce.json", reduced.model_dump(mode="json"))  # last: marks the phase complete
     return reduced
 
 
-def _write_scores(store: Store, rel: str, scores: dict[str, np.ndarray]) -> None:
+def _write_scores(store: Store, rel: str, keys: list[str], scores: dict[str, np.ndarray]) -> None:
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = sorted(scores)
-    table = pa.table({name: pa.array(scores[name], mask=np.isnan(scores[name])) for name in names})
+    columns = {name: pa.array(scores[name], mask=np.isnan(scores[name])) for name in sorted(scores)}
+    table = pa.table({"key": pa.array(keys, type=pa.string()), **columns})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(rel, buf.getvalue())
@@ -113,4 +113,6 @@ def whole_scores(store: Store, out: str) -> dict[str, list[float | None]]:
     """The whole-dataset steps' scores of every survivor, by position, column by column."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(store.open(f"{out}/{SCORES}")).to_pydict()
+    columns = pq.read_table(store.open(f"{out}/{SCORES}")).to_pydict()
+    del columns["key"]  # the survivor at each position: for people reading the file
+    return columns
