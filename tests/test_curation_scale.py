@@ -133,3 +133,37 @@ def test_the_flow_maps_parts_over_each_task_runner(tmp_path, tracking, prefect_s
     expected = curation.curate(recipe, clipforge.get_plugin_manager().catalog, Store(str(tmp_path / "ref")), "x", progress=False)
     result = curate_flow(recipe.as_dict(), new_run_id())
     assert result.content_hash == expected.content_hash and result.kept == 31
+
+
+@pytest.mark.slow
+def test_the_flow_maps_parts_over_a_ray_runtime(tmp_path, tracking, prefect_server, monkeypatch):
+    """``parallel: {runner: ray}`` on a local Ray runtime (RAY_ADDRESS would name a cluster's instead)."""
+    import ray
+
+    from clipforge.flows.common import new_run_id
+    from clipforge.flows.curate import curate_flow, task_runner
+
+    urls = _shards(tmp_path / "in", 4, 8, duplicate_of={20: 1})
+    recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}], runner="ray", workers=2)
+    expected = curation.curate(recipe, clipforge.get_plugin_manager().catalog, Store(str(tmp_path / "ref")), "x", progress=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert task_runner(recipe.parallel).init_kwargs == {"include_dashboard": False, "num_cpus": 2, "namespace": "prefect"}
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert task_runner(recipe.parallel).address == "ray://head:10001"
+    monkeypatch.delenv("RAY_ADDRESS")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = curate_flow(recipe.as_dict(), new_run_id())
+        assert ray.is_initialized()  # the flow used the runtime it found, and left it running
+    finally:
+        ray.shutdown()
+    assert result.content_hash == expected.content_hash and result.kept == 31
+
+
+def test_a_ray_runner_without_ray_installed_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(clipforge.RecipeError, match=r"parallel.runner: .*pip install 'clipforge\[ray\]'"):
+        _recipe(tmp_path, "shards-{0000..0001}.tar", runner="ray")

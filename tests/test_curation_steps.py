@@ -198,15 +198,16 @@ def test_near_duplicates_keep_the_first_of_each_cluster():
 
 
 def test_near_neighbours_finds_planted_duplicates_without_comparing_all_pairs():
-    from clipforge.plugins.curation.duplicates import near_neighbours
+    from clipforge.plugins.curation.duplicates import near_pairs
 
     rng = np.random.default_rng(1)
     x = rng.standard_normal((20_000, 64)).astype(np.float32)
     planted = rng.choice(20_000, 200, replace=False)
     x[planted[100:]] = x[planted[:100]] + 0.05 * rng.standard_normal((100, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    _, ids = near_neighbours(x, 2)
-    found = sum(planted[j] in ids[planted[100 + j]] for j in range(100))
+    i, j, _ = near_pairs(x, 0.95, exact_below=10_000)  # above exact_below: the inverted-file index
+    pairs = set(zip(i.tolist(), j.tolist()))
+    found = sum((min(a, b), max(a, b)) in pairs for a, b in zip(planted[:100].tolist(), planted[100:].tolist()))
     assert found >= 99
 
 

@@ -7,6 +7,7 @@ probing attribute names, so that what a plugin may offer is written down in one 
 
 from __future__ import annotations
 
+import bisect
 import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,29 @@ class Verdict:
         return cls(False, reason, dict(scores), detail)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """The curated data a curation is decided against (the recipe's ``curation_pool``), as one
+    whole-dataset step sees it: every sample that step saw when the pool was curated, oldest
+    curation first, with the features that step computed then (as ``decide`` gets them: a float32
+    array by rows, or a list) and whether the pool kept the sample (it is in the curated data).
+
+    ``statistics`` says whether whole-dataset statistics (an entry's cap, a top fraction) count
+    the pool's samples; duplicates of the pool are dropped either way.
+    """
+
+    keys: list[str]
+    features: Any
+    kept: list[bool]
+    manifests: list[str] = field(default_factory=list)  # each curation of the pool, oldest first
+    ends: list[int] = field(default_factory=list)  # where each curation's samples end in ``keys``
+    statistics: bool = True
+
+    def origin(self, i: int) -> str:
+        """``"KEY in MANIFEST"`` of pool sample ``i``: what a drop's detail names."""
+        return f"{self.keys[i]} in {self.manifests[bisect.bisect_right(self.ends, i)]}"
+
+
 # -- the protocol of each kind ----------------------------------------------------------------
 
 
@@ -130,6 +154,22 @@ class WholeDatasetStep(Protocol):
     def features(self, samples: Sequence[Sample]) -> Sequence[Any]: ...
 
     def decide(self, keys: list[str], features: Any) -> Sequence[Verdict]: ...
+
+
+@runtime_checkable
+class DecidesAgainstPool(Protocol):
+    """A whole-dataset step that can decide against a pool of curated data (``curation_pool``):
+    drop the duplicates of pool samples, count the pool's samples in its statistics.
+
+    ``features_signature()`` says what its features depend on (the embedding model, the metadata
+    entries) as JSON-able data: the pool's stored features are used only when the pool was
+    curated by a step of the same type and signature, since they are never recomputed.
+    ``decide_against(keys, features, pool)`` is ``decide`` with the :class:`Pool` as this step saw it.
+    """
+
+    def features_signature(self) -> dict[str, Any]: ...
+
+    def decide_against(self, keys: list[str], features: Any, pool: Pool) -> Sequence[Verdict]: ...
 
 
 @runtime_checkable

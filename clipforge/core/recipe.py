@@ -118,12 +118,46 @@ class TrainConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    """How curation maps over the dataset's parts: Prefect task runners on one machine or a Dask cluster."""
+    """How curation maps over the dataset's parts: Prefect task runners on one machine, a Dask or a Ray cluster."""
 
-    runner: Literal["threads", "processes", "dask"] = "threads"
+    runner: Literal["threads", "processes", "dask", "ray"] = "threads"
     workers: Annotated[int, Field(gt=0)] | None = Field(None, description="default: one per CPU core")
-    address: str | None = Field(None, description="dask: a scheduler address; none starts a local cluster")
+    address: str | None = Field(
+        None, description="dask: a scheduler address; ray: a cluster address (else RAY_ADDRESS); none starts a local one"
+    )
     shard_size: Annotated[int, Field(gt=0)] = Field(1000, description="pairs per curated shard")
+
+    @pydantic.field_validator("runner")
+    @classmethod
+    def _runner_installed(cls, runner: str) -> str:
+        import importlib.util
+
+        if runner == "ray" and not all(importlib.util.find_spec(m) for m in ("ray", "prefect_ray")):
+            raise ValueError("runner 'ray' needs Ray and prefect-ray, which are not installed: pip install 'clipforge[ray]'")
+        return runner
+
+
+class CurationPool(_Strict):
+    """The curated data a new curation is decided against: the champion's (through the lineage tags of
+    its registered version) or the one a manifest URI names."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    from_: Literal["champion"] | None = Field(
+        None, alias="from", description="champion: the data the registry's champion was trained on (none yet: curate alone)"
+    )
+    manifest: str | None = Field(None, min_length=1, description="a curated manifest's URI (.../manifest.parquet)")
+    model_name: str | None = Field(None, description="with from: champion, the registered model; defaults to the recipe's")
+    statistics: bool = Field(
+        True, description="whole-dataset statistics (balance caps, a clip-score top fraction) count the pool's samples"
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> CurationPool:
+        if (self.from_ is None) == (self.manifest is None):
+            raise ValueError("give exactly one of 'from: champion' and 'manifest: URI'")
+        if self.model_name is not None and self.from_ is None:
+            raise ValueError("model_name names the registered model of 'from: champion'")
+        return self
 
 
 class PromoteConfig(_Strict):
@@ -142,6 +176,9 @@ class Recipe(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig
     curation: list[ComponentRef] = Field(default_factory=list)
+    curation_pool: CurationPool | None = Field(
+        None, description="curate against earlier curated data: drop duplicates of it, count it in whole-dataset statistics"
+    )
     model: ComponentRef
     loss: ComponentRef = Field(default_factory=lambda: ComponentRef(type="clip"))
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -308,6 +345,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "registry": RegistryConfig,
     "parallel": ParallelConfig,
+    "curation_pool": CurationPool,
 }
 
 
@@ -324,7 +362,7 @@ def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:
     if len(parts) >= 3 and _component_default(".".join(parts[:2])) is not None:
         return True  # a component's parameter: its params model checks it
     if len(parts) == 2 and parts[0] in _SECTIONS:
-        return parts[1] in _SECTIONS[parts[0]].model_fields
+        return parts[1] in {f.alias or name for name, f in _SECTIONS[parts[0]].model_fields.items()}
     if parts[0] == "registry" and len(parts) == 3 and parts[1] == "promote":
         return parts[2] in PromoteConfig.model_fields
     # component parameters are checked by the component's params model after the override

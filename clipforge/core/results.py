@@ -45,6 +45,7 @@ class CurateResult(_Result):
     seconds: float
     pairs_per_s: float | None = None
     reused: bool = Field(False, description="an identical earlier curation was reused")
+    pool: str | None = Field(None, description="the manifest URI of the curated pool this curation was decided against")
 
 
 class TrainResult(_Result):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -26,6 +27,13 @@ _TASKS: dict[Callable[[Any], Any], Task[Any, Any]] = {
 
 def task_runner(cfg: ParallelConfig) -> TaskRunner[Any]:
     """The Prefect task runner the recipe asks for."""
+    if cfg.runner == "ray":
+        from prefect_ray import RayTaskRunner
+
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:  # a cluster brings its own resources: ray.init refuses them when connecting
+            return RayTaskRunner(address=address)
+        return RayTaskRunner(init_kwargs={"include_dashboard": False, **({"num_cpus": cfg.workers} if cfg.workers else {})})
     if cfg.runner == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -56,17 +64,32 @@ def curate_flow(recipe: dict[str, Any], run_id: str) -> CurateResult:
 
 def _curate(ctx: RunContext) -> CurateResult:
     r, store = ctx.recipe, ctx.store
-    out = f"curated/{curation.curation_key(r)}"
+    pool = _pool(ctx)
+    out = f"curated/{curation.curation_key(r, pool)}"
     reused = store.exists(f"{out}/summary.json")
     if reused:
-        print(f"curate: reusing {store.uri(out)} (same data and steps)")
-        summary = curation.curate(r, ctx.plugins.catalog, store, out)  # what that curation left
+        print(f"curate: reusing {store.uri(out)} (same data, steps and pool)")
+        summary = curation.curate(r, ctx.plugins.catalog, store, out, pool=pool)  # what that curation left
     else:
+        if pool is not None:
+            print(f"curate: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
         with task_runner(r.parallel) as runner:
-            summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=prefect_mapper(runner))
+            summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=prefect_mapper(runner), pool=pool)
     summary = summary.model_copy(update={"reused": reused})
     _report(ctx, summary)
     return summary
+
+
+def _pool(ctx: RunContext) -> curation.PoolChain | None:
+    """The recipe's ``curation_pool``: a manifest, or the champion's curated data found through its lineage tags."""
+    spec = ctx.recipe.curation_pool
+    champion = None
+    if spec is not None and spec.from_ == "champion":
+        name = spec.model_name or ctx.recipe.model_name
+        champion = tracking.champion_manifest(name)
+        if champion is None:
+            print(f"curate: {name} has no champion with curated data yet: curating without a pool")
+    return curation.pool_of(ctx.recipe, champion)
 
 
 def _report(ctx: RunContext, summary: CurateResult) -> None:
@@ -78,7 +101,8 @@ def _report(ctx: RunContext, summary: CurateResult) -> None:
     if summary.pairs_per_s:
         metrics["curate/pairs_per_s"] = float(summary.pairs_per_s)
     tracking.log_metrics(run, metrics)
-    tracking.set_tags(run, {"clipforge.manifest_uri": summary.manifest_uri, "clipforge.manifest_hash": summary.content_hash})
+    tags = {"clipforge.manifest_uri": summary.manifest_uri, "clipforge.manifest_hash": summary.content_hash}
+    tracking.set_tags(run, tags | ({"clipforge.pool_manifest_uri": summary.pool} if summary.pool else {}))
     tracking.log_dict(run, summary.model_dump(mode="json"), "curate/summary.json")
     tracking.log_figure(run, funnel_figure(funnel), "figures/curation_funnel.png")
     create_table_artifact(

@@ -218,3 +218,13 @@ champion_metrics: Callable[[str], dict[str, float] | None] = tracked(registry.ch
 @tracked
 def version_tags(name: str, version: str) -> dict[str, str]:
     return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+@tracked
+def champion_manifest(name: str) -> str | None:
+    """The manifest URI of the curated data the champion of ``name`` was trained on (its version's
+    ``clipforge.manifest_uri`` lineage tag); None without a champion or such a tag."""
+    version = registry.champion_version(name)
+    if version is None:
+        return None
+    return MlflowClient().get_model_version(name, version).tags.get("clipforge.manifest_uri") or None

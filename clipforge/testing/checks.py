@@ -20,8 +20,10 @@ from typing import Any
 
 from clipforge.core.components import (
     CurationStep,
+    DecidesAgainstPool,
     EncoderBundle,
     PartitionedDataset,
+    Pool,
     Preparable,
     ReportsDetails,
     Sample,
@@ -332,7 +334,29 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
         raise _fail(name, f"returned {len(empty)} verdicts for an empty batch")
     if not reads_pixels(step):
         _check_without_pixels(step, samples, verdicts, name)
+    if isinstance(step, DecidesAgainstPool):
+        _check_against_pool(step, samples, verdicts, name)
     return verdicts
+
+
+def _check_against_pool(step: Any, samples: list[Sample], verdicts: list[Verdict], name: str) -> None:
+    """A step that decides against a pool has a JSON-able features signature, and an empty pool changes nothing."""
+    import json
+
+    signature = step.features_signature()
+    if not isinstance(signature, Mapping):
+        raise _fail(name, f"features_signature() must return a dict, got {type(signature).__name__}")
+    try:
+        json.dumps(signature)
+    except (TypeError, ValueError) as e:
+        raise _fail(name, f"features_signature() is stored beside the manifest and must be JSON-able: {e}") from None
+    features = step.features(samples)
+    if hasattr(features, "astype"):
+        features = features.astype("float32")
+    empty = Pool(keys=[], features=features[:0], kept=[])
+    against = list(step.decide_against([s.key for s in samples], features, empty))
+    if [(v.keep, v.reason) for v in against] != [(v.keep, v.reason) for v in verdicts]:
+        raise _fail(name, "decide_against() with an empty pool must decide as decide() does")
 
 
 def _check_without_pixels(step: Any, samples: list[Sample], verdicts: list[Verdict], name: str) -> None:

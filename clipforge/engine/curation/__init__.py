@@ -28,6 +28,7 @@ from clipforge.core.storage import Store
 from clipforge.engine.curation.finalize import FinalizeJob, assemble, finalize_part
 from clipforge.engine.curation.parts import PartJob, PartResult, curate_part
 from clipforge.engine.curation.plan import DECODE_STEP, build_steps, curation_key, input_size, parts_of
+from clipforge.engine.curation.pool import PoolChain, open_pool
 from clipforge.engine.curation.reduce import first_positions, reduce
 
 #: ``mapper(fn, jobs)`` gives ``fn(job)`` for each job, in order (the builtin ``map`` does).
@@ -42,8 +43,14 @@ def curate(
     *,
     mapper: Mapper = map,
     progress: bool = True,
+    pool: PoolChain | None = None,
 ) -> CurateResult:
-    """Curate the recipe's training data under ``out`` (reused when ``out/summary.json`` exists)."""
+    """Curate the recipe's training data under ``out`` (reused when ``out/summary.json`` exists).
+
+    ``pool``: the curated data to decide against (:func:`open_pool`); by default the recipe's
+    ``curation_pool`` when it names a manifest (``from: champion`` is resolved by the curate flow,
+    which asks MLflow and passes the pool here). ``out`` should depend on it: :func:`curation_key`.
+    """
     from tqdm.auto import tqdm
 
     if store.exists(f"{out}/summary.json"):
@@ -51,18 +58,41 @@ def curate(
     start = time.perf_counter()
     data = recipe.as_dict()
     steps = build_steps(recipe, catalog)  # a recipe whose steps cannot be built fails here, before any work
+    pool = pool if pool is not None else pool_of(recipe)
     jobs = [PartJob(recipe=data, store=store.url, out=out, index=i, entry=e) for i, e in enumerate(parts_of(recipe, catalog))]
     # disable=None: a bar on terminals only
     parts: list[PartResult] = list(tqdm(mapper(curate_part, jobs), total=len(jobs), desc="curate", unit="part",
                                         disable=None if progress else True))  # fmt: skip
-    reduced = reduce(steps, store, out, parts)
+    reduced = reduce(steps, store, out, parts, pool)
     firsts = first_positions(parts)
     finals = [
         FinalizeJob(recipe=data, store=store.url, out=out, index=i, first=firsts[i], drops=reduced.of_part(firsts[i], p.kept))
         for i, p in enumerate(parts)
     ]
     shards = list(mapper(finalize_part, finals))
-    return assemble(recipe, store, out, parts, reduced, shards, firsts, time.perf_counter() - start)
+    return assemble(recipe, store, out, steps, parts, reduced, shards, firsts, time.perf_counter() - start, pool)
 
 
-__all__ = ["DECODE_STEP", "Mapper", "curate", "curate_part", "curation_key", "finalize_part", "input_size", "parts_of"]
+def pool_of(recipe: Recipe, champion_manifest: str | None = None) -> PoolChain | None:
+    """The pool the recipe's ``curation_pool`` names: its manifest, or ``champion_manifest`` (the
+    champion's, looked up by the caller) for ``from: champion``; None without one."""
+    spec = recipe.curation_pool
+    if spec is None:
+        return None
+    manifest = spec.manifest or champion_manifest
+    return open_pool(manifest, recipe.storage.options, statistics=spec.statistics) if manifest else None
+
+
+__all__ = [
+    "DECODE_STEP",
+    "Mapper",
+    "PoolChain",
+    "curate",
+    "curate_part",
+    "curation_key",
+    "finalize_part",
+    "input_size",
+    "open_pool",
+    "parts_of",
+    "pool_of",
+]

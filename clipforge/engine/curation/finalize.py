@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from clipforge.core.components import Sample
+from clipforge.core.components import DecidesAgainstPool, Sample
 from clipforge.core.errors import StageError
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult, Shard
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import Funnel, PartResult
-from clipforge.engine.curation.plan import DECODE_STEP, Job, input_size, part_dir, step_labels
-from clipforge.engine.curation.reduce import Drop, Reduced
+from clipforge.engine.curation.parts import MANIFEST_COLUMNS, Funnel, PartResult
+from clipforge.engine.curation.plan import DECODE_STEP, FORMAT_VERSION, Job, Steps, input_size, part_dir, step_labels
+from clipforge.engine.curation.pool import FEATURES_INDEX
+from clipforge.engine.curation.reduce import Drop, Reduced, whole_scores
 from clipforge.engine.shards import Decoded, ShardWriter, decode, encode, iter_shard, write_index
+
+if TYPE_CHECKING:
+    from clipforge.engine.curation.pool import PoolChain
 
 
 class FinalizeJob(Job):
@@ -78,13 +81,15 @@ def _resized(item: Decoded, size: int) -> Decoded:
     return Decoded(item.sample, encode(image, item.ext), item.ext)
 
 
+#: The manifest's fixed columns; each ``<step>/<score>`` name follows as a float64 column, null where absent.
 _SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
-           ("scores", "string"), ("shard", "string")]  # fmt: skip
+           ("shard", "string")]  # fmt: skip
 
 
-def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], reduced: Reduced,
-             shards: list[list[Shard]], firsts: list[int], seconds: float) -> CurateResult:  # fmt: skip
-    """One manifest (row group by row group, a part at a time) and the summary, from the three phases."""
+def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[PartResult], reduced: Reduced,
+             shards: list[list[Shard]], firsts: list[int], seconds: float, pool: PoolChain | None = None) -> CurateResult:  # fmt: skip
+    """One manifest (row group by row group, a part at a time), the features index a later curation's
+    pool reads, and the summary, from the three phases."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,15 +105,20 @@ def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], re
         for label in step_labels(recipe):
             if label not in reduced.funnel:  # a per-sample step
                 funnel.seen[label] -= duplicate_keys
+    whole = whole_scores(store, out)
+    names = sorted({n for i in range(len(parts)) for n in _score_names(store, out, i)} | set(whole))
+    fields = [pa.field(name, getattr(pa, kind)()) for name, kind in _SCHEMA] + [pa.field(n, pa.float64()) for n in names]
+    metadata = {"clipforge.format": str(FORMAT_VERSION), **({"clipforge.pool": pool.manifest} if pool else {})}
+    schema = pa.schema(fields, metadata=metadata)
     digest = hashlib.sha256()
     buf = io.BytesIO()
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _SCHEMA])
     with pq.ParquetWriter(buf, schema) as writer:
         for i, part_shards in enumerate(shards):
-            table = _final_rows(store, out, i, firsts[i], reduced.of_part(firsts[i], parts[i].kept), part_shards)
+            table = _final_rows(store, out, i, firsts[i], reduced.of_part(firsts[i], parts[i].kept), part_shards, whole)
             for r in range(len(table["key"])):
                 digest.update(f"{table['key'][r]}\t{table['kept'][r]}\t{table['step'][r]}\t{table['reason'][r]}\n".encode())
-            writer.write_table(pa.table(table, schema=schema))
+            n = len(table["key"])
+            writer.write_table(pa.table({f.name: table.get(f.name, [None] * n) for f in fields}, schema=schema))
     store.write_bytes(f"{out}/manifest.parquet", buf.getvalue())
     flat = [s for part in shards for s in part]
     for shard in flat:
@@ -116,35 +126,51 @@ def assemble(recipe: Recipe, store: Store, out: str, parts: list[PartResult], re
     n_input = sum(p.input for p in parts)
     if n_input == 0:
         raise StageError(f"curate: the training dataset {recipe.data.train.type!r} yielded no samples")
+    store.write_json(f"{out}/{FEATURES_INDEX}", {
+        "parts": len(parts),
+        "steps": [{"label": label, "type": steps.types[label],
+                   "signature": step.features_signature() if isinstance(step, DecidesAgainstPool) else None}
+                  for label, step in steps.whole],
+    })  # fmt: skip
     summary = CurateResult(
         out=out, input=n_input, kept=sum(s.samples for s in flat), parts=len(parts), funnel=funnel.counts(), shards=flat,
         manifest=f"{out}/manifest.parquet", manifest_uri=store.uri(f"{out}/manifest.parquet"),
         content_hash=digest.hexdigest(), seconds=round(seconds, 3),
-        pairs_per_s=round(n_input / seconds, 1) if seconds > 0 else None,
+        pairs_per_s=round(n_input / seconds, 1) if seconds > 0 else None, pool=pool.manifest if pool else None,
     )  # fmt: skip
     store.write_json(f"{out}/summary.json", summary.model_dump(mode="json"))  # last: marks a complete curation
     return summary
 
 
-def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop], shards: list[Shard]) -> dict[str, list[Any]]:
-    """Part ``index``'s manifest rows with the whole-dataset drops applied and each kept pair's shard."""
+def _score_names(store: Store, out: str, index: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with store.open(f"{part_dir(out, index)}/manifest.parquet") as f:
+        return [n for n in pq.read_schema(f).names if n not in MANIFEST_COLUMNS]
+
+
+def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop], shards: list[Shard],
+                whole: dict[str, list[float | None]]) -> dict[str, list[Any]]:  # fmt: skip
+    """Part ``index``'s manifest rows with the whole-dataset verdicts and scores applied and each kept pair's shard."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(store.open(f"{part_dir(out, index)}/manifest.parquet")).to_pydict()
+    n = len(table["key"])
     by_position = {d.position: d for d in drops}
     names = iter([s.path for s in shards for _ in range(s.samples)])
+    for name in whole:
+        table[name] = [None] * n
     table["shard"] = []
     position = first
-    for r in range(len(table["key"])):
+    for r in range(n):
         if table["kept"][r]:
+            for name, values in whole.items():
+                table[name][r] = values[position]
             drop = by_position.get(position)
             position += 1
             if drop:
                 table["kept"][r] = False
                 table["step"][r], table["reason"][r] = drop.step, drop.reason
                 table["detail"][r] = drop.detail or table["detail"][r]  # else where the sample was read
-                scores = json.loads(table["scores"][r] or "{}")
-                scores.update({f"{drop.step}/{k}": v for k, v in drop.scores.items()})
-                table["scores"][r] = json.dumps(scores, sort_keys=True) if scores else ""
         table["shard"].append(next(names) if table["kept"][r] else None)
     return table

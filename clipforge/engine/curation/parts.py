@@ -4,7 +4,6 @@ the whole-dataset steps need. A part that finished (``done.json``) is not done a
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,8 @@ from clipforge.engine.curation.plan import DECODE_STEP, Job, Steps, build_steps,
 from clipforge.engine.shards import BadSample, Decoded, ShardWriter, decode, load_pixels
 
 BATCH = 256
-MANIFEST_COLUMNS = ("key", "kept", "step", "reason", "detail", "scores")
+#: The manifest's columns besides the scores: each ``<step>/<score>`` name is a float column of its own.
+MANIFEST_COLUMNS = ("key", "kept", "step", "reason", "detail")
 
 
 class PartJob(Job):
@@ -83,6 +83,7 @@ class _Part:
         self.steps = steps
         self.funnel = Funnel([DECODE_STEP, *[label for label, _ in steps.local]])
         self.rows: dict[str, list[Any]] = {c: [] for c in MANIFEST_COLUMNS}
+        self.scores: list[dict[str, float]] = []
         self.features: dict[str, list[Any]] = {label: [] for label, _ in steps.whole}
         self.seen_keys: set[str] = set()
         # Images are only opened until the first step that reads pixels (and always before staging),
@@ -90,8 +91,9 @@ class _Part:
         self.pixels_from = next((i for i, (_, s) in enumerate(steps.local) if reads_pixels(s)), len(steps.local))
 
     def record(self, key: str, kept: bool, step: str, reason: str, detail: str, scores: dict[str, float]) -> None:
-        for column, value in zip(MANIFEST_COLUMNS, (key, kept, step, reason, detail, json.dumps(scores) if scores else "")):
+        for column, value in zip(MANIFEST_COLUMNS, (key, kept, step, reason, detail)):
             self.rows[column].append(value)
+        self.scores.append(scores)
 
     def admit(self, batch: list[Any]) -> Alive:
         """The batch's samples that decode (opened only, unless the first step reads pixels); the rest recorded."""
@@ -173,7 +175,7 @@ def curate_part(job: PartJob) -> PartResult:
         staged.close()
     for label, values in part.features.items():
         save_features(store, f"{folder}/features-{label}", values)
-    _write_parquet(store, f"{folder}/manifest.parquet", part.rows)
+    write_parquet(store, f"{folder}/manifest.parquet", {**part.rows, **score_columns(part.scores)})
     done = PartResult(
         index=job.index, input=len(part.rows["key"]), kept=staged.samples, funnel=part.funnel.counts(),
         seconds=round(time.perf_counter() - start, 3),
@@ -195,12 +197,19 @@ def _batches(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _write_parquet(store: Store, rel: str, columns: dict[str, list[Any]]) -> None:
+def score_columns(scores: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """One column per score name, in name order, None where a row has no such score."""
+    names = sorted({name for row in scores for name in row})
+    return {name: [row.get(name) for row in scores] for name in names}
+
+
+def write_parquet(store: Store, rel: str, columns: dict[str, list[Any]]) -> None:
+    """A table of ``columns``; score columns (any name with a ``/``) are float64 even when all null."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
+    pq.write_table(pa.table({k: pa.array(v, type=pa.float64() if "/" in k else None) for k, v in columns.items()}), buf)
     store.write_bytes(rel, buf.getvalue())
 
 
@@ -218,3 +227,26 @@ def load_features(store: Store, rel: str) -> Any:
     if store.exists(f"{rel}.npy"):
         return np.load(io.BytesIO(store.read_bytes(f"{rel}.npy")), allow_pickle=False)
     return store.read_json(f"{rel}.json") if store.exists(f"{rel}.json") else []
+
+
+def survivor_keys(store: Store, out: str, n_parts: int) -> list[str]:
+    """The keys of every part's survivors, part after part: the order the whole-dataset steps decide in."""
+    import pyarrow.parquet as pq
+
+    keys: list[str] = []
+    for i in range(n_parts):
+        table = pq.read_table(store.open(f"{part_dir(out, i)}/manifest.parquet"), columns=["key", "kept"])
+        keys += [k for k, kept in zip(table.column("key").to_pylist(), table.column("kept").to_pylist()) if kept]
+    return keys
+
+
+def survivor_features(store: Store, out: str, n_parts: int, label: str, index: np.ndarray) -> Any:
+    """The features step ``label`` computed for the survivors at positions ``index``: a float32 array or a list."""
+    features: list[Any] = []
+    for i in range(n_parts):
+        values = load_features(store, f"{part_dir(out, i)}/features-{label}")
+        features.extend(values if not isinstance(values, np.ndarray) else list(values))
+    chosen = [features[j] for j in index]
+    if chosen and isinstance(chosen[0], np.ndarray):
+        return np.stack(chosen).astype(np.float32)
+    return chosen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,21 +16,27 @@ from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.storage import Store
 
-# 3: shards read past damage, images turned upright by EXIF, invisible captions dropped, and an
-# index of every curated shard's sample offsets
+if TYPE_CHECKING:
+    from clipforge.engine.curation.pool import PoolChain
+
+# 3: shards read past damage, images turned upright by EXIF, invisible captions dropped, an index
+# of every curated shard's sample offsets, typed score columns in the manifest, features.json beside it
 FORMAT_VERSION = 3
 #: The first step of every funnel: reading and checking the raw sample.
 DECODE_STEP = "decode"
 
 
-def curation_key(recipe: Recipe) -> str:
-    """Curated data depends only on the training data, the steps and the image size: one folder per such set."""
-    spec = {
+def curation_key(recipe: Recipe, pool: PoolChain | None = None) -> str:
+    """Curated data depends only on the training data, the steps, the image size and the pool curated
+    against (its curations' content hashes): one folder per such set."""
+    spec: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "data": recipe.data.train.entry(),
         "steps": [s.entry() for s in recipe.curation],
         "size": input_size(recipe),
     }
+    if pool is not None:
+        spec["pool"] = pool.identity()
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -54,11 +60,13 @@ def step_labels(recipe: Recipe) -> list[str]:
 
 
 class Steps:
-    """A recipe's curation steps, built: the per-sample ones (``local``) and the whole-dataset ones."""
+    """A recipe's curation steps, built: the per-sample ones (``local``) and the whole-dataset ones,
+    each with its label; ``types`` gives each label's registered type."""
 
-    def __init__(self, labelled: list[tuple[str, Any]]) -> None:
+    def __init__(self, labelled: list[tuple[str, Any]], types: dict[str, str]) -> None:
         self.local = [(label, s) for label, s in labelled if not isinstance(s, WholeDatasetStep)]
         self.whole = [(label, s) for label, s in labelled if isinstance(s, WholeDatasetStep)]
+        self.types = types
 
 
 def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
@@ -70,7 +78,8 @@ def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
 
 @functools.lru_cache(maxsize=8)
 def _built(catalog: Catalog, entries: str) -> Steps:
-    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in json.loads(entries)]
+    parsed = json.loads(entries)
+    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in parsed]
     first_whole = None
     for i, (label, step) in enumerate(labelled):
         if not isinstance(step, (CurationStep, WholeDatasetStep)):
@@ -85,7 +94,7 @@ def _built(catalog: Catalog, entries: str) -> Steps:
                 f"curation.{i} ({label}) decides sample by sample and must come before "
                 f"curation.{first_whole[0]} ({first_whole[1]}), which decides over the whole dataset"
             )
-    return Steps(labelled)
+    return Steps(labelled, {label: entry["type"] for label, entry in parsed})
 
 
 def parts_of(recipe: Recipe, catalog: Catalog) -> list[dict[str, Any]]:

@@ -1,17 +1,26 @@
-"""Phase 2, once: the whole-dataset steps decide over every part's survivors, from their features alone."""
+"""Phase 2, once: the whole-dataset steps decide over every part's survivors, from their features alone
+(and, with a pool to curate against, from the pool's stored features too)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from clipforge.core.components import DecidesAgainstPool
+from clipforge.core.errors import StageError
 from clipforge.core.results import StepCounts
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import PartResult, load_features
-from clipforge.engine.curation.plan import DECODE_STEP, Steps, part_dir
+from clipforge.engine.curation.parts import PartResult, survivor_features, survivor_keys
+from clipforge.engine.curation.plan import DECODE_STEP, Steps
+
+if TYPE_CHECKING:
+    from clipforge.engine.curation.pool import PoolChain
+
+#: The whole-dataset steps' scores of every survivor, by position: its key, then one float column per ``<step>/<score>``.
+SCORES = "reduce-scores.parquet"
 
 
 class Drop(BaseModel):
@@ -22,7 +31,6 @@ class Drop(BaseModel):
     step: str
     reason: str
     detail: str = ""
-    scores: dict[str, float] = Field(default_factory=dict)
 
 
 class Reduced(BaseModel):
@@ -42,11 +50,15 @@ def first_positions(parts: list[PartResult]) -> list[int]:
     return [int(x) for x in np.cumsum([0] + [p.kept for p in parts[:-1]])]
 
 
-def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult]) -> Reduced:
-    """The whole-dataset steps over every part's survivors, in order (a key in two parts: the later goes)."""
+def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: PoolChain | None = None) -> Reduced:
+    """The whole-dataset steps over every part's survivors, in order (a key in two parts: the later goes).
+
+    With a ``pool``, a step that can decide against one (:class:`~clipforge.core.components.DecidesAgainstPool`)
+    gets the pool's stored features for it; the others decide over the new data alone.
+    """
     if store.exists(f"{out}/reduce.json"):
         return Reduced.model_validate(store.read_json(f"{out}/reduce.json"))
-    keys = _survivor_keys(store, out, len(parts))
+    keys = survivor_keys(store, out, len(parts))
     drops: dict[int, Drop] = {}
     seen: set[str] = set()
     for position, key in enumerate(keys):
@@ -56,40 +68,51 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult]) -> Red
     alive = np.ones(len(keys), dtype=bool)
     alive[list(drops)] = False
     funnel = {}
+    scores: dict[str, np.ndarray] = {}
     for label, step in steps.whole:
         index = np.flatnonzero(alive)
-        verdicts = list(step.decide([keys[j] for j in index], _features_of(store, out, len(parts), label, index)))
+        chosen = [keys[j] for j in index]
+        features = survivor_features(store, out, len(parts), label, index)
+        if pool is not None and isinstance(step, DecidesAgainstPool):
+            verdicts = list(step.decide_against(chosen, features, pool.view(steps.types[label], step)))
+        else:
+            verdicts = list(step.decide(chosen, features))
+        if len(verdicts) != len(index):
+            raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(index)} samples")
         reasons: Counter[str] = Counter()
         for j, verdict in zip(index, verdicts):
+            for name, value in verdict.scores.items():
+                scores.setdefault(f"{label}/{name}", np.full(len(keys), np.nan))[j] = value
             if not verdict.keep:
                 alive[j] = False
                 reasons[verdict.reason or "dropped"] += 1
                 drops[int(j)] = Drop(position=int(j), key=keys[j], step=label, reason=verdict.reason or "dropped",
-                                     detail=verdict.detail, scores=verdict.scores)  # fmt: skip
+                                     detail=verdict.detail)  # fmt: skip
         dropped = sum(reasons.values())
         funnel[label] = StepCounts(seen=len(index), kept=len(index) - dropped, dropped=dropped, reasons=dict(reasons))
+    _write_scores(store, f"{out}/{SCORES}", keys, scores)
     reduced = Reduced(drops=[drops[p] for p in sorted(drops)], funnel=funnel, kept=int(alive.sum()))
-    store.write_json(f"{out}/reduce.json", reduced.model_dump(mode="json"))
+    store.write_json(f"{out}/reduce.json", reduced.model_dump(mode="json"))  # last: marks the phase complete
     return reduced
 
 
-def _survivor_keys(store: Store, out: str, n_parts: int) -> list[str]:
+def _write_scores(store: Store, rel: str, keys: list[str], scores: dict[str, np.ndarray]) -> None:
+    import io
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    keys: list[str] = []
-    for i in range(n_parts):
-        table = pq.read_table(store.open(f"{part_dir(out, i)}/manifest.parquet"), columns=["key", "kept"])
-        keys += [k for k, kept in zip(table.column("key").to_pylist(), table.column("kept").to_pylist()) if kept]
-    return keys
+    columns = {name: pa.array(scores[name], mask=np.isnan(scores[name])) for name in sorted(scores)}
+    table = pa.table({"key": pa.array(keys, type=pa.string()), **columns})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(rel, buf.getvalue())
 
 
-def _features_of(store: Store, out: str, n_parts: int, label: str, index: np.ndarray) -> Any:
-    """The features step ``label`` computed for the survivors at positions ``index``: an array or a list."""
-    features: list[Any] = []
-    for i in range(n_parts):
-        values = load_features(store, f"{part_dir(out, i)}/features-{label}")
-        features.extend(values if not isinstance(values, np.ndarray) else list(values))
-    chosen = [features[j] for j in index]
-    if chosen and isinstance(chosen[0], np.ndarray):
-        return np.stack(chosen).astype(np.float32)
-    return chosen
+def whole_scores(store: Store, out: str) -> dict[str, list[float | None]]:
+    """The whole-dataset steps' scores of every survivor, by position, column by column."""
+    import pyarrow.parquet as pq
+
+    columns = pq.read_table(store.open(f"{out}/{SCORES}")).to_pydict()
+    del columns["key"]  # the survivor at each position: for people reading the file
+    return columns

@@ -8,12 +8,13 @@ DataComp's best CLIP-score baseline kept the top 30 %.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge.core.components import Sample, Verdict
+from clipforge.core.components import Pool, Sample, Verdict
 from clipforge.core.resolver import resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings
 
@@ -64,23 +65,37 @@ class ClipScore(_Scorer):
 
 
 class ClipScoreTop(_Scorer):
-    """Over the whole dataset: the top ``fraction`` of scores is kept (ties broken by order)."""
+    """Over the whole dataset: the top ``fraction`` of scores is kept (ties broken by order); against a
+    pool, the top fraction of the pool's scores and the new ones together."""
 
     def __init__(self, model: str, fraction: float, device: str = "cpu"):
         super().__init__(model, device)
-        self.fraction = fraction
+        self.model, self.fraction = model, fraction
 
     def features(self, samples: Sequence[Sample]) -> list[float]:
         return [float(c) for c in self.scores(samples)]
 
+    def features_signature(self) -> dict[str, Any]:
+        # the reference as written: with models:/NAME@champion each round's scores come from that round's
+        # champion, and the pool's scores are the ones its own curation computed
+        return {"model": self.model}
+
     def decide(self, keys: list[str], scores: list[float]) -> list[Verdict]:
-        n_keep = round(self.fraction * len(scores))
-        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-        keep = np.zeros(len(scores), dtype=bool)
+        return self._top(scores, [])
+
+    def decide_against(self, keys: list[str], scores: list[float], pool: Pool) -> list[Verdict]:
+        """The top fraction of the pool's scores and the new ones together (the pool's first on ties)."""
+        return self._top(scores, list(pool.features) if pool.statistics else [])
+
+    def _top(self, scores: list[float], pool: list[float]) -> list[Verdict]:
+        everything = np.asarray([*pool, *scores], dtype=np.float64)
+        n_keep = round(self.fraction * len(everything))
+        order = np.argsort(-everything, kind="stable")
+        keep = np.zeros(len(everything), dtype=bool)
         keep[order[:n_keep]] = True
         return [
             Verdict.kept(score=s) if k else Verdict.dropped(f"clip score not in the top {self.fraction:.0%}", score=s)
-            for k, s in zip(keep, scores)
+            for k, s in zip(keep[len(pool) :], scores)
         ]
 
 

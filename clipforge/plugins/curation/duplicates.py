@@ -1,23 +1,27 @@
 """``exact-duplicates`` and ``near-duplicates``: keep the first of each group of copies, drop the rest naming it.
 
 Both decide over the whole dataset: each part computes a compact feature per sample (a 16-byte
-digest, a float16 embedding), and one decision runs over all of them at the end.
+digest, a float16 embedding), and one decision runs over all of them at the end. Against a pool
+of curated data (``curation_pool``), a copy of a pool sample is dropped as a "duplicate of pool".
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import Sample, Verdict
+from clipforge.core.components import Pool, Sample, Verdict
 from clipforge.core.resolver import resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
+
+#: The reason of a sample dropped because the pool curated against holds a copy of it.
+POOL_DUPLICATE = "duplicate of pool"
 
 
 class ExactParams(BaseModel):
@@ -43,11 +47,23 @@ class ExactDuplicates:
             out.append(h.hexdigest())
         return out
 
+    def features_signature(self) -> dict[str, Any]:
+        return {"by": self.by}
+
     def decide(self, keys: list[str], digests: list[str]) -> list[Verdict]:
+        return self.decide_against(keys, digests, Pool(keys=[], features=[], kept=[]))
+
+    def decide_against(self, keys: list[str], digests: list[str], pool: Pool) -> list[Verdict]:
+        in_pool: dict[str, int] = {}
+        for i, (digest, kept) in enumerate(zip(pool.features, pool.kept)):
+            if kept:
+                in_pool.setdefault(digest, i)
         first: dict[str, str] = {}
         out = []
         for key, digest in zip(keys, digests):
-            if digest in first:
+            if digest in in_pool:
+                out.append(Verdict.dropped(POOL_DUPLICATE, detail=f"duplicate of {pool.origin(in_pool[digest])}"))
+            elif digest in first:
                 out.append(Verdict.dropped("exact duplicate", detail=f"of {first[digest]}"))
             else:
                 first[digest] = key
@@ -64,69 +80,152 @@ class NearParams(BaseModel):
     model: str | None = Field(
         None, description="the embedding model, with embedding: model: models:/NAME@champion, a folder, s3://..., a checkpoint"
     )
-    neighbours: int = Field(8, ge=1, le=256, description="neighbours looked at per image")
     device: str = "cpu"
 
 
 class NearDuplicates:
-    """Images whose embeddings have cosine >= threshold are one cluster; the first one in order is kept."""
+    """Images whose embeddings have cosine >= threshold are linked; each connected group of links, of
+    any size, keeps its first image in input order and drops the others, naming the one kept."""
 
-    def __init__(self, threshold: float = 0.97, embedding: str = "thumbnail", model: str | None = None,
-                 neighbours: int = 8, device: str = "cpu"):  # fmt: skip
+    def __init__(self, threshold: float = 0.97, embedding: str = "thumbnail", model: str | None = None, device: str = "cpu"):
         if embedding == "model" and not model:
             raise clipforge.ConfigError("near-duplicates: embedding: model needs `model` (models:/NAME@champion or a folder)")
-        self.threshold, self.neighbours, self.device = threshold, neighbours, device
-        self.bundle = resolve_model(model).load(device) if embedding == "model" and model else None
+        self.threshold, self.device = threshold, device
+        resolved = resolve_model(model) if embedding == "model" and model else None
+        self.bundle = resolved.load(device) if resolved else None
+        # embeddings of two models live in different spaces: a pool's are only comparable from the same weights
+        self.signature: dict[str, Any] = (
+            {"embedding": "model", "model": resolved.pinned} if resolved else {"embedding": "thumbnail"}
+        )
 
     def features(self, samples: Sequence[Sample]) -> np.ndarray:
         if self.bundle is None:
             return thumbnails([s.image for s in samples])
         return model_embeddings(self.bundle, samples, self.device)[0]
 
+    def features_signature(self) -> dict[str, Any]:
+        return self.signature
+
     def decide(self, keys: list[str], embeddings: np.ndarray) -> list[Verdict]:
+        return self._decide(keys, embeddings, None, [])
+
+    def decide_against(self, keys: list[str], embeddings: np.ndarray, pool: Pool) -> list[Verdict]:
+        rows = [i for i, kept in enumerate(pool.kept) if kept]  # what the pool's curated data holds
+        vectors = np.asarray(pool.features, dtype=np.float32)[rows] if rows else None
+        return self._decide(keys, embeddings, vectors, [pool.origin(i) for i in rows])
+
+    def _decide(self, keys: list[str], embeddings: np.ndarray, pool: np.ndarray | None, origins: list[str]) -> list[Verdict]:
+        """The pool's vectors come first in the order: a group holding one of them keeps none of the new samples."""
         if len(keys) == 0:
             return []
-        sims, ids = near_neighbours(np.ascontiguousarray(embeddings, dtype=np.float32), self.neighbours + 1)
-        order = np.arange(len(keys))[:, None]
-        close = (sims >= self.threshold) & (ids >= 0) & (ids < order)  # an earlier image within the threshold
-        out = [Verdict.kept() for _ in keys]
-        kept = np.ones(len(keys), dtype=bool)
-        for i in np.flatnonzero(close.any(axis=1)):  # only these can be duplicates: a loop over few rows
-            # the first earlier image within the threshold that was itself kept: clusters keep their first member
-            match = next(((s, j) for s, j, c in zip(sims[i], ids[i], close[i]) if c and kept[j]), None)
-            if match is not None:
-                kept[i] = False
-                out[i] = Verdict.dropped("near duplicate", detail=f"of {keys[match[1]]}", similarity=float(match[0]))
+        x = np.asarray(embeddings, dtype=np.float32).reshape(len(keys), -1)
+        p = 0
+        if pool is not None and len(pool):
+            p = len(pool)
+            x = np.concatenate([pool.reshape(p, -1), x])
+        first, similarity = near_groups(x, self.threshold)
+        out = []
+        for i in range(p, len(x)):
+            root = int(first[i])
+            if root == i:
+                out.append(Verdict.kept())
+            elif root < p:
+                out.append(
+                    Verdict.dropped(POOL_DUPLICATE, detail=f"duplicate of {origins[root]}", similarity=float(similarity[i]))
+                )
+            else:
+                out.append(Verdict.dropped("near duplicate", detail=f"of {keys[root - p]}", similarity=float(similarity[i])))
         return out
 
 
-def near_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows (inner product) of every row: an inverted-file index (FAISS), never all pairs.
+#: Below this many vectors every pair is compared exactly (a flat index), above an inverted-file index is searched.
+EXACT_BELOW = 10_000
 
-    With ~3 sqrt(n) lists and 6 probed per query, each query scans about 2 sqrt(n) vectors, and a
-    near copy falls in its original's list or a neighbouring one. The lists hold the vectors in
-    float16, which loses nothing: the parts store the embeddings in float16.
+
+def near_groups(x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BELOW) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows whose inner product is >= ``threshold``, transitively (the connected components of
+    those links): for each row, the first row of its group, and its highest similarity to a linked row.
+
+    Identical rows (an image copied as is) are grouped by their bytes first and searched once, so
+    that a group of thousands of copies does not make millions of links.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, unique, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    i, j, sims = near_pairs(x[unique], threshold, exact_below=exact_below)
+    copies = np.flatnonzero(unique[inverse] != np.arange(n))
+    a = np.concatenate([unique[i], copies])
+    b = np.concatenate([unique[j], unique[inverse[copies]]])
+    s = np.concatenate([sims, np.ones(len(copies), dtype=np.float32)])
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    similarity = np.zeros(n, dtype=np.float32)
+    np.maximum.at(similarity, a, s)
+    np.maximum.at(similarity, b, s)
+    return first[component], similarity
+
+
+def near_pairs(
+    x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BELOW, nprobe: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair ``i < j`` of rows with inner product >= ``threshold``, and that product: a range
+    search on an inverted-file index, never a comparison of all pairs beyond ``exact_below`` rows.
+
+    The index partitions the rows into ~3 sqrt(n) lists around spherical k-means centroids (FAISS);
+    each row is compared with the rows of the ``nprobe`` lists whose centroids are nearest to it,
+    where a near copy of it falls. Each list is searched for all the rows that probe it at once, as
+    one matrix product (the products are exact float32, so the index only chooses what is compared):
+    FAISS's own ``range_search`` scans a list one query at a time, several times slower here.
+    """
+    n, d = x.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if n < max(exact_below, 2):
+        return _pairs_in(x, threshold, [(np.arange(n), np.arange(n))])
     import faiss
 
-    n, d = x.shape
-    k = min(k, n)
     nlist = int(min(3 * np.sqrt(n), n // 25))
-    index: Any
-    if nlist <= 1:
-        index = faiss.IndexFlatIP(d)
-    else:
-        index = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
-        )
-        index.by_residual = False  # the vectors themselves, not their offsets from a centroid: exact in float16
-        index.cp.min_points_per_centroid = 25  # coarse centroids suffice to route near copies together
-        index.cp.niter = 10
-        rng = np.random.default_rng(0)
-        index.train(x[rng.choice(n, size=min(n, nlist * 25), replace=False)])
-        index.nprobe = min(6, nlist)
-    index.add(x)
-    return index.search(x, k)
+    kmeans = faiss.Kmeans(d, nlist, niter=5, spherical=True, seed=0, min_points_per_centroid=1, max_points_per_centroid=10)
+    kmeans.train(x[np.random.default_rng(0).choice(n, size=min(n, nlist * 10), replace=False)])
+    centroids = faiss.IndexFlatIP(d)
+    centroids.add(np.asarray(kmeans.centroids))
+    nprobe = min(nprobe, nlist)
+    _, probes = centroids.search(x, nprobe)  # (n, nprobe) lists nearest to each row, its own list first
+    home = probes[:, 0]
+    members = np.argsort(home, kind="stable")
+    member_ends = np.searchsorted(home[members], np.arange(nlist + 1))
+    probing = np.argsort(probes.ravel(), kind="stable")
+    probe_ends = np.searchsorted(probes.ravel()[probing], np.arange(nlist + 1))
+    blocks = (
+        (probing[probe_ends[k] : probe_ends[k + 1]] // nprobe, members[member_ends[k] : member_ends[k + 1]]) for k in range(nlist)
+    )
+    return _pairs_in(x, threshold, blocks)
+
+
+def _pairs_in(
+    x: np.ndarray, threshold: float, blocks: Iterable[tuple[np.ndarray, np.ndarray]], chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs at or above ``threshold`` between each block's queries and its rows, each pair once."""
+    n = len(x)
+    found, products = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float32)]
+    for queries, rows in blocks:
+        if not len(rows):
+            continue
+        for start in range(0, len(queries), chunk):  # bounds the product's memory on a list of many copies
+            q = queries[start : start + chunk]
+            sims = x[q] @ x[rows].T
+            a, b = np.nonzero(sims >= threshold)
+            low, high = np.minimum(q[a], rows[b]).astype(np.int64), np.maximum(q[a], rows[b]).astype(np.int64)
+            found.append((low * n + high)[low != high])
+            products.append(sims[a, b][low != high])
+    pairs, first = np.unique(np.concatenate(found), return_index=True)  # a pair found from both of its ends counts once
+    return pairs // n, pairs % n, np.concatenate(products)[first]
 
 
 @clipforge.hookimpl

@@ -1,0 +1,120 @@
+"""The pool a curation is decided against (the recipe's ``curation_pool``): earlier curated data,
+read from what its curation left on the store, never recomputed.
+
+Every curation leaves ``features.json`` beside its manifest: how many parts it had and, for each
+whole-dataset step, its type and features signature (the parts' features files hold the features
+themselves). A pool is the curation its manifest names and, through each summary's ``pool``, the
+curations that one was decided against, oldest first: a weekly crawl curated against the pool is
+deduplicated against every week before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipforge.core.components import DecidesAgainstPool, Pool
+from clipforge.core.errors import ConfigError
+from clipforge.core.storage import Store
+from clipforge.engine.curation.parts import survivor_features, survivor_keys
+from clipforge.engine.curation.plan import DECODE_STEP
+
+#: Beside each manifest: what the pool of a later curation needs to read this one's features.
+FEATURES_INDEX = "features.json"
+
+
+@dataclass(frozen=True)
+class PoolCuration:
+    """One curation of a pool: its manifest's URI, the store holding its folder ``out``, its index."""
+
+    manifest: str
+    store: Store
+    out: str
+    index: dict[str, Any]
+    content_hash: str
+
+
+class PoolChain:
+    """The curations of a pool, oldest first; :meth:`view` gives a step its part of them."""
+
+    def __init__(self, curations: list[PoolCuration], statistics: bool = True) -> None:
+        self.curations, self.statistics = curations, statistics
+
+    @property
+    def manifest(self) -> str:
+        """The manifest the pool was named by: the newest curation's."""
+        return self.curations[-1].manifest
+
+    def identity(self) -> dict[str, Any]:
+        """What a curation against this pool depends on: each curation's content, and whether statistics count it."""
+        return {"curations": [c.content_hash for c in self.curations], "statistics": self.statistics}
+
+    def view(self, step_type: str, step: DecidesAgainstPool) -> Pool:
+        """The pool as ``step`` sees it: the samples a step of its type and features signature saw in
+        each curation, with their features and whether the curation kept them."""
+        signature = step.features_signature()
+        keys: list[str] = []
+        kept: list[bool] = []
+        features: list[Any] = []
+        ends: list[int] = []
+        for c in self.curations:
+            label = next((s["label"] for s in c.index["steps"] if s["type"] == step_type and s["signature"] == signature), None)
+            if label is None:
+                done = [f"{s['type']} {s['signature']}" for s in c.index["steps"] if s["signature"] is not None]
+                raise ConfigError(
+                    f"curation_pool: {c.manifest} holds no features of a {step_type!r} step with {signature}, "
+                    f"so its samples cannot be compared without recomputing them (it has: {'; '.join(done) or 'none'}); "
+                    f"curate against a pool made with the same step, or leave curation_pool out"
+                )
+            k, f, kp = _seen_by(c, label)
+            keys += k
+            kept += kp
+            features.append(f)
+            ends.append(len(keys))
+        arrays = [f for f in features if isinstance(f, np.ndarray) and len(f)]
+        merged: Any = np.concatenate(arrays) if arrays else [x for f in features for x in f]
+        return Pool(
+            keys=keys, features=merged, kept=kept, manifests=[c.manifest for c in self.curations], ends=ends,
+            statistics=self.statistics,
+        )  # fmt: skip
+
+
+def _seen_by(c: PoolCuration, label: str) -> tuple[list[str], Any, list[bool]]:
+    """The samples step ``label`` of curation ``c`` saw, its features of them, and which of them the curation kept."""
+    keys = survivor_keys(c.store, c.out, c.index["parts"])
+    order = [DECODE_STEP, *[s["label"] for s in c.index["steps"]]]
+    reduced = c.store.read_json(f"{c.out}/reduce.json")
+    stopped = {d["position"]: order.index(d["step"]) for d in reduced["drops"]}
+    at = order.index(label)
+    seen = np.array([stopped.get(p, len(order)) >= at for p in range(len(keys))], dtype=bool)
+    index = np.flatnonzero(seen)
+    features = survivor_features(c.store, c.out, c.index["parts"], label, index)
+    return [keys[p] for p in index], features, [p not in stopped for p in index]
+
+
+def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistics: bool = True) -> PoolChain:
+    """The pool named by a curated manifest's URI (a local path or ``s3://...``), checked: the manifest
+    and its summary and features index exist, and so do those of the curations it was decided against."""
+    curations: list[PoolCuration] = []
+    uri: str | None = manifest
+    while uri:
+        if any(c.manifest == uri for c in curations):
+            raise ConfigError(f"curation_pool: {manifest} leads back to {uri} through the pools it was curated against")
+        root, out, name = (["", *uri.rsplit("/", 2)])[-3:]
+        if name != "manifest.parquet" or not out:
+            raise ConfigError(f"curation_pool: {uri} is not a curated manifest (.../<curation>/manifest.parquet)")
+        store = Store(root or ".", options)
+        for needed in ("manifest.parquet", "summary.json"):
+            if not store.exists(f"{out}/{needed}"):
+                raise ConfigError(f"curation_pool: {uri}: no complete curation there ({store.uri(out, needed)} is missing)")
+        if not store.exists(f"{out}/{FEATURES_INDEX}"):
+            raise ConfigError(
+                f"curation_pool: {uri} has no stored features ({FEATURES_INDEX}): it was curated by an earlier "
+                "version of clipforge; curate that data again to use it as a pool"
+            )
+        summary = store.read_json(f"{out}/summary.json")
+        curations.append(PoolCuration(uri, store, out, store.read_json(f"{out}/{FEATURES_INDEX}"), summary["content_hash"]))
+        uri = summary.get("pool")
+    return PoolChain(curations[::-1], statistics)
