@@ -130,7 +130,20 @@ def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server)
     env, api = server
     env = {**env, "CLIPFORGE_HOME": str(REPO)}
     template = "deployments/k8s-gpu-job-template.json"
-    _run([*PREFECT, "work-pool", "create", "clipforge-k8s-gpu", "--type", "kubernetes", "--base-job-template", template], env)
+    _run(
+        [
+            *PREFECT,
+            "work-pool",
+            "create",
+            "clipforge-k8s-gpu",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            template,
+            "--overwrite",
+        ],
+        env,
+    )
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly-gpu"], env)
     pool = api.get("/work_pools/clipforge-k8s-gpu").json()
     container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
@@ -145,7 +158,20 @@ def test_the_launcher_deployments_train_on_every_gpu_of_a_pod_or_on_a_ray_cluste
     env, api = server
     env = {**env, "CLIPFORGE_HOME": str(REPO)}
     template = "deployments/k8s-gpu-job-template.json"
-    _run([*PREFECT, "work-pool", "create", "clipforge-k8s-gpu", "--type", "kubernetes", "--base-job-template", template], env)
+    _run(
+        [
+            *PREFECT,
+            "work-pool",
+            "create",
+            "clipforge-k8s-gpu",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            template,
+            "--overwrite",
+        ],
+        env,
+    )
     for name in ("vit-b32-8gpu", "vit-b32-ray"):
         _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", name], env)
     pod = api.get("/deployments/name/retrain-recipe/vit-b32-8gpu").json()

@@ -25,6 +25,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -452,6 +454,88 @@ def test_concurrent_promotions_from_processes_end_on_the_best(store, tmp_path):
         assert proc.returncode == 0, err[-3000:]
     assert champion_metrics(MODEL) == {"retrieval/mean_recall_at_1": max(values)}
     assert aliases()["challenger"] == str(len(values))
+
+
+# -- guards, same-data metrics, first versions -----------------------------------------------
+
+OLD = "eval/old/retrieval/mean_recall@1"
+
+
+def register_both(new: float, old: float):
+    metrics = {f"eval/{METRIC}": new, OLD: old}
+    return register_version("models/any", MODEL, tags={}, metrics=metrics, run_id=None)
+
+
+def test_a_guard_refuses_a_challenger_that_forgets(store):
+    register_both(0.5, 0.8)
+    assert promote_if_better(MODEL, "1", metric=METRIC, guards=[(OLD, 0.05)]) == (True, None)
+    register_both(0.7, 0.74)  # better on the new data, 0.06 worse on the old: over the budget
+    assert promote_if_better(MODEL, "2", metric=METRIC, guards=[(OLD, 0.05)]) == (False, "1")
+    assert tags("2")["promotion_reason"].startswith("not promoted: guard eval/old/retrieval/mean_recall@1 dropped by 0.06")
+    assert tags("2")["promotion_guard"].startswith("eval/old/retrieval/mean_recall@1 dropped by 0.06 (0.8 -> 0.74)")
+    register_both(0.7, 0.76)  # within the budget
+    assert promote_if_better(MODEL, "3", metric=METRIC, guards=[(OLD, 0.05)]) == (True, "1")
+    assert "every guard within its budget (1)" in tags("3")["promotion_reason"]
+    assert "promotion_guard" not in tags("3")
+    register_both(0.9, 0.9)
+    with pytest.raises(PromotionError, match="has no metric 'eval/gone/x'"):
+        promote_if_better(MODEL, "4", metric=METRIC, guards=[("eval/gone/x", 0.1)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ours=st.floats(0, 1), theirs=st.floats(0, 1), min_delta=st.floats(0, 0.2),
+    guarded=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 0.3)), max_size=4),
+    mode=st.sampled_from(["max", "min"]),
+)  # fmt: skip
+def test_the_verdict_is_the_rule_and_every_guard(ours, theirs, min_delta, guarded, mode):
+    """Promoted exactly when the metric wins by more than min_delta and no guard drops by more than its
+    budget; a guard on a lower-is-better metric (alignment) counts a rise as the drop."""
+    from clipforge.registry.promotion import _verdict
+
+    names = [f"eval/set{i}/" + ("geometry/alignment" if i % 2 else "retrieval/m") for i in range(len(guarded))]
+    candidate = {"eval/new/retrieval/m": ours} | {n: g[0] for n, g in zip(names, guarded)}
+    incumbent = {"eval/new/retrieval/m": theirs} | {n: g[1] for n, g in zip(names, guarded)}
+    guards = [(n, g[2]) for n, g in zip(names, guarded)]
+    better, reason = _verdict("eval/new/retrieval/m", candidate, "1", incumbent, mode, min_delta, guards)
+    wins = (ours - theirs if mode == "max" else theirs - ours) > min_delta
+    drops = [(c - i if n.endswith("alignment") else i - c) for n, (c, i, _) in zip(names, guarded)]
+    kept = all(d <= budget for d, (_, _, budget) in zip(drops, guarded))
+    assert better == (wins and kept), reason
+    assert reason.startswith("not promoted") != better
+
+
+def test_promotion_decides_on_the_metrics_it_is_given(store):
+    """The register flow passes each version's metrics on its own evaluation data: they, not the tags, decide."""
+    register(0.9)
+    promote_if_better(MODEL, "1", metric=METRIC)
+    register(0.5)  # worse by its tags, but the champion measured again on today's data is worse still
+    today = {"1": {f"eval/{METRIC}": 0.3}, "2": {f"eval/{METRIC}": 0.5}}
+    assert promote_if_better(MODEL, "2", metric=METRIC, metrics_of=today.__getitem__) == (True, "1")
+    assert "champion v1 (retrieval/mean_recall@1=0.3)" in tags("2")["promotion_reason"]
+
+
+@pytest.mark.parametrize("shared_lock", [True, False])
+@pytest.mark.parametrize("n", [2, 6])
+def test_first_versions_registered_at_once_leave_one_champion(store, monkeypatch, shared_lock, n):
+    """Without a promotion rule, first retrains that overlap end with exactly one champion: the first registered."""
+    import contextlib
+
+    from clipforge.registry import promote_first_version, promotion
+
+    if not shared_lock:
+        monkeypatch.setattr(promotion, "_registry_lock", lambda name: contextlib.nullcontext())
+        monkeypatch.setattr(promotion, "_settle_s", lambda: 0.5)
+    versions = [register(None).version for _ in range(n)]
+    outcomes: dict[str, bool] = {}
+    at_once(lambda v: outcomes.__setitem__(str(v), promote_first_version(MODEL, v)[0]), versions)
+    assert aliases()["champion"] == "1"
+    assert tags("1")["promotion_reason"].startswith("first version")
+    later = [str(v) for v in versions[1:]]
+    assert all(tags(v)["promotion_reason"].startswith("the recipe has no registry.promote rule") for v in later
+               if not outcomes[v])  # fmt: skip
+    register(None)
+    assert promote_first_version(MODEL, str(n + 1)) == (False, "1")
 
 
 # -- the model card ---------------------------------------------------------------------------

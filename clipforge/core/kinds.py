@@ -43,7 +43,7 @@ KINDS: dict[str, Kind] = {
             (c.Dataset,),
             (c.ClassificationDataset, c.TemplatedDataset, c.PartitionedDataset),
             "check_dataset",
-            ("data.train", "data.eval", "evaluation.*.dataset"),
+            ("data.train", "data.eval", "data.eval.*", "evaluation.*.dataset"),
         ),
         Kind(
             "evaluators",
@@ -53,7 +53,7 @@ KINDS: dict[str, Kind] = {
             (c.ReportsDetails,),
             "check_evaluator",
             ("evaluation.*",),
-            host_fields=("dataset", "name"),
+            host_fields=("dataset", "name", "sets"),
         ),
         Kind(
             "curation_steps",

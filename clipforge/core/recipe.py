@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.errors import ConfigError, RecipeError, UnknownComponentError
@@ -37,10 +37,14 @@ class ComponentRef(BaseModel):
 
 
 class EvaluatorRef(ComponentRef):
-    """An evaluator; ``dataset`` (a dataset entry) overrides the recipe's ``data.eval`` for it."""
+    """An evaluator; ``dataset`` (a dataset entry) overrides the recipe's ``data.eval`` for it, and
+    ``sets`` restricts it to some of the named evaluation sets."""
 
     dataset: ComponentRef | None = None
     name: str | None = Field(None, description="metric namespace; defaults to the type")
+    sets: list[str] | None = Field(
+        None, min_length=1, description="with named evaluation sets: the ones it runs on (default: all)"
+    )
 
     @property
     def label(self) -> str:
@@ -65,9 +69,61 @@ class StorageConfig(_Strict):
         return options
 
 
+#: A set name: it becomes a path part of metric names (``eval/<set>/<evaluator>/<metric>``).
+SetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+def _eval_form(value: Any) -> str:
+    """One dataset entry (it has a ``type``) or named evaluation sets."""
+    if isinstance(value, ComponentRef) or (isinstance(value, dict) and "type" in value):
+        return "__entry__"
+    return "__sets__"
+
+
+EvalData = Annotated[
+    Annotated[ComponentRef, Tag("__entry__")] | Annotated[dict[SetName, ComponentRef], Tag("__sets__")],
+    Discriminator(_eval_form),
+]
+
+
+class ReplayConfig(_Strict):
+    """A seeded sample of the data an earlier model was trained on, mixed into this run's training
+    data (TiC-CLIP's replay): the champion's (through the lineage tags of its registered version:
+    its curated data and what it replayed itself) or a curated manifest's."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    from_: Literal["champion"] | None = Field(
+        None, alias="from", description="champion: what the registry's champion was trained on (none yet: nothing replayed)"
+    )
+    manifest: str | None = Field(None, min_length=1, description="a curated manifest's URI (.../manifest.parquet)")
+    fraction: float = Field(gt=0, lt=1, description="the share of the training pairs that are replayed")
+    seed: int = Field(0, description="picks the replayed pairs")
+    model_name: str | None = Field(None, description="with from: champion, the registered model; defaults to the recipe's")
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> ReplayConfig:
+        if (self.from_ is None) == (self.manifest is None):
+            raise ValueError("give exactly one of 'from: champion' and 'manifest: URI'")
+        if self.model_name is not None and self.from_ is None:
+            raise ValueError("model_name names the registered model of 'from: champion'")
+        return self
+
+
 class DataConfig(_Strict):
     train: ComponentRef
-    eval: ComponentRef | None = None
+    eval: EvalData | None = Field(
+        None, description="the evaluation data: one dataset entry, or named sets {NAME: entry, ...} (metrics eval/NAME/...)"
+    )
+    replay: ReplayConfig | None = None
+
+    def eval_sets(self) -> dict[str | None, ComponentRef]:
+        """The evaluation sets by name; the one set of the single-entry form is named None."""
+        sets: dict[str | None, ComponentRef] = {}
+        if isinstance(self.eval, ComponentRef):
+            sets[None] = self.eval
+        elif self.eval is not None:
+            sets.update(self.eval)
+        return sets
 
 
 class WeightAverage(_Strict):
@@ -160,10 +216,22 @@ class CurationPool(_Strict):
         return self
 
 
+class Guard(_Strict):
+    """A metric the challenger may not lose more than ``max_drop`` of against the champion."""
+
+    metric: str = Field(description="an evaluation metric, as the primary one is named")
+    max_drop: Annotated[float, Field(ge=0)] = Field(
+        description="how much worse it may get (lower, or higher where lower is better)"
+    )
+
+
 class PromoteConfig(_Strict):
-    metric: str = Field(description="evaluation metric, as '<evaluator>/<metric>' (the 'eval/' prefix is optional)")
+    metric: str = Field(
+        description="evaluation metric, as '<evaluator>/<metric>' or '<set>/<evaluator>/<metric>' (the 'eval/' prefix is optional)"
+    )
     mode: Literal["max", "min"] = "max"
     min_delta: Annotated[float, Field(ge=0)] = 0.0
+    guards: list[Guard] = Field(default_factory=list, description="metrics the challenger may not lose more than their budget of")
 
 
 class RegistryConfig(_Strict):
@@ -405,20 +473,39 @@ def load_recipe(
 
 
 def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
-    """The promotion metric must come from one of the recipe's evaluators."""
+    """The promotion metric and the guarded ones must come from the recipe's evaluators (and sets)."""
     rule = recipe.registry.promote
     if rule is None:
         return []
-    evaluator = rule.metric.removeprefix("eval/").split("/")[0]
     labels = [ev.label for ev in recipe.evaluation]
-    if evaluator in labels and "/" in rule.metric.removeprefix("eval/"):
-        return []
-    return [
-        (
-            "registry.promote.metric",
-            f"{rule.metric!r} is not '<evaluator>/<metric>' of an evaluator of this recipe ({', '.join(labels) or 'none'})",
-        )
+    sets = [name for name in recipe.data.eval_sets() if name is not None]
+    errors = []
+    named = [("registry.promote.metric", rule.metric)] + [
+        (f"registry.promote.guards.{i}.metric", g.metric) for i, g in enumerate(rule.guards)
     ]
+    for path, metric in named:
+        parts = metric.removeprefix("eval/").split("/")
+        if sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
+            errors.append(
+                (
+                    path,
+                    f"{metric!r} is not '<set>/<evaluator>/<metric>' of this recipe's sets ({', '.join(sets)}) and evaluators ({', '.join(labels) or 'none'})",
+                )
+            )
+        elif not sets and not (len(parts) >= 2 and parts[0] in labels):
+            errors.append(
+                (path, f"{metric!r} is not '<evaluator>/<metric>' of an evaluator of this recipe ({', '.join(labels) or 'none'})")
+            )
+    for i, ev in enumerate(recipe.evaluation):
+        unknown = sorted(set(ev.sets or []) - set(sets))
+        if unknown:
+            errors.append(
+                (
+                    f"evaluation.{i}.sets",
+                    f"no evaluation set {', '.join(map(repr, unknown))}; data.eval names: {', '.join(sets) or 'none'}",
+                )
+            )
+    return errors
 
 
 def check_components_of(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:
@@ -464,4 +551,5 @@ def _check_curation_order(data: dict[str, Any], catalog: Catalog) -> list[tuple[
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc)
+    # a form of a union chosen by its shape (data.eval) is no part of the recipe's paths
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("__")))

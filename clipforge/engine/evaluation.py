@@ -1,57 +1,113 @@
-"""Evaluation: every evaluator of the recipe on its dataset, metrics namespaced ``eval/<evaluator>/<metric>``."""
+"""Evaluation: every evaluator of the recipe on every evaluation set it runs on.
+
+Metrics are ``eval/<evaluator>/<metric>`` with one evaluation dataset, and
+``eval/<set>/<evaluator>/<metric>`` with named sets (``data.eval: {NAME: entry, ...}``); an
+evaluator with a dataset of its own (``dataset:``) keeps ``eval/<evaluator>/<metric>``. The
+evaluation's *data hash* names what the metrics were measured on: the evaluators' settings and
+the content of every dataset they read. Two models' metrics compare only under one data hash.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from clipforge.core.catalog import Catalog
-from clipforge.core.components import EncoderBundle, ReportsDetails
+from clipforge.core.components import EncoderBundle, ReportsDetails, Sample
 from clipforge.core.embeddings import shared_embeddings
 from clipforge.core.errors import ConfigError, StageError
-from clipforge.core.recipe import Recipe
+from clipforge.core.recipe import ComponentRef, EvaluatorRef, Recipe
 from clipforge.core.resolver import resolve_model
 from clipforge.engine.training.runtime import resolve_device
 
 
 @dataclass
 class Evaluation:
-    """Metrics ``eval/<evaluator>/<metric>``, and per evaluator label the data of its figures."""
+    """Metrics by name, the data of each evaluator's figures (by ``[<set>/]<evaluator>``), and the data hash."""
 
     metrics: dict[str, float]
     details: dict[str, dict[str, Any]]
+    data_hash: str = ""
 
 
 def evaluate(recipe: Recipe, catalog: Catalog, model: str, *, device: str = "auto") -> Evaluation:
     """Run the recipe's evaluators on ``model``: any reference :func:`~clipforge.core.resolver.resolve_model`
     takes (a registered model, a run's model folder on the store, a checkpoint, ...)."""
     if not recipe.evaluation:
-        return Evaluation({}, {})
+        return Evaluation({}, {}, data_hash(recipe, catalog))
     dev = str(resolve_device(device))
     return evaluate_bundle(recipe, catalog, resolve_model(model, recipe.storage.options).load(dev), dev)
 
 
+def runs(recipe: Recipe) -> Iterator[tuple[int, EvaluatorRef, str | None, ComponentRef]]:
+    """``(index, evaluator, set name, dataset entry)`` of every evaluation to run, in the recipe's order."""
+    sets = recipe.data.eval_sets()
+    for i, ev in enumerate(recipe.evaluation):
+        if ev.dataset is not None:
+            yield i, ev, None, ev.dataset
+            continue
+        if not sets:
+            raise ConfigError(f"evaluation.{i} ({ev.type}): no dataset: give it a 'dataset:' entry or set data.eval")
+        for name, entry in sets.items():
+            if ev.sets is None or name in ev.sets:
+                yield i, ev, name, entry
+
+
 def evaluate_bundle(recipe: Recipe, catalog: Catalog, bundle: EncoderBundle, device: str) -> Evaluation:
-    """Run every evaluator of the recipe on ``bundle``; a dataset's embeddings are computed once for all of them."""
+    """Run every evaluation of the recipe on ``bundle``; a dataset's embeddings are computed once for all of them."""
     datasets: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
     with shared_embeddings():
-        for i, ev in enumerate(recipe.evaluation):
-            entry = ev.dataset.entry() if ev.dataset is not None else (recipe.data.eval.entry() if recipe.data.eval else None)
-            if entry is None:
-                raise ConfigError(f"evaluation.{i} ({ev.type}): no dataset: give it a 'dataset:' entry or set data.eval")
-            key = json.dumps(entry, sort_keys=True, default=str)
+        for i, ev, set_name, entry in runs(recipe):
+            key = json.dumps(entry.entry(), sort_keys=True, default=str)
             if key not in datasets:  # one dataset object per entry, shared by the evaluators that use it
-                datasets[key] = catalog.create("datasets", entry)
+                datasets[key] = catalog.create("datasets", entry.entry())
             evaluator = catalog.create("evaluators", ev.entry())
+            label = f"{set_name}/{ev.label}" if set_name else ev.label
             for name, value in evaluator.evaluate(bundle, datasets[key], device).items():
                 value = float(value)
                 if not math.isfinite(value):
-                    raise StageError(f"evaluation.{i} ({ev.label}): metric {name!r} is {value}")
-                metrics[f"eval/{ev.label}/{name}"] = value
+                    raise StageError(f"evaluation.{i} ({label}): metric {name!r} is {value}")
+                metrics[f"eval/{label}/{name}"] = value
             if isinstance(evaluator, ReportsDetails) and evaluator.details:
-                details[ev.label] = evaluator.details
-    return Evaluation(metrics, details)
+                details[label] = evaluator.details
+    return Evaluation(metrics, details, data_hash(recipe, catalog, datasets))
+
+
+def data_hash(recipe: Recipe, catalog: Catalog, datasets: dict[str, Any] | None = None) -> str:
+    """sha256 of the evaluators' settings and the content of every dataset they read (built from
+    the recipe when ``datasets``, by entry, is not given)."""
+    digest = hashlib.sha256()
+    for _, ev, set_name, entry in runs(recipe):
+        digest.update(json.dumps([set_name, ev.entry(), ev.label, entry.entry()], sort_keys=True, default=str).encode())
+    datasets = dict(datasets or {})
+    for _, _, _, entry in runs(recipe):
+        key = json.dumps(entry.entry(), sort_keys=True, default=str)
+        if key not in datasets:
+            datasets[key] = catalog.create("datasets", entry.entry())
+    for key in sorted(datasets):
+        digest.update(key.encode())
+        for sample in datasets[key]:
+            _update(digest, sample)
+    return digest.hexdigest()
+
+
+def _update(digest: Any, sample: Sample) -> None:
+    """A sample's key, captions, label and image (its bytes, or a PIL image's mode, size and pixels)."""
+    digest.update(
+        json.dumps(
+            [sample.key, sample.caption if not isinstance(sample.caption, bytes) else sample.caption.hex(), sample.label],
+            default=str,
+        ).encode()
+    )
+    image = sample.image
+    if isinstance(image, (bytes, bytearray)):
+        digest.update(image)
+    elif image is not None:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())

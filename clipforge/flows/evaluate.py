@@ -17,6 +17,9 @@ from clipforge.flows import tracking
 from clipforge.flows.common import open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
 
+#: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
+EVAL_HASH_TAG = "clipforge.eval_hash"
+
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(recipe: dict[str, Any], run_id: str) -> EvaluateResult:
@@ -32,6 +35,7 @@ def _evaluate(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     uri = ctx.store.write_json(f"{ctx.run_dir}/evaluate/metrics.json", metrics)
     run = tracking.mlflow_run(ctx)
     tracking.log_metrics(run, metrics)
+    tracking.set_tags(run, {EVAL_HASH_TAG: evaluation.data_hash})
     for path, fig in evaluation_figures(evaluation.details).items():
         tracking.log_figure(run, fig, path)
     ctx.plugins.hook.after_evaluation(context=ctx, metrics=metrics)
@@ -39,7 +43,7 @@ def _evaluate(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     create_markdown_artifact(
         key="evaluation", markdown=f"# Evaluation of run {ctx.run_id}\n\n| metric | value |\n|---|---|\n{rows}\n"
     )
-    return EvaluateResult(metrics=metrics, metrics_uri=uri)
+    return EvaluateResult(metrics=metrics, metrics_uri=uri, data_hash=evaluation.data_hash)
 
 
 def evaluate_uri(recipe: Recipe, model_uri: str, *, device: str | None = None) -> Evaluation:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
 from clipforge.core.results import EvaluateResult, RegisterResult, TrainResult
+from clipforge.engine.evaluation import evaluate
 from clipforge.flows import tracking
 from clipforge.flows.common import open_context, require, run_stage
+from clipforge.flows.evaluate import EVAL_HASH_TAG
 from clipforge.registry import build_report, render_markdown, render_model_card
 
 
@@ -39,6 +42,7 @@ def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None
         "clipforge.recipe_hash": ctx.recipe.digest(),
         "clipforge.manifest_uri": curated.manifest_uri if curated else "",
         "clipforge.manifest_hash": curated.content_hash if curated else "",
+        "clipforge.replay_uri": curated.replay.uri if curated and curated.replay else "",
         "clipforge.parent_version": parent or "",
         "clipforge.checkpoint_uri": ctx.store.uri(trained.checkpoint),
         "mlflow.source.run_id": run,
@@ -53,30 +57,37 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     metrics, name, rule = evaluated.metrics, r.model_name, r.registry.promote
     run = tracking.mlflow_run(ctx)
     metric = promotion_metric(rule.metric) if rule else None
-    if metric and metric not in metrics:
-        raise StageError(f"register: promotion metric {metric!r} was not computed; have: {', '.join(sorted(metrics))}")
+    guards = [(promotion_metric(g.metric), g.max_drop) for g in rule.guards] if rule else []
+    gating = [m for m in [metric, *(g for g, _ in guards)] if m]
+    if missing := [m for m in gating if m not in metrics]:
+        raise StageError(
+            f"register: promotion metric(s) {', '.join(map(repr, missing))} not computed; have: {', '.join(sorted(metrics))}"
+        )
     parent = tracking.champion_version(name)
-    lineage = _lineage(ctx, trained, run, parent)
-    card = render_model_card(model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None)
+    lineage = _lineage(ctx, trained, run, parent) | {EVAL_HASH_TAG: evaluated.data_hash}
+    replayed = ctx.state.curate.replay if ctx.state.curate else None
+    card = render_model_card(
+        model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None,
+        replay=replayed.model_dump(mode="json") if replayed else None,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ctx.store.get_dir(trained.model, Path(tmp) / "open_clip_model")
         info = tracking.log_model(run, model_dir, card)
-    version = tracking.register_version(info.model_uri, name, tags=lineage, metrics=metrics, run_id=run)
-    # the champion the decision is taken against: read before the alias may move
+    # a version carries the metrics its promotion is decided on; the run holds them all
+    version = tracking.register_version(info.model_uri, name, tags=lineage, metrics={m: metrics[m] for m in gating}, run_id=run)
+    same_data = _metrics_on(ctx, evaluated, str(version.version))
+    # the champion the decision is taken against: read (and evaluated when it must be) before the alias may move
     incumbent = tracking.champion_version(name)
-    incumbent_metrics = tracking.champion_metrics(name) if incumbent else None
-    promoted, previous = False, parent
-    if rule:
+    incumbent_metrics = same_data(incumbent) if incumbent else None
+    if incumbent_metrics:
+        tracking.log_metrics(run, {f"champion/{k}": v for k, v in incumbent_metrics.items()})
+    if rule and metric:
         promoted, previous = tracking.promote_if_better(
-            name, version.version, metric=metric, mode=rule.mode, min_delta=rule.min_delta
+            name, version.version, metric=metric, mode=rule.mode, min_delta=rule.min_delta, guards=guards, metrics_of=same_data
         )
-        reason = tracking.version_tags(name, version.version).get("promotion_reason", "")
-    elif parent is None:  # without a promotion rule only the first version becomes champion
-        reason = "first version of the model"
-        tracking.set_champion(name, version.version, reason=reason)
-        promoted = True
     else:
-        reason = "the recipe has no registry.promote rule: only a first version becomes champion automatically"
+        promoted, previous = tracking.promote_first_version(name, version.version)
+    reason = tracking.version_tags(name, version.version).get("promotion_reason", "")
     report = build_report(
         model_name=name, challenger_version=str(version.version), challenger=metrics,
         champion_version=incumbent, champion=incumbent_metrics,
@@ -97,3 +108,30 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     verdict = "is the new champion" if promoted else f"stays challenger (champion: version {previous})"
     print(f"register: {name} version {version.version} {verdict}")
     return ctx.state.register
+
+
+def _metrics_on(ctx: RunContext, evaluated: EvaluateResult, ours: str) -> Callable[[str], dict[str, float]]:
+    """A version's metrics on this run's evaluation data (once per version): its run's when they were
+    measured on the same data, else the store's cached evaluation of it, else a new one, cached."""
+    name, known = ctx.recipe.model_name, {ours: evaluated.metrics}
+
+    def metrics_of(version: str) -> dict[str, float]:
+        if version not in known:
+            known[version] = _evaluated_again(ctx, name, version, evaluated.data_hash)
+        return known[version]
+
+    return metrics_of
+
+
+def _evaluated_again(ctx: RunContext, name: str, version: str, data_hash: str) -> dict[str, float]:
+    tags = tracking.version_tags(name, version)
+    source = tags.get("mlflow.source.run_id")
+    if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, "eval/")):
+        return measured
+    cached = f"cache/evaluations/{name}/v{version}-{data_hash[:16]}.json"
+    if ctx.store.exists(cached):
+        return dict(ctx.store.read_json(cached))
+    print(f"register: {name} v{version} was measured on other evaluation data; evaluating it on this run's")
+    measured = evaluate(ctx.recipe, ctx.plugins.catalog, f"models:/{name}/{version}", device=ctx.recipe.train.device).metrics
+    ctx.store.write_json(cached, measured)
+    return measured

@@ -127,6 +127,12 @@ def run_tags(run_id: str) -> dict[str, str]:
 
 
 @tracked
+def run_metrics(run_id: str, prefix: str = "") -> dict[str, float]:
+    """The latest value of each of a run's metrics whose name starts with ``prefix``."""
+    return {k: v for k, v in MlflowClient().get_run(run_id).data.metrics.items() if k.startswith(prefix)}
+
+
+@tracked
 def experiment_of(run_id: str) -> str:
     return str(MlflowClient().get_run(run_id).info.experiment_id)
 
@@ -210,6 +216,7 @@ class StepLogger:
 
 register_version: Callable[..., ModelVersion] = tracked(registry.register_version)
 promote_if_better: Callable[..., tuple[bool, str | None]] = tracked(registry.promote_if_better)
+promote_first_version: Callable[..., tuple[bool, str | None]] = tracked(registry.promote_first_version)
 set_champion: Callable[..., str | None] = tracked(registry.set_champion)
 champion_version: Callable[[str], str | None] = tracked(registry.champion_version)
 champion_metrics: Callable[[str], dict[str, float] | None] = tracked(registry.champion_metrics)
@@ -221,10 +228,17 @@ def version_tags(name: str, version: str) -> dict[str, str]:
 
 
 @tracked
-def champion_manifest(name: str) -> str | None:
-    """The manifest URI of the curated data the champion of ``name`` was trained on (its version's
-    ``clipforge.manifest_uri`` lineage tag); None without a champion or such a tag."""
+def champion_lineage(name: str) -> tuple[str, dict[str, str]] | None:
+    """The champion of ``name`` and its version's tags (the lineage ``clipforge.*`` ones lead to the
+    data it was trained on); None without a champion."""
     version = registry.champion_version(name)
     if version is None:
         return None
-    return MlflowClient().get_model_version(name, version).tags.get("clipforge.manifest_uri") or None
+    return version, dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def champion_manifest(name: str) -> str | None:
+    """The manifest URI of the curated data the champion of ``name`` was trained on (its version's
+    ``clipforge.manifest_uri`` lineage tag); None without a champion or such a tag."""
+    lineage = champion_lineage(name)
+    return (lineage[1].get("clipforge.manifest_uri") or None) if lineage else None

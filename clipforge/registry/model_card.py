@@ -8,8 +8,11 @@ from typing import Any
 import yaml
 
 
-def render_model_card(*, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None) -> str:
-    """Markdown describing the model ``model_name`` (version ``version`` once registered)."""
+def render_model_card(
+    *, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None, replay: dict | None = None
+) -> str:
+    """Markdown describing the model ``model_name`` (version ``version`` once registered); ``replay``:
+    the :class:`~clipforge.core.results.ReplayResult` of its training data, as a dict."""
     recipe = _parse(recipe_yaml)
     title = f"# {model_name}" + (f" — version {version}" if version else "")
     uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@champion"
@@ -17,7 +20,7 @@ def render_model_card(*, model_name: str, recipe_yaml: str, metrics: dict, linea
         title,
         "A CLIP-style image-text model trained with a contrastive loss by clipforge. It maps images "
         "and texts into one embedding space: compare them by cosine similarity.",
-        "## Data\n\n" + _data_section(recipe),
+        "## Data\n\n" + _data_section(recipe) + _replay_line(replay),
         "## Metrics\n\n" + _table(("metric", "value"), [(k, _number(v)) for k, v in sorted(metrics.items())]),
         "## Lineage\n\n" + _table(("key", "value"), [(k, str(v)) for k, v in sorted(lineage.items())]),
         "## Recipe\n\n```yaml\n" + recipe_yaml.strip() + "\n```",
@@ -36,12 +39,26 @@ def _parse(recipe_yaml: str) -> dict[str, Any]:
 
 def _data_section(recipe: dict[str, Any]) -> str:
     data = recipe.get("data") or {}
-    rows = [(split, _component(ref)) for split, ref in data.items()] if isinstance(data, dict) else []
+    rows = []
+    for split, ref in data.items() if isinstance(data, dict) else []:
+        if split == "eval" and isinstance(ref, dict) and "type" not in ref:  # named evaluation sets
+            rows += [(f"eval: {name}", _component(entry)) for name, entry in ref.items()]
+        elif split != "replay":
+            rows.append((split, _component(ref)))
     text = _table(("split", "dataset"), rows) if rows else "Not recorded in the recipe."
     steps = recipe.get("curation") or []
     if steps:
         text += "\n\nCurated with, in order: " + ", ".join(_component(step) for step in steps) + "."
     return text
+
+
+def _replay_line(replay: dict | None) -> str:
+    if not replay:
+        return ""
+    return (
+        f"\n\nReplayed: {replay['pairs']:,} pairs ({replay['fraction']:.1%} of the training data), a seeded "
+        f"sample of the {replay['pool']:,} that {replay['source']} was trained on (`{replay['uri']}`)."
+    )
 
 
 def _component(ref: Any) -> str:

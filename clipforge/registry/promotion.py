@@ -32,7 +32,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +46,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from clipforge.core.errors import ConfigError, StageError
+from clipforge.registry.report import direction
 from clipforge.registry.tracking import metric_key
 
 log = logging.getLogger(__name__)
@@ -114,27 +115,74 @@ def register_version(
     return client.get_model_version(name, version.version)
 
 
+#: A version's metrics as measured on the evaluation data of the promotion at hand (metric name -> value).
+MetricsOf = Callable[[str], dict[str, float]]
+#: What decides a promotion against the champion of the moment (None when there is none): (better, reason).
+Decision = Callable[[str | None], tuple[bool, str]]
+
+
 def promote_if_better(
-    name: str, version: str, *, metric: str, mode: str = "max", min_delta: float = 0.0
+    name: str,
+    version: str,
+    *,
+    metric: str,
+    mode: str = "max",
+    min_delta: float = 0.0,
+    guards: Sequence[tuple[str, float]] = (),
+    metrics_of: MetricsOf | None = None,
 ) -> tuple[bool, str | None]:
     """Make ``version`` champion if it beats the champion on ``metric``; return (promoted, previous champion).
 
     It beats the champion when its metric is higher (``mode="max"``) or lower (``mode="min"``)
-    by strictly more than ``min_delta``, or when there is no champion. ``metric`` is looked up
-    with and without the ``eval/`` prefix. A candidate whose metric is missing raises
-    :class:`PromotionError` (a misnamed ``registry.promote.metric`` must not go unnoticed), and so
-    does a champion without it (promote by hand with :func:`set_champion`). NaN counts as the
-    worst value. The decision is recorded in the version's tag ``promotion_reason``; a version
-    that already is champion gives ``(True, None)``.
+    by strictly more than ``min_delta``, and loses no guarded metric (``guards``: ``(metric,
+    max_drop)``) by more than its budget, or when there is no champion. ``metrics_of(v)`` gives
+    version ``v``'s metrics measured on the same evaluation data as this version's: the retrain
+    flow evaluates the champion again when its own numbers came from other data; by default a
+    version's ``metric.*`` tags are read. Metric names are looked up with and without the
+    ``eval/`` prefix. A missing metric raises :class:`PromotionError` (a misnamed rule must not go
+    unnoticed). NaN counts as the worst value. The decision is recorded in the version's tag
+    ``promotion_reason`` (and, when a guard refused it, ``promotion_guard``); a version that
+    already is champion gives ``(True, None)``.
     """
     if mode not in ("max", "min"):
         raise PromotionError(f"promotion mode must be 'max' or 'min', not {mode!r}")
-    version = str(version)
     client = MlflowClient()
+    version = str(version)
+    metrics = metrics_of or (lambda v: tagged_metrics(name, v))
+    candidate = metrics(version)
+
+    def decide(champion: str | None) -> tuple[bool, str]:
+        incumbent = None if champion is None else metrics(champion)
+        return _verdict(metric, candidate, champion, incumbent, mode, min_delta, guards)
+
+    _get_version(client, name, version)
+    return _promote(client, name, version, decide)
+
+
+def promote_first_version(name: str, version: str) -> tuple[bool, str | None]:
+    """Without a promotion rule: ``version`` takes champion only when there is none, or when the one
+    there took it the same way and registered later (two first retrains at once: the first
+    registered wins). Returns (promoted, previous champion)."""
+    client = MlflowClient()
+    version = str(version)
+
+    def decide(champion: str | None) -> tuple[bool, str]:
+        if champion is None:
+            return True, "first version of the model"
+        tags = client.get_model_version(name, champion).tags
+        if tags.get("promotion_reason", "").startswith("first version") and int(champion) > int(version):
+            return True, f"first version of the model (registered before v{champion}, which took champion first)"
+        return False, "the recipe has no registry.promote rule: only a first version becomes champion automatically"
+
+    return _promote(client, name, version, decide)
+
+
+def _promote(client: MlflowClient, name: str, version: str, decide: Decision) -> tuple[bool, str | None]:
+    """Move ``champion`` to ``version`` while ``decide`` says it should, safely against other promoters
+    (see the module's docstring); return (promoted, previous champion)."""
     settle = _settle_s()
     fresh_for = settle / 2 if settle else math.inf
     with _registry_lock(name):
-        candidate = _metric_of(_get_version(client, name, version), metric)
         previous: str | None = None
         moves = retries = 0
         waited_on: str | None = None
@@ -150,11 +198,10 @@ def promote_if_better(
                 waited_on = generation
                 time.sleep(settle)
                 continue
-            incumbent = None if champion is None else _metric_of(client.get_model_version(name, champion), metric)
-            better, reason = _verdict(metric, candidate, champion, incumbent, mode, min_delta)
+            better, reason = decide(champion)
             if not better:
                 log.info("%s v%s %s", name, version, reason)
-                client.set_model_version_tag(name, version, "promotion_reason", reason)
+                _tag(client, name, version, promotion_reason=reason, **_guard_tag(reason))
                 return False, champion
             fresh_until = read_at + fresh_for
             if not _claimed_and_moved(client, name, version, champion, generation, reason, fresh_until):
@@ -240,13 +287,9 @@ def champion_version(name: str) -> str | None:
 
 
 def champion_metrics(name: str) -> dict[str, float] | None:
-    """The champion's metrics (keys as tagged, i.e. through ``metric_key``), or None without a champion."""
-    client = MlflowClient()
-    champion = _aliases(client, name).get(CHAMPION)
-    if champion is None:
-        return None
-    tags = client.get_model_version(name, champion).tags
-    return {k[len(METRIC_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
+    """The champion's tagged metrics (keys through ``metric_key``), or None without a champion."""
+    champion = _aliases(MlflowClient(), name).get(CHAMPION)
+    return None if champion is None else tagged_metrics(name, champion)
 
 
 def _move_champion(
@@ -273,28 +316,67 @@ def _move_champion(
 
 
 def _verdict(
-    metric: str, candidate: float, champion: str | None, incumbent: float | None, mode: str, min_delta: float
+    metric: str,
+    candidate: dict[str, float],
+    champion: str | None,
+    incumbent: dict[str, float] | None,
+    mode: str,
+    min_delta: float,
+    guards: Sequence[tuple[str, float]],
 ) -> tuple[bool, str]:
     """Whether the candidate takes champion, and why (NaN counts as the worst value)."""
-    if math.isnan(candidate):
+    ours = metric_of(candidate, metric, "the challenger")
+    if math.isnan(ours):
         return False, f"not promoted: {metric} is NaN"
-    if incumbent is None:
-        return True, f"first champion ({metric}={candidate!r})"
-    margin = candidate - incumbent if mode == "max" else incumbent - candidate
-    against = f"champion v{champion} ({metric}={incumbent!r}) by more than {min_delta} ({mode})"
-    if math.isnan(incumbent) or margin > min_delta:
-        return True, f"{metric}={candidate!r} beats {against}"
-    return False, f"not promoted: {metric}={candidate!r} does not beat {against}"
+    if incumbent is None or champion is None:
+        return True, f"first champion ({metric}={ours!r})"
+    theirs = metric_of(incumbent, metric, f"champion v{champion}")
+    margin = ours - theirs if mode == "max" else theirs - ours
+    against = f"champion v{champion} ({metric}={theirs!r}) by more than {min_delta} ({mode})"
+    if not (math.isnan(theirs) or margin > min_delta):
+        return False, f"not promoted: {metric}={ours!r} does not beat {against}"
+    refused = [
+        f"{guard} dropped by {drop:.4g} ({metric_of(incumbent, guard, 'the champion')!r} -> {metric_of(candidate, guard, 'the challenger')!r}), more than {budget}"
+        for guard, budget in guards
+        if (drop := _drop(guard, candidate, incumbent)) > budget
+    ]
+    if refused:
+        return False, f"not promoted: {GUARD_REFUSED} " + "; ".join(refused) + f" (it beats {against} on {metric})"
+    return True, f"{metric}={ours!r} beats {against}" + (f"; every guard within its budget ({len(guards)})" if guards else "")
 
 
-def _metric_of(version: ModelVersion, metric: str) -> float:
+#: How a refusal by a guard begins, for :func:`_guard_tag` to find the guard in the reason.
+GUARD_REFUSED = "guard"
+
+
+def _drop(guard: str, candidate: dict[str, float], incumbent: dict[str, float]) -> float:
+    """How much worse the candidate is on ``guard``: lower, or higher where lower is better; NaN is worst."""
+    ours, theirs = metric_of(candidate, guard, "the challenger"), metric_of(incumbent, guard, "the champion")
+    if math.isnan(ours):
+        return math.inf
+    return ours - theirs if direction(guard) == "min" else theirs - ours
+
+
+def _guard_tag(reason: str) -> dict[str, str]:
+    """``promotion_guard``: the guard(s) that refused a promotion and by how much, from its reason."""
+    prefix = f"not promoted: {GUARD_REFUSED} "
+    return {"promotion_guard": reason[len(prefix) :].split(" (it beats")[0]} if reason.startswith(prefix) else {}
+
+
+def metric_of(metrics: dict[str, float], metric: str, who: str) -> float:
+    """``metric`` of ``metrics``, with or without the ``eval/`` prefix, ``@`` or ``_at_``; else PromotionError naming ``who``."""
     names = [metric] if metric.startswith("eval/") else [metric, f"eval/{metric}"]
+    by_key = {metric_key(k): v for k, v in metrics.items()}
     for candidate in names:
-        value = version.tags.get(METRIC_TAG_PREFIX + metric_key(candidate))
-        if value is not None:
-            return float(value)
-    known = sorted(k[len(METRIC_TAG_PREFIX) :] for k in version.tags if k.startswith(METRIC_TAG_PREFIX))
-    raise PromotionError(f"{version.name} v{version.version} has no metric {metric!r}; it has: {', '.join(known) or 'none'}")
+        if metric_key(candidate) in by_key:
+            return float(by_key[metric_key(candidate)])
+    raise PromotionError(f"{who} has no metric {metric!r}; it has: {', '.join(sorted(metrics)) or 'none'}")
+
+
+def tagged_metrics(name: str, version: str) -> dict[str, float]:
+    """The metrics a version carries as ``metric.*`` tags (keys as tagged, through ``metric_key``)."""
+    tags = _get_version(MlflowClient(), name, str(version)).tags
+    return {k[len(METRIC_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
 
 
 def _champion_state(client: MlflowClient, name: str) -> tuple[str | None, str]:
