@@ -30,6 +30,18 @@ class StepCounts(_Result):
     reasons: dict[str, int] = Field(default_factory=dict)
 
 
+class ReplayResult(_Result):
+    """The replayed share of a run's training data: a seeded sample of what an earlier model was trained on."""
+
+    source: str = Field(description="where the replayed pairs come from: the champion's version and its data, or a manifest")
+    pool: int = Field(description="the pairs the sample was drawn from")
+    pairs: int = Field(description="the pairs replayed")
+    fraction: float = Field(description="the replayed share of the training pairs (below the recipe's when the pool is small)")
+    shards: list[Shard]
+    uri: str = Field(description="replay.json: the result and the URIs of its shards, the next replay's pool")
+    content_hash: str
+
+
 class CurateResult(_Result):
     """The curated data: shards and a manifest (one row per input key) under ``out``."""
 
@@ -46,6 +58,11 @@ class CurateResult(_Result):
     pairs_per_s: float | None = None
     reused: bool = Field(False, description="an identical earlier curation was reused")
     pool: str | None = Field(None, description="the manifest URI of the curated pool this curation was decided against")
+    replay: ReplayResult | None = Field(None, description="earlier training data mixed in (data.replay)")
+
+    def training_shards(self) -> list[Shard]:
+        """What the model trains on: the curated shards and the replayed ones."""
+        return self.shards + (self.replay.shards if self.replay else [])
 
 
 class TrainResult(_Result):
@@ -75,6 +92,7 @@ class EvaluateResult(_Result):
 
     metrics: dict[str, float]
     metrics_uri: str
+    data_hash: str = Field("", description="sha256 of the evaluators' settings and data: metrics with another are not comparable")
 
 
 class RegisterResult(_Result):

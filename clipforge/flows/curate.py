@@ -12,8 +12,8 @@ from prefect.task_runners import TaskRunner
 
 from clipforge.core.context import RunContext
 from clipforge.core.recipe import ParallelConfig
-from clipforge.core.results import CurateResult
-from clipforge.engine import curation
+from clipforge.core.results import CurateResult, ReplayResult
+from clipforge.engine import curation, replay
 from clipforge.flows import tracking
 from clipforge.flows.common import open_context, run_stage
 from clipforge.flows.figures import funnel_figure
@@ -75,9 +75,33 @@ def _curate(ctx: RunContext) -> CurateResult:
             print(f"curate: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
         with task_runner(r.parallel) as runner:
             summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=prefect_mapper(runner), pool=pool)
-    summary = summary.model_copy(update={"reused": reused})
+    summary = summary.model_copy(update={"reused": reused, "replay": _replay(ctx, summary.kept)})
     _report(ctx, summary)
     return summary
+
+
+def _replay(ctx: RunContext, new: int) -> ReplayResult | None:
+    """The recipe's ``data.replay``: a sample of what the champion (or a manifest's model) trained on."""
+    spec = ctx.recipe.data.replay
+    if spec is None:
+        return None
+    if spec.manifest:
+        sources, source = replay.sources_of(spec.manifest, None, ctx.recipe.storage.options), spec.manifest
+    else:
+        name = spec.model_name or ctx.recipe.model_name
+        version, tags = tracking.champion_lineage(name) or ("", {})
+        manifest = tags.get("clipforge.manifest_uri")
+        if not manifest:
+            print(f"curate: {name} has no champion with curated data yet: nothing to replay")
+            return None
+        sources = replay.sources_of(manifest, tags.get("clipforge.replay_uri") or None, ctx.recipe.storage.options)
+        source = f"{name} v{version}"
+    result = replay.replay(ctx.recipe, ctx.store, new, sources, source)
+    if result is not None:
+        print(
+            f"curate: replaying {result.pairs:,} of {result.pool:,} pairs of {source} ({result.fraction:.1%} of the training data)"
+        )
+    return result
 
 
 def _pool(ctx: RunContext) -> curation.PoolChain | None:
@@ -100,9 +124,15 @@ def _report(ctx: RunContext, summary: CurateResult) -> None:
     metrics.update({"curate/input": float(summary.input), "curate/kept": float(summary.kept)})
     if summary.pairs_per_s:
         metrics["curate/pairs_per_s"] = float(summary.pairs_per_s)
+    if summary.replay:
+        metrics.update({"curate/replay/pairs": float(summary.replay.pairs), "curate/replay/fraction": summary.replay.fraction})
     tracking.log_metrics(run, metrics)
     tags = {"clipforge.manifest_uri": summary.manifest_uri, "clipforge.manifest_hash": summary.content_hash}
-    tracking.set_tags(run, tags | ({"clipforge.pool_manifest_uri": summary.pool} if summary.pool else {}))
+    if summary.pool:
+        tags["clipforge.pool_manifest_uri"] = summary.pool
+    if summary.replay:
+        tags |= {"clipforge.replay_uri": summary.replay.uri, "clipforge.replay_source": summary.replay.source}
+    tracking.set_tags(run, tags)
     tracking.log_dict(run, summary.model_dump(mode="json"), "curate/summary.json")
     tracking.log_figure(run, funnel_figure(funnel), "figures/curation_funnel.png")
     create_table_artifact(

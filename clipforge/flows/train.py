@@ -28,6 +28,8 @@ def training_key(recipe: Recipe, curated: CurateResult) -> str:
         # how often it logs and how many loader workers it has change nothing of what it trains
         "train": recipe.train.model_dump(mode="json", exclude={"log_every", "workers"}),
     }
+    if curated.replay:
+        spec["replay"] = curated.replay.content_hash
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -100,7 +102,7 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
         if not ctx.store.exists(f"{out}/result.json"):  # a finished training is not launched again
             launcher = ctx.plugins.catalog.create("launchers", ctx.recipe.train.launcher.entry())
             job = TrainJob(
-                recipe=ctx.recipe.as_dict(), run_id=ctx.run_id, out=out, shards=curated.shards,
+                recipe=ctx.recipe.as_dict(), run_id=ctx.run_id, out=out, shards=curated.training_shards(),
                 tracking_uri=tracking.tracking_uri(), mlflow_run_id=run,
             )  # fmt: skip
             launcher.launch(job, ctx.recipe.train.device)

@@ -94,6 +94,15 @@ def _seen_by(c: PoolCuration, label: str) -> tuple[list[str], Any, list[bool]]:
     return [keys[p] for p in index], features, [p not in stopped for p in index]
 
 
+def curation_folder(manifest: str, where: str) -> tuple[str, str]:
+    """The store root and the curation's folder of a curated manifest's URI; ``where`` names the
+    recipe field for the error."""
+    root, out, name = (["", *manifest.rsplit("/", 2)])[-3:]
+    if name != "manifest.parquet" or not out:
+        raise ConfigError(f"{where}: {manifest} is not a curated manifest (.../<curation>/manifest.parquet)")
+    return root or ".", out
+
+
 def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistics: bool = True) -> PoolChain:
     """The pool named by a curated manifest's URI (a local path or ``s3://...``), checked: the manifest
     and its summary and features index exist, and so do those of the curations it was decided against."""
@@ -102,10 +111,8 @@ def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistic
     while uri:
         if any(c.manifest == uri for c in curations):
             raise ConfigError(f"curation_pool: {manifest} leads back to {uri} through the pools it was curated against")
-        root, out, name = (["", *uri.rsplit("/", 2)])[-3:]
-        if name != "manifest.parquet" or not out:
-            raise ConfigError(f"curation_pool: {uri} is not a curated manifest (.../<curation>/manifest.parquet)")
-        store = Store(root or ".", options)
+        root, out = curation_folder(uri, "curation_pool")
+        store = Store(root, options)
         for needed in ("manifest.parquet", "summary.json"):
             if not store.exists(f"{out}/{needed}"):
                 raise ConfigError(f"curation_pool: {uri}: no complete curation there ({store.uri(out, needed)} is missing)")

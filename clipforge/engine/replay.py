@@ -1,0 +1,160 @@
+"""Replay (TiC-CLIP): a seeded sample of what an earlier model was trained on, mixed into a run's
+training data so that a retrain on new data keeps what the champion knew.
+
+The pool is the data of one model: the curated shards of its manifest and, when it replayed
+itself, its replayed shards. Through the champion the pool is what the champion saw, so data
+from older retrains fades geometrically (TiC-CLIP's exponential replay) while the size of each
+run's training data stays bounded. The sample is copied into the run's store as tar shards with
+their index, read from the pool's shards by ranged reads: replayed data is read like curated data
+and outlives the pool's store. ``replay.json`` beside them is the result and the URIs of its
+shards: the next replay's pool when this run's model becomes champion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from clipforge.core.components import Sample
+from clipforge.core.errors import ConfigError
+from clipforge.core.recipe import Recipe
+from clipforge.core.results import ReplayResult, Shard
+from clipforge.core.storage import Store
+from clipforge.engine.curation.pool import curation_folder
+from clipforge.engine.shards import ShardWriter, decode, index_of, iter_shard, read_index, read_samples, write_index
+
+#: Beside the replayed shards: the :class:`ReplayResult` and ``shard_uris``.
+REPLAY_INDEX = "replay.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A shard of the pool: where it is, how many samples it holds, its sha256."""
+
+    uri: str
+    samples: int
+    sha256: str
+
+
+def sources_of(manifest: str, replayed: str | None = None, options: dict[str, Any] | None = None) -> list[Source]:
+    """The shards a model trained on: the curated ones of ``manifest`` and those its replay wrote
+    (``replayed``: that replay's ``replay.json`` URI)."""
+    root, out = curation_folder(manifest, "data.replay")
+    store = Store(root, options)
+    if not store.exists(f"{out}/summary.json"):
+        raise ConfigError(f"data.replay: {manifest}: no complete curation there ({store.uri(out, 'summary.json')} is missing)")
+    # a curation's shards lie in its folder (their paths are under the root of the store that wrote them)
+    shards = store.read_json(f"{out}/summary.json")["shards"]
+    sources = [Source(store.uri(out, posixpath.basename(s["path"])), s["samples"], s["sha256"]) for s in shards]
+    if replayed:
+        folder, name = replayed.rsplit("/", 1)
+        replay_store = Store(folder, options)
+        if not replay_store.exists(name):
+            raise ConfigError(f"data.replay: the replayed data {replayed} is gone; its model's pool is incomplete")
+        sources += [Source(**s) for s in replay_store.read_json(name)["shard_uris"]]
+    return sources
+
+
+def replay_count(fraction: float, new: int) -> int:
+    """How many replayed pairs make ``fraction`` of a training mix with ``new`` pairs of new data."""
+    return round(fraction * new / (1 - fraction))
+
+
+def replay(
+    recipe: Recipe, store: Store, new: int, sources: list[Source], source: str, *, progress: bool = True
+) -> ReplayResult | None:
+    """Copy the replayed share of a training mix with ``new`` curated pairs from ``sources`` under
+    ``replay/<key>`` of ``store`` (reused when that replay is already there); None when there is
+    nothing to replay. ``source`` says where the pool came from, for lineage."""
+    from tqdm.auto import tqdm
+
+    spec = recipe.data.replay
+    assert spec is not None, "the recipe has no data.replay"
+    total = sum(s.samples for s in sources)
+    take = min(replay_count(spec.fraction, new), total)
+    if take == 0:
+        return None
+    identity = {"pool": [(s.sha256, s.samples) for s in sources], "take": take, "seed": spec.seed}
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    out = f"replay/{key}"
+    if store.exists(f"{out}/{REPLAY_INDEX}"):
+        return ReplayResult.model_validate(store.read_json(f"{out}/{REPLAY_INDEX}")["result"])
+    chosen = np.sort(np.random.default_rng(spec.seed).choice(total, size=take, replace=False))
+    ends = np.cumsum([s.samples for s in sources])
+    owner = np.searchsorted(ends, chosen, side="right")
+    shards: list[Shard] = []
+    writer: ShardWriter | None = None
+    digest = hashlib.sha256()
+    rows: dict[str, list[Any]] = {"key": [], "source": [], "position": [], "shard": []}
+    bar = tqdm(total=take, desc="replay", unit="pair", disable=not progress)
+    try:
+        for index in np.unique(owner):
+            first = ends[index] - sources[index].samples
+            positions = chosen[owner == index] - first
+            for position, raw in zip(positions.tolist(), _read(sources[index], positions, recipe.storage.options), strict=True):
+                if writer is None:
+                    writer = ShardWriter(store, f"{out}/replay-{len(shards):05d}.tar")
+                for column, value in zip(rows, (raw["key"], sources[index].uri, position, writer.rel), strict=True):
+                    rows[column].append(value)
+                writer.add(decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]), pixels=False))
+                bar.update()
+                if writer.samples >= recipe.parallel.shard_size:
+                    shards.append(_published(store, writer, digest))
+                    writer = None
+        if writer is not None:
+            shards.append(_published(store, writer, digest))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    result = ReplayResult(
+        source=source, pool=total, pairs=take, fraction=take / (take + new), shards=shards,
+        uri=store.uri(out, REPLAY_INDEX), content_hash=digest.hexdigest(),
+    )  # fmt: skip
+    _write_manifest(store, f"{out}/manifest.parquet", rows)
+    uris = [{"uri": store.uri(s.path), "samples": s.samples, "sha256": s.sha256} for s in shards]
+    store.write_json(
+        f"{out}/{REPLAY_INDEX}",
+        {"result": result.model_dump(mode="json"), "shard_uris": uris, "pool": [asdict(s) for s in sources]},
+    )
+    return result
+
+
+def _read(source: Source, positions: np.ndarray, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The samples at ``positions`` (sorted) of a pool shard: consecutive ones with one ranged read each."""
+    folder, rel = source.uri.rsplit("/", 1)
+    store = Store(folder, options)
+    if not store.exists(index_of(rel)):  # a shard from before indexes: read it through
+        wanted = set(positions.tolist())
+        yield from (raw for p, raw in enumerate(iter_shard(store, rel)) if p in wanted)
+        return
+    offsets = read_index(store, rel)
+    runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
+    for run in runs:
+        yield from read_samples(store, rel, offsets, int(run[0]), len(run))
+
+
+def _write_manifest(store: Store, rel: str, rows: dict[str, list[Any]]) -> None:
+    """One row per replayed pair: its key, the pool shard and position it came from, the shard it is in now."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table(rows), buf)
+    store.write_bytes(rel, buf.getvalue())
+
+
+def _published(store: Store, writer: ShardWriter, digest: Any) -> Shard:
+    shard = Shard.model_validate(writer.close())
+    write_index(store, shard.path, writer.offsets)
+    digest.update(shard.sha256.encode())
+    return shard
