@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import clipforge
@@ -382,3 +384,33 @@ def test_recipe_validation_names_the_evaluator_and_the_field(catalog, entry, fie
         catalog.create("evaluators", entry)
     assert f"'{entry['type']}'" in str(e.value)
     assert field in [path for path, _ in e.value.errors]
+
+
+# -- embedding geometry at scale --------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 200), dim=st.integers(1, 16), block=st.integers(1, 256), seed=st.integers(0, 2**16))
+def test_uniformity_in_blocks_is_the_pairwise_one(n, dim, block, seed):
+    """Whatever the block size: exactly log mean exp(-2 d^2) over torch.pdist's pairs, in float64."""
+    from clipforge.plugins.evaluators.geometry import uniformity
+
+    x = F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+    reference = torch.pdist(x.double()).pow(2).mul(-2).exp().mean().log().item()
+    assert uniformity(x, block=block) == pytest.approx(reference, abs=1e-9)
+
+
+@pytest.mark.parametrize("n, sample", [(50, 10), (500, 64), (3, 2)])
+def test_uniformity_is_taken_on_a_seeded_sample_of_rows(n, sample):
+    from clipforge.plugins.evaluators.geometry import geometry, uniformity
+
+    g = torch.Generator().manual_seed(n)
+    images, texts = F.normalize(torch.randn(n, 8, generator=g), dim=1), F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    got = geometry(images, texts, sample=sample, seed=3)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:sample]
+    assert got["uniformity_image"] == pytest.approx(uniformity(images[rows]), abs=1e-12)
+    assert got["uniformity_text"] == pytest.approx(uniformity(texts[rows]), abs=1e-12)
+    assert geometry(images, texts, sample=sample, seed=3) == got  # the same rows for the same seed
+    assert geometry(images, texts, sample=n, seed=3)["uniformity_image"] == pytest.approx(uniformity(images), abs=1e-12)
+    # alignment and the gap are over every pair, whatever the sample
+    assert got["alignment"] == pytest.approx((images - texts).double().norm(dim=1).pow(2).mean().item())

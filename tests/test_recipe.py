@@ -101,3 +101,48 @@ def test_yaml_round_trip_and_json_schema(tiny_recipe):
     assert load_recipe(yaml.safe_load(recipe.to_yaml())).digest() == recipe.digest()
     schema = Recipe.model_json_schema()
     assert {"name", "data", "model"} <= set(schema["required"])
+
+
+def named_sets(recipe: dict) -> dict:
+    recipe["data"]["eval"] = {
+        "shapes": {"type": "synthetic-shapes", "size": 20, "seed": 1},
+        "digits": {"type": "digits", "size": 20},
+    }
+    recipe["registry"]["promote"] = {
+        "metric": "shapes/retrieval/mean_recall@1",
+        "guards": [{"metric": "eval/digits/zero-shot-classification/acc1", "max_drop": 0.02}],
+    }
+    return recipe
+
+
+def test_named_evaluation_sets_and_guards_are_accepted(tiny_recipe):
+    r = load_recipe(named_sets(tiny_recipe))
+    assert list(r.data.eval_sets()) == ["shapes", "digits"]
+    assert r.registry.promote.guards[0].max_drop == 0.02
+    assert load_recipe(r.as_dict()).digest() == r.digest()  # the mapping form round-trips
+    tiny_recipe["data"]["eval"] = {"type": "synthetic-shapes", "size": 5}
+    tiny_recipe["registry"]["promote"] = {"metric": "retrieval/mean_recall@1"}
+    single = load_recipe(tiny_recipe)
+    assert list(single.data.eval_sets()) == [None]
+
+
+@pytest.mark.parametrize(
+    "change, path, message",
+    [
+        (lambda r: r["registry"]["promote"].update(metric="retrieval/mean_recall@1"), "registry.promote.metric", "'<set>/<evaluator>/<metric>'"),
+        (lambda r: r["registry"]["promote"].update(metric="nope/retrieval/mean_recall@1"), "registry.promote.metric", "sets (shapes, digits)"),
+        (lambda r: r["registry"]["promote"]["guards"][0].update(metric="digits/linear-probe/acc1"), "registry.promote.guards.0.metric", "evaluators (zero-shot-classification, retrieval)"),
+        (lambda r: r["registry"]["promote"]["guards"][0].update(max_drop=-0.1), "registry.promote.guards.0.max_drop", "greater than or equal to 0"),
+        (lambda r: r["evaluation"][0].update(sets=["shapes", "clocks"]), "evaluation.0.sets", "no evaluation set 'clocks'; data.eval names: shapes, digits"),
+        (lambda r: r["data"]["eval"].update({"bad name": {"type": "digits"}}), "data.eval.bad name.[key]", "pattern"),
+        (lambda r: r["data"]["eval"]["digits"].update(colour=1), "data.eval.digits.colour", "unknown parameter"),
+    ],
+)  # fmt: skip
+def test_bad_sets_and_guards_name_the_field(tiny_recipe, change, path, message):
+    recipe = named_sets(tiny_recipe)
+    change(recipe)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(recipe)
+    errors = dict(e.value.errors)
+    assert path in errors, errors
+    assert message in errors[path]
