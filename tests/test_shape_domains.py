@@ -248,7 +248,7 @@ def test_a_sequence_of_domains_is_told_apart_by_simple_pixel_statistics():
     sequence = [
         {"colors": ["red", "green", "blue"], "shapes": ["circle", "square"]},
         {"colors": ["yellow", "purple", "orange"], "shapes": ["triangle", "star", "cross"], "fill": "outline", "background": "textured"},
-        {"colors": ["pink", "cyan", "brown"], "shapes": ["hexagon", "heart"], "background": "dark", "rotation": 180},
+        {"colors": ["pink", "cyan", "brown"], "shapes": ["hexagon", "heart"], "background": "dark", "rotation": 180, "scale": (0.6, 1.0)},
     ]  # fmt: skip
 
     def domain_images(seed: int, n: int):
