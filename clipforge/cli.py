@@ -1,4 +1,4 @@
-"""``clipforge``: demo, run, evaluate, validate, plugins, schedule, promote, rollback, schema.
+"""``clipforge``: demo, run, evaluate, validate, plugins, schedule, data-arrived, promote, rollback, schema.
 
 Exit codes: 0 success, 1 a failed run, 2 bad input. Errors print as one message; ``--debug``
 shows the traceback.
@@ -190,6 +190,14 @@ def cmd_schedule(args) -> int:
     return 0
 
 
+def cmd_data_arrived(args) -> int:
+    from clipforge.flows.events import emit_data_arrived
+
+    event = emit_data_arrived(args.location, args.stream)
+    console.print(f"emitted {event.event} for {event.resource.id}: location {args.location} (event {event.id})")
+    return 0
+
+
 def cmd_promote(args) -> int:
     import mlflow
 
@@ -262,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="deployment name (default retrain-<recipe name>)")
     overrides(sp)
     workdir(sp)
+    sp = add(
+        "data-arrived",
+        cmd_data_arrived,
+        "tell the Prefect server (PREFECT_API_URL) that new training data landed: triggered deployments retrain on it",
+    )
+    sp.add_argument("location", help="where the data is, as data.train takes it: shards, a brace pattern, a glob, a table")
+    sp.add_argument("--stream", required=True, help="which data: the event's resource is clipforge.data.<stream>")
     sp = add("promote", cmd_promote, "move the champion alias to a version by hand")
     sp.add_argument("model")
     sp.add_argument("version")

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from clipforge.core.recipe import load_recipe
 from tests.conftest import TINY_RECIPE, write_yaml
+from tests.crawls import write_shards
 from tests.services import free_port, process
 
 pytestmark = pytest.mark.slow
@@ -182,3 +184,76 @@ def test_the_launcher_deployments_train_on_every_gpu_of_a_pod_or_on_a_ray_cluste
     on_ray = load_recipe(REPO / ray["parameters"]["recipe_path"], ray["parameters"]["overrides"])
     assert (on_ray.train.launcher.type, on_ray.train.launcher.fields) == ("ray", {"num_workers": 16, "use_gpu": True})
     assert ray["job_variables"]["env"]["RAY_ADDRESS"].startswith("ray://") and ray["job_variables"]["gpu_count"] == 0
+
+
+def _crawl(folder: Path, prefix: str, n: int) -> tuple[str, set[str]]:
+    """A crawl's webdataset shards of shapes; returns their brace pattern and keys."""
+    from clipforge.plugins.datasets.synthetic_shapes import SyntheticShapes
+    from tests.crawls import CrawlSample, encode
+
+    samples = [
+        CrawlSample(f"{prefix}-{i:04d}", encode(np.asarray(s.image), "PNG"), s.caption, ext="png")
+        for i, s in enumerate(SyntheticShapes(n, seed=len(prefix), image_size=32))
+    ]
+    return write_shards(folder, samples, per_shard=40), {s.key for s in samples}
+
+
+def test_new_data_arriving_triggers_a_retrain_on_its_location(server, tmp_path):
+    """deployments/prefect.yaml's shapes-on-new-data: `clipforge data-arrived` emits the event, its
+    trigger starts a run with the event's location, and the retrain curates and trains on that data."""
+    env, api = server
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**env, "CLIPFORGE_HOME": str(REPO), "MLFLOW_TRACKING_URI": tracking}
+    old, _ = _crawl(tmp_path / "crawl-1", "first", 64)
+    new, new_keys = _crawl(tmp_path / "crawl-2", "second", 96)
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["storage"] = {"root": str(tmp_path / "store")}
+    recipe["data"]["train"] = {"type": "webdataset", "urls": old}
+    recipe_path = write_yaml(tmp_path / "tiny-crawl.yaml", recipe)
+
+    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process"], env)
+    _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-on-new-data"], env)
+    deployment = api.get("/deployments/name/retrain-recipe/shapes-on-new-data").json()
+    assert deployment["schedules"] == [] and deployment["work_pool_name"] == "clipforge-process"
+    assert deployment["parameters"]["recipe_path"] == "deployments/recipes/shapes-crawl.yaml"
+    load_recipe(REPO / deployment["parameters"]["recipe_path"])  # the example recipe is valid
+    [automation] = [
+        a for a in api.post("/automations/filter", json={}).json() if a["actions"][0].get("deployment_id") == deployment["id"]
+    ]
+    assert automation["trigger"]["expect"] == ["clipforge.data.arrived"]
+    assert automation["trigger"]["match"] == {"prefect.resource.id": "clipforge.data.shapes-crawl"}
+    # this test's tiny recipe as the deployment's default, as a user edits a deployment
+    patched = api.patch(
+        f"/deployments/{deployment['id']}",
+        json={"parameters": {"recipe_path": str(recipe_path), "overrides": ["train.epochs=1"]}},
+    )
+    assert patched.status_code == 204, patched.text
+
+    def runs() -> list[dict]:
+        found = api.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}})
+        return found.json()
+
+    assert runs() == []
+    cli = [sys.executable, "-m", "clipforge.cli", "data-arrived"]
+    assert "clipforge.data.shapes-crawl" in _run([*cli, new, "--stream", "shapes-crawl"], env)
+    _run([*cli, old, "--stream", "another-crawl"], env)  # another stream: nothing to do with this deployment
+    deadline = time.monotonic() + 60
+    while not (started := runs()):
+        assert time.monotonic() < deadline, "no flow run of the triggered deployment"
+        time.sleep(0.5)
+    [run] = started
+    assert run["parameters"]["data_location"] == new and run["parameters"]["recipe_path"] == str(recipe_path)
+
+    _run([*PREFECT, "worker", "start", "--pool", "clipforge-process", "--run-once"], env, timeout=240)
+    state = api.get(f"/flow_runs/{run['id']}").json()["state"]
+    assert state["type"] == "COMPLETED", state
+    assert len(runs()) == 1  # the other stream's event, long since processed, started nothing
+
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    version = client.get_model_version_by_alias("tiny-clip", "champion")
+    assert client.get_run(version.run_id).data.params["data.train.urls"] == new
+    manifest = version.tags["clipforge.manifest_uri"]  # the curated data the model was trained on
+    assert set(pq.read_table(manifest.removeprefix("file://"), columns=["key"]).column("key").to_pylist()) == new_keys

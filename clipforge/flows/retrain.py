@@ -1,7 +1,8 @@
 """The retrain flow: curate -> train -> evaluate -> register, one MLflow run, resumable by run id.
 
 ``retrain_recipe`` is what deployments schedule: a recipe *path* and ``--set`` style overrides,
-so that ``prefect deployment run ... --param`` can change them.
+so that ``prefect deployment run ... --param`` can change them, and the location of new training
+data, which a deployment trigger takes from a ``clipforge.data.arrived`` event (flows/events.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from clipforge.core.errors import ConfigError
 from clipforge.core.results import RetrainResult
 from clipforge.flows import tracking
 from clipforge.flows.common import STAGES, new_run_id, open_context
@@ -101,6 +104,32 @@ def flow_run_id_or_new() -> str:
     return new_run_id()
 
 
+#: The fields of a dataset entry that say where its data is: a webdataset's shards, a table's file.
+LOCATION_FIELDS = ("urls", "path")
+
+
+def location_override(recipe_path: str, overrides: list[str], location: str) -> str:
+    """The ``--set`` override that points the recipe's training data at ``location``: its dataset's
+    location field (:data:`LOCATION_FIELDS`), the value quoted by YAML's emitter so that the override
+    reads back as this very string, whatever it holds."""
+    from clipforge.core.plugins import get_plugin_manager
+    from clipforge.core.recipe import apply_overrides, read_yaml
+
+    train = (apply_overrides(read_yaml(recipe_path), overrides).get("data") or {}).get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("type"), str):
+        raise ConfigError(f"data_location {location!r}: {recipe_path} has no data.train dataset entry to point at it")
+    component = get_plugin_manager().catalog.get("datasets", train["type"])
+    fields = component.params.model_fields if component.params is not None else {}
+    field = next((f for f in LOCATION_FIELDS if f in fields), None)
+    if field is None:
+        raise ConfigError(
+            f"data_location {location!r}: the training data's dataset {train['type']!r} has no location field "
+            f"({' or '.join(LOCATION_FIELDS)}); use a webdataset, csv or parquet entry in data.train"
+        )
+    quoted = yaml.dump(location, default_style='"', width=float("inf"), allow_unicode=True).rstrip("\n")
+    return f"data.train.{field}={quoted}"
+
+
 @flow(name="retrain-recipe", log_prints=True, retries=1, retry_delay_seconds=600)
 def retrain_recipe(
     recipe_path: str,
@@ -108,9 +137,12 @@ def retrain_recipe(
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
     run_id: str | None = None,
+    data_location: str | None = None,
 ) -> RetrainResult:
     """Retrain the recipe at ``recipe_path`` with ``overrides`` (``train.epochs=3``, ...): what deployments schedule.
 
+    ``data_location`` points the recipe's training data at new data (a webdataset's ``urls``, a
+    table's ``path``): what a deployment triggered by a ``clipforge.data.arrived`` event passes.
     A failed attempt is retried once after 10 minutes; the retry continues the same run, so the
     stages that had finished are skipped and training resumes from its latest checkpoint.
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory.
@@ -118,7 +150,11 @@ def retrain_recipe(
     from clipforge.core.recipe import load_recipe
     from clipforge.registry import default_tracking_uri
 
-    recipe = load_recipe(recipe_path, overrides or [])
+    overrides = list(overrides or [])
+    if data_location is not None:
+        overrides.append(location_override(recipe_path, overrides, data_location))
+        print(f"training data: {data_location}")
+    recipe = load_recipe(recipe_path, overrides)
     if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):  # as the command line: artifacts beside mlflow.db
         artifact_root = artifact_root or str(Path("mlartifacts").resolve())
     return retrain_flow(
