@@ -59,7 +59,7 @@ def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp
     recipe["storage"] = {"root": str(tmp_path / "store")}
     recipe_path = write_yaml(tmp_path / "tiny.yaml", recipe)
 
-    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process"], env)
+    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process", "--overwrite"], env)
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly"], env)
     deployment = api.get("/deployments/name/retrain-recipe/shapes-weekly").json()
     assert deployment["work_pool_name"] == "clipforge-process"
@@ -211,7 +211,7 @@ def test_new_data_arriving_triggers_a_retrain_on_its_location(server, tmp_path):
     recipe["data"]["train"] = {"type": "webdataset", "urls": old}
     recipe_path = write_yaml(tmp_path / "tiny-crawl.yaml", recipe)
 
-    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process"], env)
+    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process", "--overwrite"], env)
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-on-new-data"], env)
     deployment = api.get("/deployments/name/retrain-recipe/shapes-on-new-data").json()
     assert deployment["schedules"] == [] and deployment["work_pool_name"] == "clipforge-process"
