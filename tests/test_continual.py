@@ -121,3 +121,55 @@ def test_replay_mixes_the_champions_data_into_the_next_retrain(tiny_recipe, trac
     third = retrain_flow(week3, tracking_uri=tracking)
     assert third.curate.replay is not None and third.curate.replay.pool == second.curate.kept + 32
     assert third.curate.replay.source == f"tiny-clip v{second.register.version}"
+
+
+A = {"type": "synthetic-shapes", "colors": ["red", "green", "blue"], "shapes": ["circle", "square"], "image_size": 32}
+B = {
+    "type": "synthetic-shapes", "colors": ["yellow", "purple", "orange"], "shapes": ["triangle", "star", "cross"],
+    "fill": "outline", "background": "textured", "image_size": 32,
+}  # fmt: skip
+
+
+def domain_step(recipe: dict, train: dict, **train_settings) -> dict:
+    """A retrain on ``train`` evaluated on both domains, promoted on B unless it forgets A."""
+    r = copy.deepcopy(recipe)
+    r["data"] = {
+        "train": train | {"size": 1000, "seed": 0},
+        "eval": {"A": A | {"size": 150, "seed": 1}, "B": B | {"size": 150, "seed": 1}},
+    }
+    r["curation"] = []
+    r["model"]["aug_cfg"] = {"scale": [1.0, 1.0]}
+    r["train"] |= {"checkpoint_every": 1000, "warmup_steps": 10} | train_settings
+    r["evaluation"] = [{"type": "zero-shot-classification"}]
+    r["registry"]["promote"] = {
+        "metric": "B/zero-shot-classification/acc1",
+        "guards": [{"metric": "A/zero-shot-classification/acc1", "max_drop": 0.25}],
+    }
+    return r
+
+
+def test_a_guard_refuses_a_fine_tune_that_forgets_and_accepts_a_replayed_one(tiny_recipe, tracking, prefect_server):
+    """Naive fine-tuning on a new domain forgets the old one and is refused by the guard on it; the
+    same retrain with replay and a gentler rate keeps it and takes champion."""
+    from clipforge.flows import retrain_flow
+
+    first = retrain_flow(domain_step(tiny_recipe, A, epochs=6, lr=2e-3), tracking_uri=tracking)
+    before = first.evaluate.metrics
+    assert first.register.promoted and before["eval/A/zero-shot-classification/acc1"] > 0.5
+
+    warm = {"init_from": "models:/tiny-clip@champion", "epochs": 4}
+    naive = retrain_flow(domain_step(tiny_recipe, B, lr=2e-3, **warm), tracking_uri=tracking)
+    after = naive.evaluate.metrics
+    drop = before["eval/A/zero-shot-classification/acc1"] - after["eval/A/zero-shot-classification/acc1"]
+    assert after["eval/B/zero-shot-classification/acc1"] > before["eval/B/zero-shot-classification/acc1"]  # it learned B
+    assert drop > 0.25 and not naive.register.promoted
+    tags = MlflowClient().get_model_version("tiny-clip", naive.register.version).tags
+    assert tags["promotion_guard"].startswith(f"eval/A/zero-shot-classification/acc1 dropped by {drop:.4g}")
+    assert naive.register.reason.startswith("not promoted: guard")
+
+    gentle = domain_step(tiny_recipe, B, lr=5e-4, **warm)
+    gentle["data"]["replay"] = {"from": "champion", "fraction": 0.5}
+    kept = retrain_flow(gentle, tracking_uri=tracking)
+    assert kept.curate.replay is not None and kept.curate.replay.pairs == 1000
+    assert kept.register.promoted, kept.register.reason
+    assert "every guard within its budget (1)" in kept.register.reason
