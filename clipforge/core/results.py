@@ -75,6 +75,9 @@ class EvaluateResult(_Result):
 
     metrics: dict[str, float]
     metrics_uri: str
+    params: dict[str, float] = Field(
+        default_factory=dict, description="settings evaluators chose (a linear probe's weight_decay)"
+    )
 
 
 class RegisterResult(_Result):

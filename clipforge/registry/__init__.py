@@ -12,6 +12,7 @@ Importing this package imports mlflow; only the flows and the command line do.
 """
 
 from clipforge.registry.model_card import render_model_card
+from clipforge.registry.model_card import summary as model_summary
 from clipforge.registry.promotion import (
     PromotionError,
     champion_metrics,
@@ -30,6 +31,7 @@ from clipforge.registry.tracking import (
     log_metrics,
     metric_key,
     mlflow_ui_command,
+    run_url,
 )
 
 __all__ = [
@@ -45,10 +47,12 @@ __all__ = [
     "log_pyfunc_model",
     "metric_key",
     "mlflow_ui_command",
+    "model_summary",
     "promote_if_better",
     "register_version",
     "render_markdown",
     "render_model_card",
     "rollback",
+    "run_url",
     "set_champion",
 ]
