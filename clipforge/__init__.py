@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.components import (
+    ChoosesHyperparameters,
     ClassificationDataset,
     ContrastiveLoss,
     CurationStep,
@@ -49,6 +50,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "Catalog",
+    "ChoosesHyperparameters",
     "ClassificationDataset",
     "ClipforgeError",
     "Component",

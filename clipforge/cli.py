@@ -29,10 +29,24 @@ console = Console(highlight=False, soft_wrap=True)  # commands and paths must st
 err = Console(stderr=True, highlight=False)
 
 
-def _recipe(path: str, overrides: list[str]):
+def _recipe(path: str | Path | dict, overrides: list[str], workdir: Path | None = None):
+    """The recipe at ``path``; with a ``workdir``, a relative local ``storage.root`` is taken under it."""
+    from urllib.parse import urlparse
+
     from clipforge.core.recipe import load_recipe
 
-    return load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides)
+    root = recipe.storage.root
+    if workdir is not None and len(urlparse(root).scheme) <= 1 and not Path(root).expanduser().is_absolute():
+        recipe = load_recipe(path, [*overrides, f"storage.root={(workdir / root).resolve()}"])
+    return recipe
+
+
+WORKDIR_HELP = (
+    "where this command keeps what it writes locally (default: %(default)s): the MLflow store "
+    "(DIR/mlflow.db and DIR/mlartifacts; unless MLFLOW_TRACKING_URI is set) and the recipe's "
+    "storage.root when that is a relative path (an absolute path or an s3:// URI is used as it is)"
+)
 
 
 def _tracking(workdir: Path) -> tuple[str, str | None]:
@@ -55,7 +69,8 @@ def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workd
 
 
 def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
-    from clipforge.registry import mlflow_ui_command
+    from clipforge.flows.tracking import experiment_of
+    from clipforge.registry import mlflow_ui_command, run_url
 
     if result.evaluate and result.evaluate.metrics:
         table = Table(title="metrics", show_edge=False)
@@ -79,17 +94,19 @@ def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
         state = "champion" if reg.promoted else f"challenger (champion stays version {reg.previous_champion})"
         console.print(f"registered: {reg.model_name} version {reg.version} -> {state}")
         console.print(f"load it:  mlflow.pyfunc.load_model('models:/{reg.model_name}@champion')")
+    uri = _tracking(workdir)[0]
     console.print(f"artifacts: {result.store}")
-    console.print(f"browse:    {mlflow_ui_command(_tracking(workdir)[0])}")
+    console.print(f"browse:    {mlflow_ui_command(uri)}")
+    console.print(f"run:       {run_url(uri, experiment_of(result.mlflow_run_id), result.mlflow_run_id)}")
     console.print(f"done in {seconds:.0f} s (run {result.run_id})")
 
 
 def cmd_demo(args) -> int:
-    from clipforge.core.recipe import builtin_recipe, load_recipe
+    from clipforge.core.recipe import builtin_recipe
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    recipe = load_recipe(builtin_recipe("shapes"), [f"storage.root={workdir / 'clipforge-store'}", *args.set])
+    recipe = _recipe(builtin_recipe("shapes"), args.set, workdir)
     console.print(f"clipforge demo: the built-in '{recipe.name}' recipe, everything under {workdir}")
     start = time.perf_counter()
     result = _run_retrain(recipe, run_id=None, stages=list(_stages("all")), workdir=workdir)
@@ -108,8 +125,8 @@ def cmd_run(args) -> int:
 
     if args.run_id:
         check_run_id(args.run_id)
-    recipe = _recipe(args.recipe, args.set)
     workdir = Path(args.workdir).resolve()
+    recipe = _recipe(args.recipe, args.set, workdir)
     if args.stage != "all" and args.stage != "curate" and not args.run_id:
         raise ConfigError(f"--stage {args.stage} continues an existing run: give its --run-id")
     start = time.perf_counter()
@@ -123,8 +140,9 @@ def cmd_evaluate(args) -> int:
 
     from clipforge.flows.evaluate import evaluate_uri
 
-    recipe = _recipe(args.recipe, args.set)
-    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    workdir = Path(args.workdir).resolve()
+    recipe = _recipe(args.recipe, args.set, workdir)
+    mlflow.set_tracking_uri(_tracking(workdir)[0])
     metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
     table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
     table.add_column("metric")
@@ -178,8 +196,9 @@ def cmd_plugins(args) -> int:
 def cmd_schedule(args) -> int:
     from clipforge.flows import retrain_flow
 
-    recipe = _recipe(args.recipe, args.set)
-    uri, artifact_root = _tracking(Path(args.workdir).resolve())
+    workdir = Path(args.workdir).resolve()
+    recipe = _recipe(args.recipe, args.set, workdir)
+    uri, artifact_root = _tracking(workdir)
     console.print(f"serving retrain of {args.recipe} on cron '{args.cron}' (Ctrl-C stops)")
     retrain_flow.serve(
         name=args.name or f"retrain-{recipe.name}",
@@ -226,19 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipforge", description="Curate, train, evaluate and register CLIP-style models.")
     p.add_argument("--version", action="version", version=f"clipforge {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument(
+        "--verbose", action="store_true", help="show every log line of Prefect and MLflow, not only clipforge's and warnings"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show every log line")
         return sp
 
     def overrides(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (repeatable)")
 
     def workdir(sp: argparse.ArgumentParser, default: str = ".") -> None:
-        sp.add_argument("--workdir", default=default, help="where the local MLflow store lives unless MLFLOW_TRACKING_URI is set")
+        sp.add_argument("--workdir", default=default, metavar="DIR", help=WORKDIR_HELP)
 
     sp = add("demo", cmd_demo, "the whole retrain on the built-in shapes recipe, with nothing to start")
     workdir(sp, "clipforge-demo")
@@ -299,15 +322,38 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def _hide_flow_tracebacks() -> None:
+class _Quiet(logging.Filter):
+    """The terminal by default: clipforge's own lines, and anything at WARNING or above; not Prefect's
+    INFO lines about every flow and task run. Progress lines are left out on a terminal, where a
+    progress bar says the same."""
+
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from clipforge.flows.reporting import LINE, PROGRESS
+
+        if record.levelno >= logging.WARNING:
+            return True
+        return bool(getattr(record, LINE, False)) and not (self.tty and getattr(record, PROGRESS, False))
+
+
+def _terminal(*, debug: bool, verbose: bool) -> None:
     """Prefect logs each failed flow and task run with its traceback: on the terminal, unless ``--debug``,
-    only the message (the Prefect server's own log keeps the traceback)."""
+    only the message (the Prefect server's own log keeps the traceback). Unless ``--verbose``, the
+    terminal shows clipforge's lines and warnings only (:class:`_Quiet`); the Prefect UI keeps every line."""
     from prefect.logging.configuration import setup_logging
 
     setup_logging()  # Prefect's handlers, which it would otherwise set up at the first flow run
+    filters: list[logging.Filter] = ([] if debug else [_NoTraceback()]) + ([] if verbose else [_Quiet(sys.stderr.isatty())])
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _NoTraceback) for f in handler.filters):
-            handler.addFilter(_NoTraceback())
+        for f in filters:
+            if not any(type(g) is type(f) for g in handler.filters):
+                handler.addFilter(f)
+    if not verbose:  # MLflow's INFO lines (creating tables, validating the input example) have a handler of their own
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (here, or by a worker)
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
 
 
 FLOW_COMMANDS = ("demo", "run", "evaluate", "schedule")
@@ -316,8 +362,8 @@ FLOW_COMMANDS = ("demo", "run", "evaluate", "schedule")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in FLOW_COMMANDS and not args.debug:
-            _hide_flow_tracebacks()
+        if args.command in FLOW_COMMANDS:
+            _terminal(debug=args.debug, verbose=args.verbose)
         return args.fn(args)
     except ConfigError as e:
         if args.debug:

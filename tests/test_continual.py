@@ -112,7 +112,7 @@ def test_replay_mixes_the_champions_data_into_the_next_retrain(tiny_recipe, trac
     version = MlflowClient().get_model_version("tiny-clip", second.register.version)
     assert version.tags["clipforge.replay_uri"] == replayed.uri
     run = MlflowClient().get_run(second.mlflow_run_id).data
-    assert run.metrics["curate/replay/pairs"] == 32 and run.tags["clipforge.replay_source"] == "tiny-clip v1"
+    assert run.metrics["train/data/replay/pairs"] == 32 and run.tags["clipforge.replay_source"] == "tiny-clip v1"
 
     # with week 2's model champion, week 3 replays its data: its own curated pairs and what it replayed
     set_champion("tiny-clip", second.register.version, reason="test")

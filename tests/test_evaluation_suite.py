@@ -272,7 +272,12 @@ def test_evaluate_bundle_runs_every_new_evaluator_and_keeps_figure_data(catalog,
     recipe = load_recipe(data, catalog=catalog)
     torch.manual_seed(0)
     bundle = catalog.create("encoders", TINY_RECIPE["model"])
-    result = evaluate_bundle(recipe, catalog, bundle, "cpu")
+    announced: list[tuple[int, int, str]] = []
+    result = evaluate_bundle(recipe, catalog, bundle, "cpu", on_evaluator=lambda *a: announced.append(a))
+    assert announced == [(i + 1, 6, e.label) for i, e in enumerate(recipe.evaluation)]
+    # the penalty the linear probe chose is a setting, not a score to compare models by
+    assert result.params == {"eval/linear-probe/weight_decay": 1e-3}
+    assert not any(k.endswith("weight_decay") for k in result.metrics)
     # data.eval once for five evaluators, the digits once
     assert len(calls) == 2
     labels = {k.split("/")[1] for k in result.metrics}

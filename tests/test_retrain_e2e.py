@@ -86,7 +86,7 @@ def test_retrain_logs_registers_and_promotes(tiny_recipe, tracking, prefect_serv
     assert tags["clipforge.recipe_hash"] == clipforge.load_recipe(tiny_recipe).digest()
     assert tags["prefect.flow_run_id"] and tags["clipforge.manifest_hash"] == result.curate.content_hash
     metrics = run.data.metrics
-    assert metrics["curate/decode/kept"] == 160.0
+    assert metrics["train/data/decode/kept"] == 160.0
     assert 0.0 <= metrics["eval/retrieval/mean_recall_at_1"] <= 1.0
     assert "eval/zero-shot-classification/acc1" in metrics
     history = client.get_metric_history(run.info.run_id, "train/loss")

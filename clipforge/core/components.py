@@ -252,6 +252,15 @@ class Preparable(Protocol):
 
 
 @runtime_checkable
+class ChoosesHyperparameters(Protocol):
+    """An evaluator whose result also holds settings it chose rather than scores it measured (a
+    linear probe's ``weight_decay``): ``hyperparameters`` names them. The evaluate stage logs them as
+    MLflow params ``eval/<evaluator>/<name>``, never as metrics to compare models by."""
+
+    hyperparameters: tuple[str, ...]
+
+
+@runtime_checkable
 class ReportsDetails(Protocol):
     """An evaluator that leaves the data of its figures in ``details`` after ``evaluate``:
     ``similarity`` (a matrix), ``recall_curve`` (``k``, ``image_retrieval``, ``text_retrieval``),

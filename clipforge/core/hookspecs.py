@@ -72,7 +72,8 @@ def register_evaluators(register: RegisterFn) -> None:
     :class:`~clipforge.Evaluator`, ``evaluate(bundle, dataset, device) -> dict[str, float]``;
     optionally :class:`~clipforge.ReportsDetails`: after ``evaluate``, ``details`` holds the data
     of its figures (``similarity``, ``recall_curve``, ``confusion`` with ``classes``), which the
-    evaluate stage draws and logs.
+    evaluate stage draws and logs; :class:`~clipforge.ChoosesHyperparameters`: ``hyperparameters``
+    names the results that are settings it chose, logged as params rather than metrics.
     """
 
 

@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
             "evaluator",
             "register_evaluators",
             (c.Evaluator,),
-            (c.ReportsDetails,),
+            (c.ReportsDetails, c.ChoosesHyperparameters),
             "check_evaluator",
             ("evaluation.*",),
             host_fields=("dataset", "name", "sets"),

@@ -93,6 +93,9 @@ class EvaluateResult(_Result):
     metrics: dict[str, float]
     metrics_uri: str
     data_hash: str = Field("", description="sha256 of the evaluators' settings and data: metrics with another are not comparable")
+    params: dict[str, float] = Field(
+        default_factory=dict, description="settings evaluators chose (a linear probe's weight_decay)"
+    )
 
 
 class RegisterResult(_Result):

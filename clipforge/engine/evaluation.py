@@ -12,35 +12,43 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from clipforge.core.catalog import Catalog
-from clipforge.core.components import EncoderBundle, ReportsDetails, Sample
+from clipforge.core.components import ChoosesHyperparameters, EncoderBundle, ReportsDetails, Sample
 from clipforge.core.embeddings import shared_embeddings
 from clipforge.core.errors import ConfigError, StageError
 from clipforge.core.recipe import ComponentRef, EvaluatorRef, Recipe
 from clipforge.core.resolver import resolve_model
 from clipforge.engine.training.runtime import resolve_device
 
+#: Called before each evaluator runs with (its position from 1, how many there are, its label).
+EvaluatorCallback = Callable[[int, int, str], None]
+
 
 @dataclass
 class Evaluation:
-    """Metrics by name, the data of each evaluator's figures (by ``[<set>/]<evaluator>``), and the data hash."""
+    """Metrics by name, the data of each evaluator's figures (by ``[<set>/]<evaluator>``), the data
+    hash, and the settings evaluators chose (``eval/[<set>/]<evaluator>/<name>``,
+    :class:`~clipforge.ChoosesHyperparameters`)."""
 
     metrics: dict[str, float]
     details: dict[str, dict[str, Any]]
     data_hash: str = ""
+    params: dict[str, float] = field(default_factory=dict)
 
 
-def evaluate(recipe: Recipe, catalog: Catalog, model: str, *, device: str = "auto") -> Evaluation:
+def evaluate(
+    recipe: Recipe, catalog: Catalog, model: str, *, device: str = "auto", on_evaluator: EvaluatorCallback | None = None
+) -> Evaluation:
     """Run the recipe's evaluators on ``model``: any reference :func:`~clipforge.core.resolver.resolve_model`
     takes (a registered model, a run's model folder on the store, a checkpoint, ...)."""
     if not recipe.evaluation:
         return Evaluation({}, {}, data_hash(recipe, catalog))
     dev = str(resolve_device(device))
-    return evaluate_bundle(recipe, catalog, resolve_model(model, recipe.storage.options).load(dev), dev)
+    return evaluate_bundle(recipe, catalog, resolve_model(model, recipe.storage.options).load(dev), dev, on_evaluator)
 
 
 def runs(recipe: Recipe) -> Iterator[tuple[int, EvaluatorRef, str | None, ComponentRef]]:
@@ -57,26 +65,33 @@ def runs(recipe: Recipe) -> Iterator[tuple[int, EvaluatorRef, str | None, Compon
                 yield i, ev, name, entry
 
 
-def evaluate_bundle(recipe: Recipe, catalog: Catalog, bundle: EncoderBundle, device: str) -> Evaluation:
+def evaluate_bundle(
+    recipe: Recipe, catalog: Catalog, bundle: EncoderBundle, device: str, on_evaluator: EvaluatorCallback | None = None
+) -> Evaluation:
     """Run every evaluation of the recipe on ``bundle``; a dataset's embeddings are computed once for all of them."""
     datasets: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     details: dict[str, dict[str, Any]] = {}
+    params: dict[str, float] = {}
     with shared_embeddings():
-        for i, ev, set_name, entry in runs(recipe):
+        planned = list(runs(recipe))
+        for n, (i, ev, set_name, entry) in enumerate(planned):
+            label = f"{set_name}/{ev.label}" if set_name else ev.label
+            if on_evaluator:
+                on_evaluator(n + 1, len(planned), label)
             key = json.dumps(entry.entry(), sort_keys=True, default=str)
             if key not in datasets:  # one dataset object per entry, shared by the evaluators that use it
                 datasets[key] = catalog.create("datasets", entry.entry())
             evaluator = catalog.create("evaluators", ev.entry())
-            label = f"{set_name}/{ev.label}" if set_name else ev.label
+            chosen = set(evaluator.hyperparameters) if isinstance(evaluator, ChoosesHyperparameters) else set()
             for name, value in evaluator.evaluate(bundle, datasets[key], device).items():
                 value = float(value)
                 if not math.isfinite(value):
                     raise StageError(f"evaluation.{i} ({label}): metric {name!r} is {value}")
-                metrics[f"eval/{label}/{name}"] = value
+                (params if name in chosen else metrics)[f"eval/{label}/{name}"] = value
             if isinstance(evaluator, ReportsDetails) and evaluator.details:
                 details[label] = evaluator.details
-    return Evaluation(metrics, details, data_hash(recipe, catalog, datasets))
+    return Evaluation(metrics, details, data_hash(recipe, catalog, datasets), params)
 
 
 def data_hash(recipe: Recipe, catalog: Catalog, datasets: dict[str, Any] | None = None) -> str:

@@ -6,6 +6,9 @@ import os
 # start, and its analytics ping only adds a noisy traceback where there is no network.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# MLflow draws a "Downloading artifacts" bar each time it fetches a model (a warm start, the model
+# being checked as it is logged): inside a run, the run's own progress is what the terminal shows.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from clipforge.flows.common import STAGES
 from clipforge.flows.curate import curate_flow

@@ -22,6 +22,45 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+def flow_run_id_or_new() -> str:
+    """A run id derived from the Prefect flow run (so that a retry of that flow run resumes the same
+    run folder, and its name can be known before the flow starts); a new one outside a flow run."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id and flow_run.scheduled_start_time:
+        return f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{str(flow_run.id).replace('-', '')[:6]}"
+    return new_run_id()
+
+
+def flow_run_name() -> str:
+    """The Prefect flow run's name: ``<recipe name>-<run id>``, the same for a retrain and its stages,
+    so that a retrain is found by the run id clipforge prints (the flow's name tells the stage)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    recipe = params.get("recipe")
+    name = recipe.get("name", "recipe") if isinstance(recipe, dict) else "recipe"
+    return f"{name}-{params.get('run_id') or flow_run_id_or_new()}"
+
+
+def run_tags(recipe: Recipe, stage: str) -> list[str]:
+    """The tags of a retrain's Prefect flow runs: the recipe, the registered model, the stage."""
+    return [f"recipe:{recipe.name}", f"model:{recipe.model_name}", f"stage:{stage}"]
+
+
+def tag_flow_run(tags: list[str]) -> None:
+    """Add ``tags`` to the current Prefect flow run (a flow cannot declare tags; its subflows inherit
+    those of ``prefect.tags`` around their call, the run itself only gets them this way)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(uuid.UUID(flow_run.id)).tags
+        client.update_flow_run(uuid.UUID(flow_run.id), tags=sorted({*current, *tags}))
+
+
 def open_context(recipe: Recipe | dict[str, Any], run_id: str | None = None) -> RunContext:
     """The context of run ``run_id`` (its saved state when it exists), or of a new run."""
     plugins = get_plugin_manager()

@@ -7,16 +7,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prefect import Task, flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.task_runners import TaskRunner
 
 from clipforge.core.context import RunContext
 from clipforge.core.recipe import ParallelConfig
 from clipforge.core.results import CurateResult, ReplayResult
+from clipforge.core.storage import Store
 from clipforge.engine import curation, replay
 from clipforge.flows import tracking
-from clipforge.flows.common import open_context, run_stage
+from clipforge.flows.common import flow_run_name, open_context, run_stage
 from clipforge.flows.figures import funnel_figure
+from clipforge.flows.reporting import Progress, publish, say
 
 # The engine's parallel phases as Prefect tasks: retried, and shown per part in the UI.
 _TASKS: dict[Callable[[Any], Any], Task[Any, Any]] = {
@@ -55,7 +56,39 @@ def prefect_mapper(runner: TaskRunner[Any]) -> Callable[[Callable[[Any], Any], l
     return mapper
 
 
-@flow(name="curate", log_prints=True)
+class FollowedMapper:
+    """A mapper that shows the curation's parallel phases as they go: a bar per phase on a terminal
+    (tqdm), a Prefect progress artifact, and a line every tenth of the parts (which the command line
+    shows where there is no bar)."""
+
+    def __init__(self, inner: curation.Mapper, run_id: str) -> None:
+        self.inner = inner
+        self.progress = Progress("curate-progress", f"Curation of run {run_id}", total=1)
+        self.offset = 0  # the parts of the phases before this one: the artifact follows both
+
+    def __call__(self, fn: Callable[[Any], Any], jobs: list[Any]) -> Iterator[Any]:
+        from tqdm.auto import tqdm
+
+        phase, n = "parts" if fn is curation.curate_part else "shards", len(jobs)
+        total = 2 * n  # each part is curated, then finalized
+        pairs = kept = 0
+        with tqdm(total=n, desc=f"curate {phase}", unit="part", disable=None) as bar:  # disable=None: terminals only
+            for done, result in enumerate(self.inner(fn, jobs), 1):
+                if isinstance(result, curation.PartResult):
+                    pairs, kept = pairs + result.input, kept + result.kept
+                    bar.set_postfix(pairs=f"{pairs:,}", kept=f"{kept:,}")
+                bar.update(1)
+                line = (
+                    f"curate: {done}/{n} parts, {pairs:,} pairs read, {kept:,} kept so far"
+                    if phase == "parts"
+                    else f"curate: {done}/{n} parts written as shards"
+                )
+                self.progress.update(self.offset + done, line, total=total)
+                yield result
+        self.offset += n
+
+
+@flow(name="curate", log_prints=True, flow_run_name=flow_run_name)
 def curate_flow(recipe: dict[str, Any], run_id: str) -> CurateResult:
     """Curate the recipe's training data; parts already curated with the same data and steps are reused."""
     ctx = open_context(recipe, run_id)
@@ -68,15 +101,18 @@ def _curate(ctx: RunContext) -> CurateResult:
     out = f"curated/{curation.curation_key(r, pool)}"
     reused = store.exists(f"{out}/summary.json")
     if reused:
-        print(f"curate: reusing {store.uri(out)} (same data, steps and pool)")
+        say(f"curate: reusing {store.uri(out)} (same data, steps and pool)")
         summary = curation.curate(r, ctx.plugins.catalog, store, out, pool=pool)  # what that curation left
     else:
         if pool is not None:
-            print(f"curate: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
+            say(f"curate: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
         with task_runner(r.parallel) as runner:
-            summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=prefect_mapper(runner), pool=pool)
+            mapper = FollowedMapper(prefect_mapper(runner), ctx.run_id)
+            summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=mapper, pool=pool, progress=False)
+            mapper.progress.finish()
     summary = summary.model_copy(update={"reused": reused, "replay": _replay(ctx, summary.kept)})
     _report(ctx, summary)
+    say(f"curate: {summary.kept:,} of {summary.input:,} pairs kept in {len(summary.shards)} shard(s); {summary.manifest_uri}")
     return summary
 
 
@@ -112,21 +148,28 @@ def _pool(ctx: RunContext) -> curation.PoolChain | None:
         name = spec.model_name or ctx.recipe.model_name
         champion = tracking.champion_manifest(name)
         if champion is None:
-            print(f"curate: {name} has no champion with curated data yet: curating without a pool")
+            say(f"curate: {name} has no champion with curated data yet: curating without a pool")
     return curation.pool_of(ctx.recipe, champion)
+
+
+#: The namespace of the curation's counts among the run's metrics.
+DATA = "train/data"
 
 
 def _report(ctx: RunContext, summary: CurateResult) -> None:
     """The funnel's counts and figure to MLflow, the data's identity as tags, a table to Prefect."""
     run = tracking.mlflow_run(ctx)
     funnel = summary.funnel
-    metrics = {f"curate/{step}/{k}": float(getattr(v, k)) for step, v in funnel.items() for k in ("kept", "dropped")}
-    metrics.update({"curate/input": float(summary.input), "curate/kept": float(summary.kept)})
+    # under train/data/: the MLflow UI orders chart sections by name, and the counts' sections would
+    # otherwise come before the training curves (curate/ < train/)
+    metrics = {f"{DATA}/{step}/{k}": float(getattr(v, k)) for step, v in funnel.items() for k in ("kept", "dropped")}
+    metrics.update({f"{DATA}/input": float(summary.input), f"{DATA}/kept": float(summary.kept)})
     if summary.pairs_per_s:
-        metrics["curate/pairs_per_s"] = float(summary.pairs_per_s)
+        metrics[f"{DATA}/curated_pairs_per_s"] = float(summary.pairs_per_s)
     if summary.replay:
-        metrics.update({"curate/replay/pairs": float(summary.replay.pairs), "curate/replay/fraction": summary.replay.fraction})
+        metrics.update({f"{DATA}/replay/pairs": float(summary.replay.pairs), f"{DATA}/replay/fraction": summary.replay.fraction})
     tracking.log_metrics(run, metrics)
+    tracking.log_curated_data(run, summary, manifest_columns(ctx.store, summary.manifest))
     tags = {"clipforge.manifest_uri": summary.manifest_uri, "clipforge.manifest_hash": summary.content_hash}
     if summary.pool:
         tags["clipforge.pool_manifest_uri"] = summary.pool
@@ -135,11 +178,26 @@ def _report(ctx: RunContext, summary: CurateResult) -> None:
     tracking.set_tags(run, tags)
     tracking.log_dict(run, summary.model_dump(mode="json"), "curate/summary.json")
     tracking.log_figure(run, funnel_figure(funnel), "figures/curation_funnel.png")
-    create_table_artifact(
-        key="curation-funnel",
+    publish(
+        "table",
+        "curation-funnel",
+        f"Curation of run {ctx.run_id}: {summary.kept:,} of {summary.input:,} pairs kept",
         table=[
             {"step": s, **v.model_dump(exclude={"reasons"}), "reasons": ", ".join(f"{r}: {n}" for r, n in v.reasons.items())}
             for s, v in funnel.items()
         ],
-        description=f"Curation of run {ctx.run_id}: {summary.kept:,} of {summary.input:,} pairs kept",
     )
+
+
+#: The MLflow type of each Arrow type a manifest column has (anything else is shown as a string).
+_MLFLOW_TYPES = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer", "double": "double",
+                 "float": "float", "bool": "boolean"}  # fmt: skip
+
+
+def manifest_columns(store: Store, manifest: str) -> dict[str, str]:
+    """The manifest's columns and their MLflow types, read from its Parquet footer."""
+    import pyarrow.parquet as pq
+
+    with store.open(manifest) as f:
+        schema = pq.read_schema(f)
+    return {field.name: _MLFLOW_TYPES.get(str(field.type), "string") for field in schema}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
@@ -14,14 +13,15 @@ from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
 from clipforge.engine.evaluation import Evaluation, evaluate
 from clipforge.flows import tracking
-from clipforge.flows.common import open_context, require, run_stage
+from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
+from clipforge.flows.reporting import Progress, publish, say
 
 #: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
 EVAL_HASH_TAG = "clipforge.eval_hash"
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, flow_run_name=flow_run_name)
 def evaluate_flow(recipe: dict[str, Any], run_id: str) -> EvaluateResult:
     """Run every evaluator of the recipe on the run's trained model."""
     ctx = open_context(recipe, run_id)
@@ -30,20 +30,37 @@ def evaluate_flow(recipe: dict[str, Any], run_id: str) -> EvaluateResult:
 
 
 def _evaluate(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
-    evaluation = evaluate(ctx.recipe, ctx.plugins.catalog, ctx.store.uri(trained.model), device=ctx.recipe.train.device)
+    progress = Progress("evaluate-progress", f"Evaluation of run {ctx.run_id}", total=len(ctx.recipe.evaluation))
+
+    def announce(position: int, count: int, label: str) -> None:
+        progress.update(position - 1, None)
+        entry = ctx.recipe.evaluation[position - 1]
+        on = entry.dataset.type if entry.dataset is not None else "data.eval"
+        say(f"evaluate: {position}/{count} {label} on {on}")
+
+    evaluation = evaluate(
+        ctx.recipe, ctx.plugins.catalog, ctx.store.uri(trained.model), device=ctx.recipe.train.device, on_evaluator=announce
+    )
+    progress.finish()
     metrics = evaluation.metrics
     uri = ctx.store.write_json(f"{ctx.run_dir}/evaluate/metrics.json", metrics)
     run = tracking.mlflow_run(ctx)
     tracking.log_metrics(run, metrics)
+    tracking.log_params(run, {k: repr(v) for k, v in evaluation.params.items()})
     tracking.set_tags(run, {EVAL_HASH_TAG: evaluation.data_hash})
+    tracking.log_evaluation_sets(run, ctx.recipe)
     for path, fig in evaluation_figures(evaluation.details).items():
         tracking.log_figure(run, fig, path)
     ctx.plugins.hook.after_evaluation(context=ctx, metrics=metrics)
-    rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()))
-    create_markdown_artifact(
-        key="evaluation", markdown=f"# Evaluation of run {ctx.run_id}\n\n| metric | value |\n|---|---|\n{rows}\n"
-    )
-    return EvaluateResult(metrics=metrics, metrics_uri=uri, data_hash=evaluation.data_hash)
+    publish("markdown", "evaluation", f"Evaluation of run {ctx.run_id}", markdown=evaluation_markdown(ctx.run_id, evaluation))
+    say(f"evaluate: {len(metrics)} metrics from {len(ctx.recipe.evaluation)} evaluators; {uri}")
+    return EvaluateResult(metrics=metrics, metrics_uri=uri, data_hash=evaluation.data_hash, params=evaluation.params)
+
+
+def evaluation_markdown(run_id: str, evaluation: Evaluation) -> str:
+    rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(evaluation.metrics.items()))
+    chosen = "".join(f"\n| `{k}` (chosen) | {v:g} |" for k, v in sorted(evaluation.params.items()))
+    return f"# Evaluation of run {run_id}\n\n| metric | value |\n|---|---|\n{rows}{chosen}\n"
 
 
 def evaluate_uri(recipe: Recipe, model_uri: str, *, device: str | None = None) -> Evaluation:

@@ -20,19 +20,34 @@ def _figure(figsize: tuple[float, float]) -> tuple[Figure, Any]:
 
 
 def funnel_figure(funnel: dict[str, StepCounts]) -> Figure:
+    """Kept and dropped pairs per step; each bar's counts written beside it, the legend below the plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     steps = list(funnel)
     kept = [funnel[s].kept for s in steps]
     dropped = [funnel[s].dropped for s in steps]
-    fig, ax = _figure(figsize=(6, 0.6 * len(steps) + 1.5))
+    fig = Figure(figsize=(7, 0.6 * len(steps) + 2.0), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer, to measure the labels
+    ax = fig.subplots()
     ax.barh(steps, kept, color="#4c72b0", label="kept")
     ax.barh(steps, dropped, left=kept, color="#dd8452", label="dropped")
-    for i, (k, d) in enumerate(zip(kept, dropped)):
-        ax.text(k + d, i, f" {k:,} kept / {d:,} dropped", va="center", fontsize=8)
+    labels = [
+        ax.text(k + d, i, f" {k:,} kept / {d:,} dropped", va="center", fontsize=8) for i, (k, d) in enumerate(zip(kept, dropped))
+    ]
     ax.invert_yaxis()
     ax.set_xlabel("pairs")
     ax.set_title("curation funnel")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
+    # the legend outside the axes, so that it never covers a bar or its counts
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    ax.set_xlim(0, max([1, *(k + d for k, d in zip(kept, dropped))]))
+    # widen the x axis until every label ends inside it (the axes shrink as the limit grows: repeat)
+    for _ in range(5):
+        fig.canvas.draw()
+        to_data = ax.transData.inverted()
+        right = max(to_data.transform((label.get_window_extent().x1, 0))[0] for label in labels)
+        if right <= ax.get_xlim()[1]:
+            break
+        ax.set_xlim(0, right * 1.02)
     return fig
 
 

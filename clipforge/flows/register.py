@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 import clipforge
 from clipforge.core.context import RunContext
@@ -16,16 +16,17 @@ from clipforge.core.errors import StageError
 from clipforge.core.results import EvaluateResult, RegisterResult, TrainResult
 from clipforge.engine.evaluation import evaluate
 from clipforge.flows import tracking
-from clipforge.flows.common import open_context, require, run_stage
+from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.evaluate import EVAL_HASH_TAG
-from clipforge.registry import build_report, render_markdown, render_model_card
+from clipforge.flows.reporting import publish, say
+from clipforge.registry import build_report, model_summary, render_markdown, render_model_card
 
 
 def promotion_metric(name: str) -> str:
     return name if name.startswith("eval/") else f"eval/{name}"
 
 
-@flow(name="register", log_prints=True)
+@flow(name="register", log_prints=True, flow_run_name=flow_run_name)
 def register_flow(recipe: dict[str, Any], run_id: str) -> RegisterResult:
     """Log the model to the run, register a version with lineage tags, and promote it if it beats the champion."""
     ctx = open_context(recipe, run_id)
@@ -66,15 +67,20 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     parent = tracking.champion_version(name)
     lineage = _lineage(ctx, trained, run, parent) | {EVAL_HASH_TAG: evaluated.data_hash}
     replayed = ctx.state.curate.replay if ctx.state.curate else None
-    card = render_model_card(
-        model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None,
-        replay=replayed.model_dump(mode="json") if replayed else None,
-    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ctx.store.get_dir(trained.model, Path(tmp) / "open_clip_model")
+        embed_dim = json.loads((model_dir / "open_clip_config.json").read_text())["model_cfg"].get("embed_dim")
+        card = render_model_card(
+            model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None, embed_dim=embed_dim,
+            replay=replayed.model_dump(mode="json") if replayed else None,
+        )  # fmt: skip
         info = tracking.log_model(run, model_dir, card)
     # a version carries the metrics its promotion is decided on; the run holds them all
-    version = tracking.register_version(info.model_uri, name, tags=lineage, metrics={m: metrics[m] for m in gating}, run_id=run)
+    version = tracking.register_version(
+        info.model_uri, name, tags=lineage, metrics={m: metrics[m] for m in gating}, run_id=run, model_id=info.model_id,
+        description=f"Registered by retrain `{ctx.run_id}`; its promotion is being decided.",
+    )  # fmt: skip
+    _link(ctx, name, str(version.version), info.model_id)
     same_data = _metrics_on(ctx, evaluated, str(version.version))
     # the champion the decision is taken against: read (and evaluated when it must be) before the alias may move
     incumbent = tracking.champion_version(name)
@@ -97,7 +103,7 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     markdown = render_markdown(report)
     tracking.log_dict(run, report, "evaluation/champion_report.json")
     tracking.log_text(run, markdown, "evaluation/champion_report.md")
-    create_markdown_artifact(key="champion-report", markdown=markdown, description=f"{name} v{version.version} vs champion")
+    publish("markdown", "champion-report", f"{name} v{version.version} vs champion", markdown=markdown)
     # the hook's plugins read the decision from context.state.register
     ctx.state.register = RegisterResult(
         model_name=name, version=str(version.version), promoted=promoted, previous_champion=previous,
@@ -105,8 +111,9 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
         champion_report=report["tally"], reason=reason,
     )  # fmt: skip
     ctx.plugins.hook.after_model_registered(context=ctx, model_version=version)
+    tracking.describe_version(name, str(version.version), _described(ctx, run, str(version.version), parent, promoted, reason))
     verdict = "is the new champion" if promoted else f"stays challenger (champion: version {previous})"
-    print(f"register: {name} version {version.version} {verdict}")
+    say(f"register: {name} version {version.version} {verdict}: {reason}")
     return ctx.state.register
 
 
@@ -131,7 +138,41 @@ def _evaluated_again(ctx: RunContext, name: str, version: str, data_hash: str) -
     cached = f"cache/evaluations/{name}/v{version}-{data_hash[:16]}.json"
     if ctx.store.exists(cached):
         return dict(ctx.store.read_json(cached))
-    print(f"register: {name} v{version} was measured on other evaluation data; evaluating it on this run's")
+    say(f"register: {name} v{version} was measured on other evaluation data; evaluating it on this run's")
     measured = evaluate(ctx.recipe, ctx.plugins.catalog, f"models:/{name}/{version}", device=ctx.recipe.train.device).metrics
     ctx.store.write_json(cached, measured)
     return measured
+
+
+def _link(ctx: RunContext, name: str, version: str, model_id: str | None) -> None:
+    """The logged model leads to its version in the MLflow UI; the registered model says what it is."""
+    if model_id:
+        tracking.link_logged_model(model_id, name, version)
+    tracking.describe_model(name, model_summary(ctx.recipe.to_yaml()))
+
+
+def _described(ctx: RunContext, run: str, version: str, parent: str | None, promoted: bool, reason: str) -> str:
+    """The version's description: whether it was promoted and why, and what changed since the champion
+    it was weighed against (the recipe's fields, the curated data)."""
+    verdict = "**Promoted to champion.**" if promoted else "**Not promoted**: it stays challenger."
+    lines = [f"{verdict} {reason[:1].upper()}{reason[1:].rstrip('.')}.", ""]
+    if parent is None:
+        lines.append(f"The first version: trained by retrain `{ctx.run_id}`.")
+        return "\n".join(lines)
+    parent_run = tracking.version_run(ctx.recipe.model_name, parent)
+    ours, theirs = tracking.run_params(run), tracking.run_params(parent_run) if parent_run else {}
+    # the recipe's fields (eval/ params are settings evaluators chose; storage is where, not what)
+    changed = [
+        k for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k) != theirs.get(k) and not k.startswith(("eval/", "storage."))
+    ]  # fmt: skip
+    lines.append(f"Changed since version {parent} (the champion it was weighed against), trained by retrain `{ctx.run_id}`:")
+    lines += [f"- `{k}`: {theirs.get(k, '(unset)')} → {ours.get(k, '(unset)')}" for k in changed[:20]]
+    if len(changed) > 20:
+        lines.append(f"- and {len(changed) - 20} more recipe fields")
+    curated, before = ctx.state.curate, tracking.version_tags(ctx.recipe.model_name, parent).get("clipforge.manifest_hash")
+    if curated is not None and curated.content_hash != before:
+        lines.append(f"- the curated data: {curated.kept:,} pairs, content hash `{curated.content_hash[:12]}`")
+    if len(lines) == 3:
+        lines.append("- nothing: the same recipe on the same data")
+    return "\n".join(lines)

@@ -16,16 +16,16 @@ from typing import Any
 
 import mlflow
 import yaml
-from prefect import flow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect import flow, tags
 
 from clipforge.core.errors import ConfigError
 from clipforge.core.results import RetrainResult
 from clipforge.flows import tracking
-from clipforge.flows.common import STAGES, new_run_id, open_context
+from clipforge.flows.common import STAGES, flow_run_id_or_new, flow_run_name, open_context, run_tags, tag_flow_run
 from clipforge.flows.curate import curate_flow
 from clipforge.flows.evaluate import evaluate_flow
 from clipforge.flows.register import register_flow
+from clipforge.flows.reporting import publish, say
 from clipforge.flows.train import train_flow
 
 STAGE_FLOWS: dict[str, Callable[[dict[str, Any], str], Any]] = {
@@ -36,7 +36,7 @@ STAGE_FLOWS: dict[str, Callable[[dict[str, Any], str], Any]] = {
 }
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, flow_run_name=flow_run_name)
 def retrain_flow(
     recipe: dict[str, Any],
     run_id: str | None = None,
@@ -45,10 +45,12 @@ def retrain_flow(
     artifact_root: str | None = None,
 ) -> RetrainResult:
     """Run the recipe's ``stages`` (default: all) in order as subflows; with the ``run_id`` of a failed
-    run, completed stages are skipped."""
+    run, completed stages are skipped. The Prefect flow run is named ``<recipe>-<run id>`` and tagged
+    with the recipe, the model and the stage; so are its stages' flow runs."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    ctx = open_context(recipe, run_id)
+    ctx = open_context(recipe, run_id or flow_run_id_or_new())
+    tag_flow_run(run_tags(ctx.recipe, "retrain"))
     ctx.save_state()
     run = tracking.mlflow_run(ctx, artifact_root)
     tracking.mark_running(run)
@@ -58,10 +60,11 @@ def retrain_flow(
             if stages is not None and name not in stages:
                 continue
             if getattr(ctx.state, name) is not None:
-                print(f"{name}: already done in run {ctx.run_id}, skipped")
+                say(f"{name}: already done in run {ctx.run_id}, skipped")
                 continue
             # each subflow saves its result in run.json; this flow keeps what it returns
-            setattr(ctx.state, name, STAGE_FLOWS[name](recipe_data, ctx.run_id))
+            with tags(*run_tags(ctx.recipe, name)):
+                setattr(ctx.state, name, STAGE_FLOWS[name](recipe_data, ctx.run_id))
     except BaseException as e:
         tracking.finish_run(run, e, traceback.format_exc())
         with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
@@ -73,35 +76,32 @@ def retrain_flow(
 
 
 def link_mlflow_run(run: str, run_id: str, failed: bool = False) -> None:
-    """A Prefect artifact that leads from the flow run to its MLflow run (a link, or how to open a local store)."""
-    from clipforge.registry import mlflow_ui_command
+    """A Prefect artifact that leads from the flow run to its MLflow run: a link on the tracking server,
+    or, for a local store, how to serve it and where the run will then be."""
+    from clipforge.registry import mlflow_ui_command, run_url
 
     uri = mlflow.get_tracking_uri()
-    experiment = tracking.experiment_of(run)
-    fragment = f"#/experiments/{experiment}/runs/{run}"
+    url = run_url(uri, tracking.experiment_of(run), run)
     what = f"MLflow run of retrain {run_id}" + (" (failed: its error is in the run's tags and error.txt)" if failed else "")
     if uri.startswith(("http://", "https://")):
-        create_link_artifact(key="mlflow-run", link=f"{uri.rstrip('/')}/{fragment}", link_text=run, description=what)
+        publish("link", "mlflow-run", what, link=url, link_text=run)
         return
-    # A local store has no address to link to: say how to serve it and where the run will be.
-    create_markdown_artifact(
-        key="mlflow-run",
-        description=what,
+    publish(
+        "markdown",
+        "mlflow-run",
+        what,
         markdown=(
-            f"# {what}\n\n- tracking URI: `{uri}`\n- experiment id: `{experiment}`, run id: `{run}`\n"
-            f"- browse: `{mlflow_ui_command(uri)}`, then open "
-            f"[http://127.0.0.1:5000/{fragment}](http://127.0.0.1:5000/{fragment})\n"
+            f"# {what}\n\n- tracking URI: `{uri}` (a local store: nothing serves it yet)\n- run id: `{run}`\n"
+            f"- browse: `{mlflow_ui_command(uri)}`, then open [{url}]({url})\n"
         ),
     )
 
 
-def flow_run_id_or_new() -> str:
-    """A run id derived from the Prefect flow run, so that a retry of that flow run resumes the same run folder."""
+def _recipe_run_name() -> str:
     from prefect.runtime import flow_run
 
-    if flow_run.id and flow_run.scheduled_start_time:
-        return f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{str(flow_run.id).replace('-', '')[:6]}"
-    return new_run_id()
+    params = flow_run.parameters
+    return f"{Path(params['recipe_path']).stem}-{params.get('run_id') or flow_run_id_or_new()}"
 
 
 #: The fields of a dataset entry that say where its data is: a webdataset's shards, a table's file.
@@ -130,7 +130,7 @@ def location_override(recipe_path: str, overrides: list[str], location: str) -> 
     return f"data.train.{field}={quoted}"
 
 
-@flow(name="retrain-recipe", log_prints=True, retries=1, retry_delay_seconds=600)
+@flow(name="retrain-recipe", log_prints=True, retries=1, retry_delay_seconds=600, flow_run_name=_recipe_run_name)
 def retrain_recipe(
     recipe_path: str,
     overrides: list[str] | None = None,

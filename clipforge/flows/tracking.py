@@ -8,7 +8,10 @@ earlier attempt created, so that a retry never leaves a duplicate.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,14 +19,18 @@ from typing import Any, TypeVar
 import mlflow
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models.model import ModelInfo
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 import clipforge
 from clipforge import registry
 from clipforge.core.context import RunContext
+from clipforge.core.recipe import Recipe
+from clipforge.core.results import CurateResult
 from clipforge.core.retry import retry
+from clipforge.engine.evaluation import runs
 
 F = TypeVar("F", bound=Callable[..., Any])
 tracked: Callable[[F], F] = retry(attempts=5, base_delay=1.0)
@@ -69,12 +76,17 @@ def create_run(ctx: RunContext, artifact_root: str | None = None) -> str:
     from prefect.runtime import flow_run
 
     experiment_id = registry.ensure_experiment(ctx.recipe.name, artifact_root)
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # MLflow's own tags first ("Created by", "Source", the git commit), as mlflow.start_run sets them
     tags = {
+        **resolve_tags(),
         "clipforge.run_id": ctx.run_id,
         "clipforge.version": clipforge.__version__,
         "clipforge.recipe_hash": ctx.recipe.digest(),
         "clipforge.storage": ctx.store.url,
         "mlflow.runName": ctx.run_id,
+        MLFLOW_RUN_NOTE: run_description(ctx),
     }
     if flow_run.id:
         tags["prefect.flow_run_id"] = str(flow_run.id)
@@ -87,6 +99,14 @@ def create_run(ctx: RunContext, artifact_root: str | None = None) -> str:
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     client.log_text(run.info.run_id, ctx.recipe.to_yaml(), "recipe.yaml")
     return str(run.info.run_id)
+
+
+def run_description(ctx: RunContext) -> str:
+    """The run's description in the MLflow UI: the model card's summary, and where the run lives."""
+    return (
+        f"{registry.model_summary(ctx.recipe.to_yaml())}\n\nRetrain `{ctx.run_id}` by clipforge {clipforge.__version__}; "
+        f"its files are under `{ctx.store.uri(ctx.run_dir)}`; registers `{ctx.recipe.model_name}`."
+    )
 
 
 @tracked
@@ -147,6 +167,72 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 @tracked
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     registry.log_metrics(metrics, run_id=run_id)
+
+
+@tracked
+def log_params(run_id: str, params: dict[str, str]) -> None:
+    if params:
+        MlflowClient().log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+
+
+# -- the data a run used, as MLflow datasets -----------------------------------------------------
+
+#: MLflow keeps a dataset's digest in 36 characters: the content hash's first 32 hex digits.
+DIGEST_CHARS = 32
+
+
+@tracked
+def log_curated_data(run_id: str, curated: CurateResult, columns: dict[str, str]) -> None:
+    """The curated data as the run's training dataset: its manifest as source, its content hash as
+    digest, ``columns`` (the manifest's, name -> MLflow type) as schema, kept and dropped as profile."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.types import ColSpec, Schema
+
+    with warnings.catch_warnings():  # MLflow registers two equal sources for local paths and says so each time
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(curated.manifest_uri)
+    profile = {
+        "pairs": curated.input, "kept": curated.kept, "dropped": curated.input - curated.kept, "shards": len(curated.shards),
+        "steps": {step: {"kept": c.kept, "dropped": c.dropped, **({"reasons": c.reasons} if c.reasons else {})}
+                  for step, c in curated.funnel.items()},
+    }  # fmt: skip
+    schema = Schema([ColSpec(kind, name) for name, kind in columns.items()]) if columns else None
+    dataset = Dataset(
+        name=f"curated-{curated.out.rsplit('/', 1)[-1]}",
+        digest=curated.content_hash[:DIGEST_CHARS],
+        source_type=source._get_source_type(),
+        source=source.to_json(),
+        schema=json.dumps({"mlflow_colspec": schema.to_dict()}) if schema else None,
+        profile=json.dumps(profile),
+    )
+    MlflowClient().log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+
+@tracked
+def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
+    """Each dataset the recipe's evaluators read, as an evaluation dataset of the run. These are made
+    by dataset plugins from their recipe entry: the entry is the source, its hash the digest, and
+    the evaluators that read it the profile."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    readers: dict[str, tuple[str, list[str]]] = {}
+    for _, ev, set_name, ref in runs(recipe):
+        key = json.dumps(ref.entry(), sort_keys=True, default=str)
+        name = f"eval-{set_name}" if set_name else f"eval-{ref.type}"
+        readers.setdefault(key, (name, []))[1].append(f"{set_name}/{ev.label}" if set_name else ev.label)
+    inputs = []
+    for key, (name, labels) in readers.items():
+        source = CodeDatasetSource({"clipforge.dataset": key})
+        dataset = Dataset(
+            name=name,
+            digest=hashlib.sha256(key.encode()).hexdigest()[:DIGEST_CHARS],
+            source_type=source._get_source_type(),
+            source=source.to_json(),
+            profile=json.dumps({"evaluators": labels}),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
+    if inputs:
+        MlflowClient().log_inputs(run_id, inputs)
 
 
 @tracked
@@ -220,6 +306,43 @@ promote_first_version: Callable[..., tuple[bool, str | None]] = tracked(registry
 set_champion: Callable[..., str | None] = tracked(registry.set_champion)
 champion_version: Callable[[str], str | None] = tracked(registry.champion_version)
 champion_metrics: Callable[[str], dict[str, float] | None] = tracked(registry.champion_metrics)
+
+
+@tracked
+def link_logged_model(model_id: str, name: str, version: str) -> None:
+    """Record on the logged model that it became ``name`` version ``version``, as ``mlflow.register_model``
+    does: the ``mlflow.modelVersions`` tag is what the MLflow UI reads to show a logged model's versions
+    (the registry's SQL store keeps no model id on a version)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client = MlflowClient()
+    known = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": int(version)}
+    if entry not in known:  # a retried call adds it once
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*known, entry])})
+
+
+@tracked
+def describe_model(name: str, description: str) -> None:
+    """The registered model's description, unless someone wrote one already."""
+    client = MlflowClient()
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=description)
+
+
+@tracked
+def describe_version(name: str, version: str, description: str) -> None:
+    MlflowClient().update_model_version(name, version, description=description)
+
+
+@tracked
+def run_params(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.params)
+
+
+@tracked
+def version_run(name: str, version: str) -> str | None:
+    return MlflowClient().get_model_version(name, version).run_id or None
 
 
 @tracked

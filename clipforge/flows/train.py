@@ -15,8 +15,9 @@ from clipforge.core.results import CurateResult, Shard, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training import train
 from clipforge.flows import tracking
-from clipforge.flows.common import open_context, require, run_stage
+from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import loss_figure
+from clipforge.flows.reporting import FileWatcher, Progress, say
 
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
@@ -43,7 +44,7 @@ def finished_training(store: Store, key: str) -> TrainResult | None:
     return result if store.exists(f"{done}/result.json") else None
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, flow_run_name=flow_run_name)
 def train_flow(recipe: dict[str, Any], run_id: str) -> TrainResult:
     """Train the recipe's model on the run's curated data; resumes from the run's latest checkpoint.
 
@@ -88,6 +89,25 @@ class TrainJob(BaseModel):
             logger.close()
 
 
+def _followed(ctx: RunContext, out: str) -> FileWatcher:
+    """Training as the Prefect run shows it: a progress artifact and lines, from the ``progress.json``
+    that rank 0 writes on the store, wherever it runs (in this process, under torchrun, on a Ray
+    cluster): the store is what every launcher's processes reach, the Prefect API may not be."""
+    progress = Progress("train-progress", f"Training of run {ctx.run_id}", total=1)
+    path = f"{out}/progress.json"
+    launcher = ctx.recipe.train.launcher.type
+
+    def seen(report: dict[str, Any]) -> None:
+        line = (
+            f"train: step {report['step']:,}/{report['total']:,} (epoch {report['epoch']}/{report['epochs']}), "
+            f"loss {report['loss']:.4f}, {report['samples_per_s']:,.0f} samples/s on {report['world_size']} x "
+            f"{report['device']} ({launcher} launcher)"
+        )
+        progress.update(report["step"], line, total=report["total"])
+
+    return FileWatcher(lambda: ctx.store.read_json(path) if ctx.store.exists(path) else None, seen)
+
+
 def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
     run = tracking.mlflow_run(ctx)
     key = training_key(ctx.recipe, curated)
@@ -95,7 +115,7 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
     earlier = finished_training(ctx.store, key)
     if earlier and not ctx.store.exists(f"{out}/result.json"):
         out = earlier.model.rsplit("/", 1)[0]
-        print(f"train: reusing the finished training {ctx.store.uri(out)} (same data and settings)")
+        say(f"train: reusing the finished training {ctx.store.uri(out)} (same data and settings)")
         tracking.set_tags(run, {"clipforge.train_reused_from": ctx.store.uri(out)})
         result = earlier.model_copy(update={"reused": True, "key": key})
     else:
@@ -105,12 +125,14 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
                 recipe=ctx.recipe.as_dict(), run_id=ctx.run_id, out=out, shards=curated.training_shards(),
                 tracking_uri=tracking.tracking_uri(), mlflow_run_id=run,
             )  # fmt: skip
-            launcher.launch(job, ctx.recipe.train.device)
+            with _followed(ctx, out):
+                launcher.launch(job, ctx.recipe.train.device)
         result = TrainResult.model_validate(ctx.store.read_json(f"{out}/result.json"))
         result = result.model_copy(update={"reused": False, "key": key})
-        print(
+        loss = f"final loss {result.final_loss:.4f}, " if result.final_loss is not None else ""
+        say(
             f"train: {result.steps} steps on {result.world_size} process(es), {result.device} "
-            f"({ctx.recipe.train.launcher.type} launcher), {result.samples_per_s} samples/s"
+            f"({ctx.recipe.train.launcher.type} launcher), {loss}{result.samples_per_s} samples/s"
         )
         # each run trains in its own folder, so overlapping retrains never write into one another;
         # the index entry is written atomically once the training is complete (the last one wins)

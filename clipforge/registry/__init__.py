@@ -12,6 +12,7 @@ Importing this package imports mlflow; only the flows and the command line do.
 """
 
 from clipforge.registry.model_card import render_model_card
+from clipforge.registry.model_card import summary as model_summary
 from clipforge.registry.promotion import (
     PromotionError,
     champion_metrics,
@@ -31,6 +32,7 @@ from clipforge.registry.tracking import (
     log_metrics,
     metric_key,
     mlflow_ui_command,
+    run_url,
 )
 
 __all__ = [
@@ -46,11 +48,13 @@ __all__ = [
     "log_pyfunc_model",
     "metric_key",
     "mlflow_ui_command",
+    "model_summary",
     "promote_first_version",
     "promote_if_better",
     "register_version",
     "render_markdown",
     "render_model_card",
     "rollback",
+    "run_url",
     "set_champion",
 ]

@@ -7,9 +7,21 @@ from typing import Any
 
 import yaml
 
+SUMMARY = (
+    "A CLIP-style image-text model trained with a contrastive loss by clipforge. It maps images "
+    "and texts into one embedding space: compare them by cosine similarity."
+)
+
 
 def render_model_card(
-    *, model_name: str, recipe_yaml: str, metrics: dict, lineage: dict, version: str | None, replay: dict | None = None
+    *,
+    model_name: str,
+    recipe_yaml: str,
+    metrics: dict,
+    lineage: dict,
+    version: str | None,
+    embed_dim: int | None = None,
+    replay: dict | None = None,
 ) -> str:
     """Markdown describing the model ``model_name`` (version ``version`` once registered); ``replay``:
     the :class:`~clipforge.core.results.ReplayResult` of its training data, as a dict."""
@@ -18,15 +30,25 @@ def render_model_card(
     uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@champion"
     sections = [
         title,
-        "A CLIP-style image-text model trained with a contrastive loss by clipforge. It maps images "
-        "and texts into one embedding space: compare them by cosine similarity.",
+        SUMMARY,
         "## Data\n\n" + _data_section(recipe) + _replay_line(replay),
         "## Metrics\n\n" + _table(("metric", "value"), [(k, _number(v)) for k, v in sorted(metrics.items())]),
         "## Lineage\n\n" + _table(("key", "value"), [(k, str(v)) for k, v in sorted(lineage.items())]),
         "## Recipe\n\n```yaml\n" + recipe_yaml.strip() + "\n```",
         _usage(model_name, uri),
+        _serving(embed_dim),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def summary(recipe_yaml: str) -> str:
+    """Two sentences on what a run of this recipe makes and from what: the description of runs and models."""
+    recipe = _parse(recipe_yaml)
+    data = recipe.get("data") or {}
+    train = _component(data.get("train")) if isinstance(data, dict) and data.get("train") else "its training data"
+    steps = [_component(step) for step in recipe.get("curation") or []]
+    curated = f", curated with {', '.join(steps)}" if steps else ""
+    return f"{SUMMARY} Trained by recipe `{recipe.get('name', '?')}` on {train}{curated}."
 
 
 def _parse(recipe_yaml: str) -> dict[str, Any]:
@@ -103,6 +125,37 @@ mlflow models serve -m "models:/{model_name}@champion" --env-manager local -p 50
 curl -X POST localhost:5001/invocations -H 'Content-Type: application/json' \\
   -d '{{"dataframe_split": {{"columns": ["image", "text"], "data": [[null, "a photo of a cat"]]}}}}'
 ```"""
+
+
+def _serving(embed_dim: int | None) -> str:
+    dim = f"{embed_dim}" if embed_dim else "D"
+    return f"""## Serving: request and response
+
+`POST /invocations` with `Content-Type: application/json` takes a table of rows, each holding
+**exactly one** of:
+
+| column | type | holds |
+|---|---|---|
+| `image` | string | an encoded image (PNG, JPEG, WebP, ...) as base64, optionally as a `data:` URL |
+| `text` | string | a caption or query |
+
+in any of MLflow's layouts: `{{"dataframe_split": {{"columns": ["image", "text"], "data": [[null, "a cat"]]}}}}`,
+`{{"dataframe_records": [{{"text": "a cat"}}]}}`, `{{"inputs": {{"text": ["a cat"]}}}}` or
+`{{"instances": [{{"text": "a cat"}}]}}`. A table may have only one of the two columns.
+
+The answer is `{{"predictions": [[...], ...]}}`: one L2-normalized float32 embedding of {dim} numbers per
+row, in the order of the rows; images and texts share the space (cosine similarity = dot product).
+
+A request the model cannot embed is answered with HTTP 400 and
+`{{"error_code": "INVALID_PARAMETER_VALUE", "message": "..."}}`, the message naming what is wrong and
+where:
+
+| request | message |
+|---|---|
+| no `image` or `text` column | `input needs a column 'image' and/or 'text'; got columns ['caption']` |
+| a row with both, or neither | `row 3 has both an image and a text; give one per row` / `row 3 has neither an image nor a text` |
+| an image that is not base64 | `row 0: cannot decode the image: it is not base64 text (...)` |
+| base64 of bytes that are not an image | `row 0: cannot decode the image: its 12 bytes are not an image file of a known format` |"""
 
 
 def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:

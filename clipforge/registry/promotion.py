@@ -77,10 +77,14 @@ def register_version(
     metrics: dict[str, float],
     run_id: str | None,
     await_ready_s: int = 300,
+    description: str = "",
+    model_id: str | None = None,
 ) -> ModelVersion:
     """Register ``model_uri`` as a new version of ``name`` and point ``challenger`` at it.
 
-    The version is tagged with ``tags`` (lineage) and each metric as ``metric.<name>``.
+    The version is tagged with ``tags`` (lineage) and each metric as ``metric.<name>``, and described
+    by ``description``; ``model_id`` is the logged model it comes from (by default read from a
+    ``models:/m-<id>`` URI).
     ``challenger`` moves only forward, so with concurrent registrations it ends on the newest.
     Registering the same logged model of the same run again returns the version it already has.
     """
@@ -103,7 +107,8 @@ def register_version(
             run_id=run_id,
             tags=version_tags,
             await_creation_for=await_ready_s,
-            model_id=_logged_model_id(model_uri),
+            description=description or None,
+            model_id=model_id or _logged_model_id(model_uri),
         )
     )
     if version.status != "READY":  # the await above gives up silently when time runs out

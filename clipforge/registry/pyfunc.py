@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+from mlflow.types import Schema, TensorSpec
 
 from clipforge.registry import embedding_model
 from clipforge.registry.embedding_model import OPEN_CLIP_ARTIFACT, ClipEmbeddingModel
@@ -29,15 +29,14 @@ __all__ = ["ClipEmbeddingModel", "embedding_signature", "log_pyfunc_model", "pip
 
 
 def embedding_signature(embed_dim: int) -> ModelSignature:
-    """Optional ``image`` and ``text`` string columns -> float32 ``(-1, D)``.
+    """The output only: float32 ``(-1, D)``.
 
-    ``image`` is declared a string (base64) rather than binary: MLflow's REST scoring decodes
-    binary columns with ``base64.decodebytes`` on every cell and fails on the empty image cells
-    of text rows. In process, the model takes raw bytes in that column as well.
+    The input (optional ``image`` and ``text`` columns, one of the two per row) is checked by the
+    model itself: MLflow's schema check drops unknown columns before the model sees them, so that
+    a request with a misnamed column could not be told which columns it sent. The model card
+    documents the request and the answer.
     """
-    image = ColSpec(DataType.string, "image", required=False)
-    inputs = Schema([image, ColSpec(DataType.string, "text", required=False)])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]))
+    return ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]))
 
 
 def pip_requirements() -> list[str]:

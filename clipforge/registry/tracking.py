@@ -81,6 +81,12 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The address of a run's page: on the tracking server, else where ``mlflow ui`` serves it by default."""
+    base = tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def _as_uri(location: str) -> str:
     """A local folder as an absolute ``file://`` URI; a URI with a scheme unchanged."""
     if len(urlparse(location).scheme) > 1:  # one letter is a Windows drive, not a scheme

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.core.components import (
+    ChoosesHyperparameters,
     CurationStep,
     DecidesAgainstPool,
     EncoderBundle,
@@ -297,6 +298,14 @@ def check_evaluator(
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     if changed:
         raise _fail(name, f"evaluate() changed the model's weights ({', '.join(changed[:3])}...)")
+    if isinstance(evaluator, ChoosesHyperparameters):
+        chosen = evaluator.hyperparameters
+        if isinstance(chosen, str) or not all(isinstance(h, str) for h in chosen):
+            raise _fail(name, f"hyperparameters must be a tuple of names, got {chosen!r}")
+        if missing := [h for h in chosen if h not in metrics]:
+            raise _fail(name, f"hyperparameters {missing} are not among evaluate()'s results {sorted(metrics)}")
+        if len(chosen) == len(metrics):
+            raise _fail(name, "evaluate() returned only hyperparameters, no metric")
     if isinstance(evaluator, ReportsDetails) and not isinstance(evaluator.details, Mapping):
         raise _fail(name, f"details must be a dict after evaluate(), got {type(evaluator.details).__name__}")
     return {k: float(v) for k, v in metrics.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -29,6 +30,9 @@ from clipforge.engine.training.warm_start import warm_start, weight_average
 
 #: Called on rank 0 after every optimizer step with its metrics (``loss``, ``lr``, ``samples_per_s``, ...).
 StepCallback = Callable[[int, dict[str, float]], None]
+#: Rank 0 writes where training is to ``<out>/progress.json`` at most this often (seconds), and after the last step.
+PROGRESS_EVERY_S = 1.0
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -108,6 +112,7 @@ class Trainer:
     initial: dict[str, torch.Tensor] | None  # the starting weights, kept for WiSE-FT
     resumed_from: str | None
     clock: float = 0.0  # when the last step ended
+    reported: float = 0.0  # when progress.json was last written
 
     @classmethod
     def build(cls, recipe: Recipe, catalog: Catalog, store: Store, out: str, shards: list[Shard], runtime: Runtime) -> Trainer:
@@ -149,12 +154,31 @@ class Trainer:
                 metrics = self._step(self._micro_batches(stream, epoch), epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                if on_step and self.runtime.lead:
-                    on_step(state.step, metrics)
+                if self.runtime.lead:
+                    self._report(metrics)
+                    if on_step:
+                        on_step(state.step, metrics)
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < self.plan.total:
                     self._checkpoint()
         bar.close()
         return self._finish(time.perf_counter() - started)
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        """``progress.json``: the step, the total, the loss, the pace and the device, for whoever follows the
+        training from outside its processes (the train flow shows it in Prefect). Written atomically."""
+        now, step = time.monotonic(), self.state.step
+        if now - self.reported < PROGRESS_EVERY_S and step < self.plan.total:
+            return
+        self.reported = now
+        report = {
+            "step": step, "total": self.plan.total, "epoch": int(metrics["epoch"]), "epochs": self.recipe.train.epochs,
+            "loss": metrics["loss"], "samples_per_s": metrics["samples_per_s"], "device": str(self.runtime.device),
+            "world_size": self.runtime.world,
+        }  # fmt: skip
+        try:
+            self.store.write_json(f"{self.out}/progress.json", report)
+        except Exception as e:  # a report must not stop the training it reports on; the store retried already
+            log.warning("train: cannot write %s (%s); training goes on", self.store.uri(f"{self.out}/progress.json"), e)
 
     def _stream(self, first_epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every micro-batch still to train, from one loader (its workers start once)."""

@@ -58,6 +58,8 @@ class LinearProbe:
     test_fraction: float = 0.5
     val_fraction: float = 0.2
     weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    #: ``weight_decay`` in the result is the penalty chosen, a setting: logged as a param, not a metric
+    hyperparameters: tuple[str, ...] = field(default=("weight_decay",), init=False)
     max_iter: int = 100
     seed: int = 0
     batch_size: int = 256
