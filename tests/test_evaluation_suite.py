@@ -272,9 +272,9 @@ def test_evaluate_bundle_runs_every_new_evaluator_and_keeps_figure_data(catalog,
     recipe = load_recipe(data, catalog=catalog)
     torch.manual_seed(0)
     bundle = catalog.create("encoders", TINY_RECIPE["model"])
-    announced: list[tuple[int, int, str]] = []
+    announced: list[tuple[int, int, str, str]] = []
     result = evaluate_bundle(recipe, catalog, bundle, "cpu", on_evaluator=lambda *a: announced.append(a))
-    assert announced == [(i + 1, 6, e.label) for i, e in enumerate(recipe.evaluation)]
+    assert announced == [(i + 1, 6, e.label, "data.eval") for i, e in enumerate(recipe.evaluation)]
     # the penalty the linear probe chose is a setting, not a score to compare models by
     assert result.params == {"eval/linear-probe/weight_decay": 1e-3}
     assert not any(k.endswith("weight_decay") for k in result.metrics)

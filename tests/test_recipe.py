@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import pytest
 import yaml
 
 from clipforge.core.errors import ConfigError, RecipeError
-from clipforge.core.recipe import Recipe, builtin_recipe, load_recipe
+from clipforge.core.recipe import Recipe, apply_overrides, builtin_recipe, load_recipe, read_yaml
 from tests.conftest import write_yaml
 
 
@@ -146,3 +149,27 @@ def test_bad_sets_and_guards_name_the_field(tiny_recipe, change, path, message):
     errors = dict(e.value.errors)
     assert path in errors, errors
     assert message in errors[path]
+
+
+def test_the_continual_recipe_s_steps_each_learn_one_domain_and_guard_the_earlier_ones():
+    """recipes/continual-shapes.yaml's header gives one command per domain: each is a valid recipe that
+    trains on the domain of its evaluation set, is promoted on it, guards every earlier domain, and
+    warm-starts from the champion with replay, but for the first."""
+    path = Path(__file__).parents[1] / "recipes" / "continual-shapes.yaml"
+    steps = [line.split(": ", 1) for line in path.read_text().splitlines() if line.startswith("#   ") and "clipforge run" in line]
+    assert [name.strip("# ") for name, _ in steps] == ["A", "B", "C"]
+    domain_fields = {"type", "colors", "shapes", "fill", "background", "rotation", "scale"}
+    for i, (name, command) in enumerate(steps):
+        args = shlex.split(command)
+        assert args[:3] == ["clipforge", "run", "recipes/continual-shapes.yaml"]
+        overrides = [args[j + 1] for j, a in enumerate(args) if a == "--set"]
+        recipe = load_recipe(apply_overrides(read_yaml(path), overrides))
+        domain = name.strip("# ")
+        sets = recipe.data.eval_sets()
+        assert list(sets) == ["A", "B", "C"]
+        trained = {k: v for k, v in recipe.data.train.entry().items() if k in domain_fields}
+        assert trained == {k: v for k, v in sets[domain].entry().items() if k in domain_fields}
+        assert recipe.registry.promote is not None
+        assert recipe.registry.promote.metric == f"{domain}/zero-shot-classification/acc1"
+        assert [g.metric.split("/")[0] for g in recipe.registry.promote.guards] == ["A", "B", "C"][:i]
+        assert (recipe.train.init_from is not None) == (i > 0) and recipe.data.replay is not None

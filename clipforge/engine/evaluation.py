@@ -24,8 +24,9 @@ from clipforge.core.recipe import ComponentRef, EvaluatorRef, Recipe
 from clipforge.core.resolver import resolve_model
 from clipforge.engine.training.runtime import resolve_device
 
-#: Called before each evaluator runs with (its position from 1, how many there are, its label).
-EvaluatorCallback = Callable[[int, int, str], None]
+#: Called before each evaluation runs with (its position from 1, how many there are, its label, the
+#: recipe field of its dataset: ``data.eval``, ``data.eval.<set>`` or ``evaluation.<i>.dataset``).
+EvaluatorCallback = Callable[[int, int, str, str], None]
 
 
 @dataclass
@@ -78,7 +79,8 @@ def evaluate_bundle(
         for n, (i, ev, set_name, entry) in enumerate(planned):
             label = f"{set_name}/{ev.label}" if set_name else ev.label
             if on_evaluator:
-                on_evaluator(n + 1, len(planned), label)
+                on = f"evaluation.{i}.dataset" if ev.dataset is not None else "data.eval" + (f".{set_name}" if set_name else "")
+                on_evaluator(n + 1, len(planned), label, on)
             key = json.dumps(entry.entry(), sort_keys=True, default=str)
             if key not in datasets:  # one dataset object per entry, shared by the evaluators that use it
                 datasets[key] = catalog.create("datasets", entry.entry())

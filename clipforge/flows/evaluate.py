@@ -11,7 +11,7 @@ from clipforge.core.errors import ConfigError
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
-from clipforge.engine.evaluation import Evaluation, evaluate
+from clipforge.engine.evaluation import Evaluation, evaluate, runs
 from clipforge.flows import tracking
 from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
@@ -30,12 +30,10 @@ def evaluate_flow(recipe: dict[str, Any], run_id: str) -> EvaluateResult:
 
 
 def _evaluate(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
-    progress = Progress("evaluate-progress", f"Evaluation of run {ctx.run_id}", total=len(ctx.recipe.evaluation))
+    progress = Progress("evaluate-progress", f"Evaluation of run {ctx.run_id}", total=len(list(runs(ctx.recipe))))
 
-    def announce(position: int, count: int, label: str) -> None:
+    def announce(position: int, count: int, label: str, on: str) -> None:
         progress.update(position - 1, None)
-        entry = ctx.recipe.evaluation[position - 1]
-        on = entry.dataset.type if entry.dataset is not None else "data.eval"
         say(f"evaluate: {position}/{count} {label} on {on}")
 
     evaluation = evaluate(
