@@ -8,9 +8,12 @@ read waits for a JavaScript predicate instead of a fixed time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -48,7 +51,7 @@ class Browser:
     def __enter__(self) -> Browser:
         from websockets.sync.client import connect
 
-        self._profile = tempfile.TemporaryDirectory(prefix="clipforge-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="clipforge-chromium-", ignore_cleanup_errors=True)
         profile = Path(self._profile.name)
         args = [
             self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,13 +81,14 @@ class Browser:
     def __exit__(self, *exc: object) -> None:
         if getattr(self, "ws", None) is not None:
             self.ws.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        # Chromium's helpers (zygote, renderers, crashpad) are in its process group: stop them all
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self._log.close()
         self._profile.cleanup()
 
