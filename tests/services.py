@@ -236,3 +236,18 @@ def mlflow_server(workdir: Path, s3_endpoint: str, artifacts: str) -> Iterator[s
     ]  # fmt: skip
     with process(args, f"{url}/health", workdir / "mlflow-server.log", env=env, timeout_s=120):
         yield url
+
+
+@contextmanager
+def mlflow_ui_server(backend_store_uri: str, log: Path) -> Iterator[str]:
+    """An MLflow server (the UI and its API; one worker, no job runner) on a store as it is, on a free port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = [
+        str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with process(args, f"{url}/health", log, env=env, timeout_s=120):
+        yield url

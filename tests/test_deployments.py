@@ -257,3 +257,59 @@ def test_new_data_arriving_triggers_a_retrain_on_its_location(server, tmp_path):
     assert client.get_run(version.run_id).data.params["data.train.urls"] == new
     manifest = version.tags["clipforge.manifest_uri"]  # the curated data the model was trained on
     assert set(pq.read_table(manifest.removeprefix("file://"), columns=["key"]).column("key").to_pylist()) == new_keys
+
+
+def test_a_retrain_is_found_in_prefect_by_its_run_id_with_its_progress_and_artifacts(server, tmp_path):
+    """`clipforge run` against the server: the flow runs are named ``<recipe>-<run id>`` and tagged, the
+    train subflow has a progress artifact at 100 % and its step lines, and the stages' artifacts are
+    on the retrain run itself (each also on its stage's run, without a key)."""
+    import re
+
+    env, api = server
+    env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["storage"] = {"root": str(tmp_path / "store")}
+    path = write_yaml(tmp_path / "tiny.yaml", recipe)
+    out = _run([sys.executable, "-m", "clipforge.cli", "run", str(path), "--workdir", str(tmp_path)], env, timeout=300)
+    (run_id,) = re.findall(r"done in \d+ s \(run (\S+)\)", out)
+
+    runs = api.post("/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"tiny-{run_id}"]}}}).json()
+    flows = {f["id"]: f["name"] for f in api.post("/flows/filter", json={}).json()}
+    by_flow = {flows[r["flow_id"]]: r for r in runs}
+    assert sorted(by_flow) == ["curate", "evaluate", "register", "retrain", "train"]
+    for stage, flow_run in by_flow.items():
+        assert flow_run["state"]["type"] == "COMPLETED", (stage, flow_run["state"])
+        assert {"recipe:tiny", "model:tiny-clip"} <= set(flow_run["tags"]), stage
+        assert [t for t in flow_run["tags"] if t.startswith("stage:")] == [f"stage:{stage}"]
+    retrain = by_flow.pop("retrain")
+    # a user finds the retrain by a tag, and its stages under it
+    tagged = api.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": ["recipe:tiny", "stage:retrain"]}}}).json()
+    assert retrain["id"] in {r["id"] for r in tagged}
+    children = api.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [retrain["id"]]}}}).json()
+    assert {r["id"] for r in children} == {r["id"] for r in by_flow.values()}
+
+    def artifacts(flow_run: dict, **where) -> dict[str, dict]:
+        found = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}, **where}})
+        return {a["key"]: a for a in found.json()}
+
+    # training: a progress artifact that ended at 100 % on the train run, and its lines in the run's logs
+    progress = artifacts(by_flow["train"], type={"any_": ["progress"]})
+    assert set(progress) == {"train-progress"} and float(progress["train-progress"]["data"]) == 100.0
+    logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [by_flow["train"]["id"]]}}}).json()
+    steps = [m["message"] for m in logs if m["message"].startswith("train: step ")]
+    assert steps and steps[-1].startswith("train: step 10/10 (epoch 2/2), loss ")
+    assert float(artifacts(by_flow["evaluate"], type={"any_": ["progress"]})["evaluate-progress"]["data"]) == 100.0
+
+    # the stages' artifacts, reachable from the retrain run
+    on_retrain = artifacts(retrain)
+    assert set(on_retrain) == {"curation-funnel", "evaluation", "champion-report", "mlflow-run"}
+    assert on_retrain["curation-funnel"]["type"] == "table" and "caption-length" in on_retrain["curation-funnel"]["data"]
+    assert f"# Evaluation of run {run_id}" in on_retrain["evaluation"]["data"]
+    assert "retrieval/mean_recall@1" in on_retrain["champion-report"]["data"]
+    from mlflow import MlflowClient
+
+    version = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("tiny-clip", "1")
+    assert version.run_id in on_retrain["mlflow-run"]["data"]
+    for stage, key in [("curate", "curation-funnel"), ("evaluate", "evaluation"), ("register", "champion-report")]:
+        [(unkeyed, copy_)] = artifacts(by_flow[stage], type={"not_any_": ["progress"]}).items()
+        assert unkeyed is None and copy_["data"] == on_retrain[key]["data"], stage
