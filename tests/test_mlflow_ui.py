@@ -59,6 +59,9 @@ def test_the_logged_model_shows_the_version_it_became(page, pages):
     assert "Not registered" not in text
     assert section(text, "Model versions")[:2] == ["tiny-clip", "v1"]
     assert pages.run_id in text  # and leads back to its run
+    # and the data it was evaluated on, from its metrics
+    used = section(text, "Datasets used")
+    assert any(line.startswith("eval-") for line in used), used
 
 
 def test_the_run_lists_its_curated_data_and_its_registered_model(page, pages, retrained):

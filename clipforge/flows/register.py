@@ -74,7 +74,9 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
             model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None, embed_dim=embed_dim,
             replay=replayed.model_dump(mode="json") if replayed else None,
         )  # fmt: skip
-        info = tracking.log_model(run, model_dir, card)
+        info = tracking.log_model(run, model_dir, card, step=trained.steps)
+    if info.model_id:
+        tracking.log_model_metrics(run, info.model_id, r, metrics)
     # a version carries the metrics its promotion is decided on; the run holds them all
     version = tracking.register_version(
         info.model_uri, name, tags=lineage, metrics={m: metrics[m] for m in gating}, run_id=run, model_id=info.model_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -208,11 +209,10 @@ def log_curated_data(run_id: str, curated: CurateResult, columns: dict[str, str]
     MlflowClient().log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
-@tracked
-def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
-    """Each dataset the recipe's evaluators read, as an evaluation dataset of the run. These are made
-    by dataset plugins from their recipe entry: the entry is the source, its hash the digest, and
-    the evaluators that read it the profile."""
+def evaluation_datasets(recipe: Recipe) -> list[tuple[Dataset, list[str]]]:
+    """Each dataset the recipe's evaluators read, as an MLflow dataset, with the labels of the
+    evaluations that read it (``[<set>/]<evaluator>``). These are made by dataset plugins from their
+    recipe entry: the entry is the source, its hash the digest, and the evaluators the profile."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
     readers: dict[str, tuple[str, list[str]]] = {}
@@ -220,7 +220,7 @@ def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
         key = json.dumps(ref.entry(), sort_keys=True, default=str)
         name = f"eval-{set_name}" if set_name else f"eval-{ref.type}"
         readers.setdefault(key, (name, []))[1].append(f"{set_name}/{ev.label}" if set_name else ev.label)
-    inputs = []
+    datasets = []
     for key, (name, labels) in readers.items():
         source = CodeDatasetSource({"clipforge.dataset": key})
         dataset = Dataset(
@@ -230,9 +230,41 @@ def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
             source=source.to_json(),
             profile=json.dumps({"evaluators": labels}),
         )
-        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
+        datasets.append((dataset, labels))
+    return datasets
+
+
+@tracked
+def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
+    """The evaluation datasets (:func:`evaluation_datasets`) as the run's inputs."""
+    inputs = [DatasetInput(d, [InputTag("mlflow.data.context", "evaluation")]) for d, _ in evaluation_datasets(recipe)]
     if inputs:
         MlflowClient().log_inputs(run_id, inputs)
+
+
+@tracked
+def log_model_metrics(run_id: str, model_id: str, recipe: Recipe, metrics: dict[str, float]) -> None:
+    """The evaluation's metrics as the logged model's, each with the dataset it was measured on, so
+    that the model's page lists the data it was evaluated on ("Datasets used")."""
+    read_by = {f"eval/{label}/": dataset for dataset, labels in evaluation_datasets(recipe) for label in labels}
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(
+            registry.metric_key(key),
+            float(value),
+            now,
+            0,
+            run_id=run_id,
+            model_id=model_id,
+            dataset_name=d.name,
+            dataset_digest=d.digest,
+        )
+        for key, value in sorted(metrics.items())
+        for prefix, d in read_by.items()
+        if key.startswith(prefix)
+    ]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch)
 
 
 @tracked
@@ -252,13 +284,17 @@ def log_figure(run_id: str, fig: Figure, path: str) -> None:
 
 
 @tracked
-def log_model(run_id: str, model_dir: Path, card: str) -> ModelInfo:
-    """Log the open_clip folder, the model card and the pyfunc model in the run; return the logged model."""
+def log_model(run_id: str, model_dir: Path, card: str, step: int) -> ModelInfo:
+    """Log the open_clip folder, the model card and the pyfunc model in the run; return the logged model.
+
+    ``step``: the training step the weights are from. MLflow copies the run's metrics of that step to
+    the logged model (the final training loss), without their datasets: the evaluation's are given
+    to it with theirs (:func:`log_model_metrics`)."""
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         (Path(tmp) / "MODEL_CARD.md").write_text(card)
         mlflow.log_artifacts(str(model_dir), "open_clip_model")
         mlflow.log_artifact(str(Path(tmp) / "MODEL_CARD.md"))
-        return registry.log_pyfunc_model(model_dir, name="model")
+        return registry.log_pyfunc_model(model_dir, name="model", step=step)
 
 
 class StepLogger:

@@ -56,13 +56,15 @@ def log_pyfunc_model(
     name: str = "model",
     input_example_image: bytes | None = None,
     extra_artifacts: dict[str, str] | None = None,
+    step: int = 0,
 ) -> ModelInfo:
     """Log the open_clip folder ``model_dir`` as a pyfunc in the active run; return its ``ModelInfo``.
 
     ``model_info.model_uri`` is ``models:/m-<id>``: MLflow 3 keeps logged models beside the
     run, not among its artifacts. ``extra_artifacts`` (name -> local path) travel with the model.
     MLflow checks the input example (one image row, one text row; a grey square unless
-    ``input_example_image`` is given) by loading the model and predicting on it once.
+    ``input_example_image`` is given) by loading the model and predicting on it once. ``step``: the
+    training step of the weights; MLflow gives the logged model the run's metrics of that step.
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "open_clip_config.json").read_text())
@@ -80,6 +82,7 @@ def log_pyfunc_model(
         signature=embedding_signature(int(config["model_cfg"]["embed_dim"])),
         input_example=pd.DataFrame(example),
         pip_requirements=pip_requirements(),
+        step=step,
     )
 
 
