@@ -51,6 +51,11 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 120, **kw) -> str
     return out.stdout
 
 
+def _create_pool(name: str, kind: str, env: dict[str, str], *options: str) -> None:
+    """Create (or, the server being shared by the module's tests, update) the work pool ``name``."""
+    _run([*PREFECT, "work-pool", "create", name, "--type", kind, *options, "--overwrite"], env)
+
+
 def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp_path):
     env, api = server
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -59,7 +64,7 @@ def test_prefect_yaml_deploys_runs_on_a_process_worker_and_registers(server, tmp
     recipe["storage"] = {"root": str(tmp_path / "store")}
     recipe_path = write_yaml(tmp_path / "tiny.yaml", recipe)
 
-    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process", "--overwrite"], env)
+    _create_pool("clipforge-process", "process", env)
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly"], env)
     deployment = api.get("/deployments/name/retrain-recipe/shapes-weekly").json()
     assert deployment["work_pool_name"] == "clipforge-process"
@@ -131,21 +136,7 @@ def test_clipforge_schedule_serves_the_retrain_on_its_cron(server, tmp_path):
 def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server):
     env, api = server
     env = {**env, "CLIPFORGE_HOME": str(REPO)}
-    template = "deployments/k8s-gpu-job-template.json"
-    _run(
-        [
-            *PREFECT,
-            "work-pool",
-            "create",
-            "clipforge-k8s-gpu",
-            "--type",
-            "kubernetes",
-            "--base-job-template",
-            template,
-            "--overwrite",
-        ],
-        env,
-    )
+    _create_pool("clipforge-k8s-gpu", "kubernetes", env, "--base-job-template", "deployments/k8s-gpu-job-template.json")
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-weekly-gpu"], env)
     pool = api.get("/work_pools/clipforge-k8s-gpu").json()
     container = pool["base_job_template"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
@@ -159,21 +150,7 @@ def test_the_gpu_variant_deploys_to_a_kubernetes_pool_that_requests_gpus(server)
 def test_the_launcher_deployments_train_on_every_gpu_of_a_pod_or_on_a_ray_cluster(server):
     env, api = server
     env = {**env, "CLIPFORGE_HOME": str(REPO)}
-    template = "deployments/k8s-gpu-job-template.json"
-    _run(
-        [
-            *PREFECT,
-            "work-pool",
-            "create",
-            "clipforge-k8s-gpu",
-            "--type",
-            "kubernetes",
-            "--base-job-template",
-            template,
-            "--overwrite",
-        ],
-        env,
-    )
+    _create_pool("clipforge-k8s-gpu", "kubernetes", env, "--base-job-template", "deployments/k8s-gpu-job-template.json")
     for name in ("vit-b32-8gpu", "vit-b32-ray"):
         _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", name], env)
     pod = api.get("/deployments/name/retrain-recipe/vit-b32-8gpu").json()
@@ -211,7 +188,7 @@ def test_new_data_arriving_triggers_a_retrain_on_its_location(server, tmp_path):
     recipe["data"]["train"] = {"type": "webdataset", "urls": old}
     recipe_path = write_yaml(tmp_path / "tiny-crawl.yaml", recipe)
 
-    _run([*PREFECT, "work-pool", "create", "clipforge-process", "--type", "process", "--overwrite"], env)
+    _create_pool("clipforge-process", "process", env)
     _run([*PREFECT, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "shapes-on-new-data"], env)
     deployment = api.get("/deployments/name/retrain-recipe/shapes-on-new-data").json()
     assert deployment["schedules"] == [] and deployment["work_pool_name"] == "clipforge-process"

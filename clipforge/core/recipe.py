@@ -86,27 +86,33 @@ EvalData = Annotated[
 ]
 
 
-class ReplayConfig(_Strict):
-    """A seeded sample of the data an earlier model was trained on, mixed into this run's training
-    data (TiC-CLIP's replay): the champion's (through the lineage tags of its registered version:
-    its curated data and what it replayed itself) or a curated manifest's."""
+class _EarlierData(_Strict):
+    """Data an earlier curation made: the champion's (through the lineage tags of its registered
+    version) or the one a manifest URI names."""
 
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
     from_: Literal["champion"] | None = Field(
-        None, alias="from", description="champion: what the registry's champion was trained on (none yet: nothing replayed)"
+        None, alias="from", description="champion: what the registry's champion was trained on (none yet: none is used)"
     )
     manifest: str | None = Field(None, min_length=1, description="a curated manifest's URI (.../manifest.parquet)")
-    fraction: float = Field(gt=0, lt=1, description="the share of the training pairs that are replayed")
-    seed: int = Field(0, description="picks the replayed pairs")
     model_name: str | None = Field(None, description="with from: champion, the registered model; defaults to the recipe's")
 
     @pydantic.model_validator(mode="after")
-    def _one_source(self) -> ReplayConfig:
+    def _one_source(self) -> _EarlierData:
         if (self.from_ is None) == (self.manifest is None):
             raise ValueError("give exactly one of 'from: champion' and 'manifest: URI'")
         if self.model_name is not None and self.from_ is None:
             raise ValueError("model_name names the registered model of 'from: champion'")
         return self
+
+
+class ReplayConfig(_EarlierData):
+    """A seeded sample of the data an earlier model was trained on, mixed into this run's training
+    data (TiC-CLIP's replay): the champion's (its curated data and what it replayed itself) or a
+    curated manifest's."""
+
+    fraction: float = Field(gt=0, lt=1, description="the share of the training pairs that are replayed")
+    seed: int = Field(0, description="picks the replayed pairs")
 
 
 class DataConfig(_Strict):
@@ -193,27 +199,12 @@ class ParallelConfig(_Strict):
         return runner
 
 
-class CurationPool(_Strict):
-    """The curated data a new curation is decided against: the champion's (through the lineage tags of
-    its registered version) or the one a manifest URI names."""
+class CurationPool(_EarlierData):
+    """The curated data a new curation is decided against (none yet: it curates alone)."""
 
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-    from_: Literal["champion"] | None = Field(
-        None, alias="from", description="champion: the data the registry's champion was trained on (none yet: curate alone)"
-    )
-    manifest: str | None = Field(None, min_length=1, description="a curated manifest's URI (.../manifest.parquet)")
-    model_name: str | None = Field(None, description="with from: champion, the registered model; defaults to the recipe's")
     statistics: bool = Field(
         True, description="whole-dataset statistics (balance caps, a clip-score top fraction) count the pool's samples"
     )
-
-    @pydantic.model_validator(mode="after")
-    def _one_source(self) -> CurationPool:
-        if (self.from_ is None) == (self.manifest is None):
-            raise ValueError("give exactly one of 'from: champion' and 'manifest: URI'")
-        if self.model_name is not None and self.from_ is None:
-            raise ValueError("model_name names the registered model of 'from: champion'")
-        return self
 
 
 class Guard(_Strict):
