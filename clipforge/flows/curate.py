@@ -128,13 +128,13 @@ def _replay(ctx: RunContext, new: int) -> ReplayResult | None:
         version, tags = tracking.champion_lineage(name) or ("", {})
         manifest = tags.get("clipforge.manifest_uri")
         if not manifest:
-            print(f"curate: {name} has no champion with curated data yet: nothing to replay")
+            say(f"curate: {name} has no champion with curated data yet: nothing to replay")
             return None
         sources = replay.sources_of(manifest, tags.get("clipforge.replay_uri") or None, ctx.recipe.storage.options)
         source = f"{name} v{version}"
     result = replay.replay(ctx.recipe, ctx.store, new, sources, source)
     if result is not None:
-        print(
+        say(
             f"curate: replaying {result.pairs:,} of {result.pool:,} pairs of {source} ({result.fraction:.1%} of the training data)"
         )
     return result

@@ -153,7 +153,7 @@ def retrain_recipe(
     overrides = list(overrides or [])
     if data_location is not None:
         overrides.append(location_override(recipe_path, overrides, data_location))
-        print(f"training data: {data_location}")
+        say(f"training data: {data_location}")
     recipe = load_recipe(recipe_path, overrides)
     if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):  # as the command line: artifacts beside mlflow.db
         artifact_root = artifact_root or str(Path("mlartifacts").resolve())
