@@ -13,7 +13,6 @@ shards: the next replay's pool when this run's model becomes champion.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from clipforge.core.errors import ConfigError
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import ReplayResult, Shard
 from clipforge.core.storage import Store
+from clipforge.engine.curation.parts import write_parquet
 from clipforge.engine.curation.pool import curation_folder
 from clipforge.engine.shards import ShardWriter, decode, index_of, iter_shard, read_index, read_samples, write_index
 
@@ -120,7 +120,7 @@ def replay(
         source=source, pool=total, pairs=take, fraction=take / (take + new), shards=shards,
         uri=store.uri(out, REPLAY_INDEX), content_hash=digest.hexdigest(),
     )  # fmt: skip
-    _write_manifest(store, f"{out}/manifest.parquet", rows)
+    write_parquet(store, f"{out}/manifest.parquet", rows)  # one row per pair: where it came from, where it is
     uris = [{"uri": store.uri(s.path), "samples": s.samples, "sha256": s.sha256} for s in shards]
     store.write_json(
         f"{out}/{REPLAY_INDEX}",
@@ -141,16 +141,6 @@ def _read(source: Source, positions: np.ndarray, options: dict[str, Any]) -> Ite
     runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
     for run in runs:
         yield from read_samples(store, rel, offsets, int(run[0]), len(run))
-
-
-def _write_manifest(store: Store, rel: str, rows: dict[str, list[Any]]) -> None:
-    """One row per replayed pair: its key, the pool shard and position it came from, the shard it is in now."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(pa.table(rows), buf)
-    store.write_bytes(rel, buf.getvalue())
 
 
 def _published(store: Store, writer: ShardWriter, digest: Any) -> Shard:

@@ -206,10 +206,16 @@ def score_columns(scores: list[dict[str, float]]) -> dict[str, list[float | None
 def write_parquet(store: Store, rel: str, columns: dict[str, list[Any]]) -> None:
     """A table of ``columns``; score columns (any name with a ``/``) are float64 even when all null."""
     import pyarrow as pa
+
+    write_table(store, rel, pa.table({k: pa.array(v, type=pa.float64() if "/" in k else None) for k, v in columns.items()}))
+
+
+def write_table(store: Store, rel: str, table: Any) -> None:
+    """An Arrow ``table`` as Parquet at ``rel``, written atomically by the store."""
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(pa.table({k: pa.array(v, type=pa.float64() if "/" in k else None) for k, v in columns.items()}), buf)
+    pq.write_table(table, buf)
     store.write_bytes(rel, buf.getvalue())
 
 

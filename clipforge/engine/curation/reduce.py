@@ -13,7 +13,7 @@ from clipforge.core.components import DecidesAgainstPool
 from clipforge.core.errors import StageError
 from clipforge.core.results import StepCounts
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import PartResult, survivor_features, survivor_keys
+from clipforge.engine.curation.parts import PartResult, survivor_features, survivor_keys, write_table
 from clipforge.engine.curation.plan import DECODE_STEP, Steps
 
 if TYPE_CHECKING:
@@ -97,16 +97,10 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
 
 
 def _write_scores(store: Store, rel: str, keys: list[str], scores: dict[str, np.ndarray]) -> None:
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     columns = {name: pa.array(scores[name], mask=np.isnan(scores[name])) for name in sorted(scores)}
-    table = pa.table({"key": pa.array(keys, type=pa.string()), **columns})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write_bytes(rel, buf.getvalue())
+    write_table(store, rel, pa.table({"key": pa.array(keys, type=pa.string()), **columns}))
 
 
 def whole_scores(store: Store, out: str) -> dict[str, list[float | None]]:
