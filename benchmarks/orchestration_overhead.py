@@ -70,14 +70,23 @@ def _timer(fn, spent: dict[str, float], key: str):
 def instrument(spent: dict[str, float]) -> None:
     """Time each stage subflow, the engine function inside it, and the step logger that training calls."""
     from clipforge.engine import curation
-    from clipforge.flows import evaluate, retrain, tracking, train
+    from clipforge.engine.training import job
+    from clipforge.flows import evaluate, retrain, tracking
 
-    for module, name in ((curation, "curate"), (train, "train"), (evaluate, "evaluate")):
+    for module, name in ((curation, "curate"), (job, "train"), (evaluate, "evaluate")):
         setattr(module, name, _timer(getattr(module, name), spent, f"engine:{name}"))
     # the step logger: every log_every steps, a batch of metrics to MLflow
     tracking.StepLogger.__call__ = _timer(tracking.StepLogger.__call__, spent, "steps:train")
-    for stage, fl in list(retrain.STAGE_FLOWS.items()):
-        retrain.STAGE_FLOWS[stage] = _timer(fl, spent, f"flow:{stage}")
+    flow_of = retrain.stage_flow_of
+
+    class Timed:  # the retrain names each stage's flow run, then calls it: time that call
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        def with_options(self, **options):
+            return _timer(flow_of(self.stage).with_options(**options), spent, f"flow:{self.stage}")
+
+    retrain.stage_flow_of = Timed
 
 
 def orchestrated(data: dict, uri: str, artifact_root: str) -> tuple[float, dict[str, float]]:

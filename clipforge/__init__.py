@@ -40,7 +40,8 @@ from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.resolver import ResolvedModel, resolve_model
-from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, RetrainResult, TrainResult
+from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
+from clipforge.core.stages import STAGES, RetrainResult, Stage, StageResults
 from clipforge.core.storage import Store
 
 try:
@@ -49,6 +50,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "STAGES",
     "Catalog",
     "ChoosesHyperparameters",
     "ClassificationDataset",
@@ -80,7 +82,9 @@ __all__ = [
     "RunContext",
     "Sample",
     "ScopedParams",
+    "Stage",
     "StageError",
+    "StageResults",
     "Store",
     "TemplatedDataset",
     "TrainResult",

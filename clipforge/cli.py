@@ -23,7 +23,7 @@ from clipforge.core.errors import ClipforgeError, ConfigError
 
 if TYPE_CHECKING:
     from clipforge.core.recipe import Recipe
-    from clipforge.core.results import RetrainResult
+    from clipforge.core.stages import RetrainResult
 
 console = Console(highlight=False, soft_wrap=True)  # commands and paths must stay copyable
 err = Console(stderr=True, highlight=False)
@@ -35,10 +35,11 @@ def _recipe(path: str | Path | dict, overrides: list[str], workdir: Path | None 
 
     from clipforge.core.recipe import load_recipe
 
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, overrides)  # validated here, once: the flows take it as it is
     root = recipe.storage.root
     if workdir is not None and len(urlparse(root).scheme) <= 1 and not Path(root).expanduser().is_absolute():
-        recipe = load_recipe(path, [*overrides, f"storage.root={(workdir / root).resolve()}"])
+        storage = recipe.storage.model_copy(update={"root": str((workdir / root).resolve())})
+        recipe = recipe.model_copy(update={"storage": storage})
     return recipe
 
 
@@ -65,21 +66,23 @@ def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workd
 
     uri, artifact_root = _tracking(workdir)
     mlflow.set_tracking_uri(uri)
-    return retrain_flow(recipe.as_dict(), run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
+    return retrain_flow(recipe, run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
 
 
 def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
+    from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
     from clipforge.flows.tracking import experiment_of
     from clipforge.registry import mlflow_ui_command, run_url
 
-    if result.evaluate and result.evaluate.metrics:
+    evaluated = result.get(EvaluateResult)
+    if evaluated and evaluated.metrics:
         table = Table(title="metrics", show_edge=False)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for k, v in sorted(result.evaluate.metrics.items()):
+        for k, v in sorted(evaluated.metrics.items()):
             table.add_row(k, f"{v:.4f}")
         console.print(table)
-    cur, tr, reg = result.curate, result.train, result.register
+    cur, tr, reg = result.get(CurateResult), result.get(TrainResult), result.get(RegisterResult)
     if cur:
         console.print(f"curated: {cur.kept:,} of {cur.input:,} pairs kept; manifest {cur.manifest_uri}")
         for step, counts in cur.funnel.items():
@@ -115,19 +118,20 @@ def cmd_demo(args) -> int:
 
 
 def _stages(stage: str) -> tuple[str, ...]:
-    from clipforge.flows.common import STAGES
+    from clipforge.core.stages import STAGES
 
-    return STAGES if stage == "all" else (stage,)
+    return tuple(STAGES) if stage == "all" else (stage,)
 
 
 def cmd_run(args) -> int:
     from clipforge.core.context import check_run_id
+    from clipforge.core.stages import STAGES
 
     if args.run_id:
         check_run_id(args.run_id)
     workdir = Path(args.workdir).resolve()
     recipe = _recipe(args.recipe, args.set, workdir)
-    if args.stage != "all" and args.stage != "curate" and not args.run_id:
+    if args.stage != "all" and STAGES[args.stage].needs and not args.run_id:
         raise ConfigError(f"--stage {args.stage} continues an existing run: give its --run-id")
     start = time.perf_counter()
     result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir)
@@ -241,6 +245,7 @@ def cmd_rollback(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from clipforge import __version__
+    from clipforge.core.stages import STAGES
 
     p = argparse.ArgumentParser(prog="clipforge", description="Curate, train, evaluate and register CLIP-style models.")
     p.add_argument("--version", action="version", version=f"clipforge {__version__}")
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(sp)
     sp = add("run", cmd_run, "run a recipe's stages as Prefect flows")
     sp.add_argument("recipe")
-    sp.add_argument("--stage", default="all", choices=["all", "curate", "train", "evaluate", "register"])
+    sp.add_argument("--stage", default="all", choices=["all", *STAGES], help="one stage, or all of them in order (default: all)")
     sp.add_argument("--run-id", help="continue this run: completed stages are skipped")
     overrides(sp)
     workdir(sp)

@@ -125,13 +125,13 @@ def test_memory_does_not_grow_with_the_number_of_shards(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("runner", ["threads", "processes", "dask"])
 def test_the_flow_maps_parts_over_each_task_runner(tmp_path, tracking, prefect_server, runner):
-    from clipforge.flows.common import new_run_id
     from clipforge.flows.curate import curate_flow
+    from clipforge.flows.stage import new_run_id, start_run
 
     urls = _shards(tmp_path / "in", 4, 8, duplicate_of={20: 1})
     recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}], runner=runner, workers=2)
     expected = curation.curate(recipe, clipforge.get_plugin_manager().catalog, Store(str(tmp_path / "ref")), "x", progress=False)
-    result = curate_flow(recipe.as_dict(), new_run_id())
+    result = curate_flow(start_run(recipe, new_run_id()).run_id, recipe.storage)
     assert result.content_hash == expected.content_hash and result.kept == 31
 
 
@@ -140,8 +140,8 @@ def test_the_flow_maps_parts_over_a_ray_runtime(tmp_path, tracking, prefect_serv
     """``parallel: {runner: ray}`` on a local Ray runtime (RAY_ADDRESS would name a cluster's instead)."""
     import ray
 
-    from clipforge.flows.common import new_run_id
     from clipforge.flows.curate import curate_flow, task_runner
+    from clipforge.flows.stage import new_run_id, start_run
 
     urls = _shards(tmp_path / "in", 4, 8, duplicate_of={20: 1})
     recipe = _recipe(tmp_path, urls, [{"type": "exact-duplicates"}], runner="ray", workers=2)
@@ -153,7 +153,7 @@ def test_the_flow_maps_parts_over_a_ray_runtime(tmp_path, tracking, prefect_serv
     monkeypatch.delenv("RAY_ADDRESS")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        result = curate_flow(recipe.as_dict(), new_run_id())
+        result = curate_flow(start_run(recipe, new_run_id()).run_id, recipe.storage)
         assert ray.is_initialized()  # the flow used the runtime it found, and left it running
     finally:
         ray.shutdown()

@@ -191,8 +191,8 @@ def test_whole_dataset_statistics_count_the_pool(tmp_path):
 
 @pytest.mark.slow
 def test_the_curate_flow_finds_the_champions_curated_data_through_its_lineage(tmp_path, tracking, prefect_server):
-    from clipforge.flows.common import new_run_id
     from clipforge.flows.curate import curate_flow
+    from clipforge.flows.stage import new_run_id, start_run
     from clipforge.registry import register_version, set_champion
 
     week1, _ = planted_crawl([2], singles=6, seed=7, prefix="a")
@@ -201,12 +201,14 @@ def test_the_curate_flow_finds_the_champions_curated_data_through_its_lineage(tm
     urls1, urls2 = write_shards(tmp_path / "w1", week1, 5), write_shards(tmp_path / "w2", week2, 5)
     pool = {"from": "champion", "model_name": "weekly-clip"}
     # no champion yet: the first crawl is curated alone
-    first = curate_flow(_recipe(tmp_path, urls1, DEDUP, pool).as_dict(), new_run_id())
+    recipe = _recipe(tmp_path, urls1, DEDUP, pool)
+    first = curate_flow(start_run(recipe, new_run_id()).run_id, recipe.storage)
     assert first.pool is None
     version = register_version("models/any", "weekly-clip", tags={"clipforge.manifest_uri": first.manifest_uri},
                                metrics={}, run_id=None)  # fmt: skip
     set_champion("weekly-clip", version.version, reason="the first model")
-    second = curate_flow(_recipe(tmp_path, urls2, DEDUP, pool).as_dict(), new_run_id())
+    recipe = _recipe(tmp_path, urls2, DEDUP, pool)
+    second = curate_flow(start_run(recipe, new_run_id()).run_id, recipe.storage)
     assert second.pool == first.manifest_uri
     rows = {r["key"]: r for r in pq.read_table(Store(str(tmp_path / "store")).path(second.manifest)).to_pylist()}
     assert [rows[k]["reason"] for k in ("b0000", "b0001")] == ["duplicate of pool"] * 2

@@ -8,7 +8,7 @@ import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.results import EvaluateResult
 from clipforge.core.storage import Store
-from clipforge.flows.common import run_stage
+from clipforge.flows.stage import run_stage
 
 
 class Watcher:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clipforge.core.errors import ConfigError
-from clipforge.core.results import StageResults
+from clipforge.core.stages import StageResults
 
 if TYPE_CHECKING:
     from clipforge.core.plugins import PluginManager

@@ -103,14 +103,13 @@ def register_launchers(register: RegisterFn) -> None:
 
 @hookspec
 def before_stage(stage: str, context: RunContext) -> None:
-    """Called before a stage (``curate``, ``train``, ``evaluate``, ``register``) starts."""
+    """Called before a stage (a row of :data:`~clipforge.STAGES`: its name) starts."""
 
 
 @hookspec
 def after_stage(stage: str, context: RunContext, result: Any) -> None:
     """Called after a stage finished without error and its result was saved, with that typed result
-    (:class:`~clipforge.CurateResult`, :class:`~clipforge.TrainResult`, :class:`~clipforge.EvaluateResult`
-    or :class:`~clipforge.RegisterResult`)."""
+    (its row's result type: :class:`~clipforge.CurateResult` for ``curate``, ...)."""
 
 
 @hookspec

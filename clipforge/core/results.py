@@ -1,10 +1,7 @@
 """What each stage hands to the next: typed results, saved in the run's ``run.json`` for resumes
-and given to the ``after_stage`` hook."""
+and given to the ``after_stage`` hook (which stage hands on which: :data:`clipforge.core.stages.STAGES`)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,44 +107,3 @@ class RegisterResult(_Result):
     value: float | None
     reason: str
     champion_report: dict[str, int] = Field(default_factory=dict, description="wins per side over every metric")
-
-
-#: The result type of each stage, in the order a retrain runs them.
-RESULT_TYPES: dict[str, type[BaseModel]] = {
-    "curate": CurateResult,
-    "train": TrainResult,
-    "evaluate": EvaluateResult,
-    "register": RegisterResult,
-}
-
-
-@dataclass
-class StageResults:
-    """The results of a run's stages so far; a stage not yet run is None."""
-
-    curate: CurateResult | None = None
-    train: TrainResult | None = None
-    evaluate: EvaluateResult | None = None
-    register: RegisterResult | None = None
-
-    def done(self) -> list[str]:
-        return [name for name in RESULT_TYPES if getattr(self, name) is not None]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name).model_dump(mode="json") for name in self.done()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StageResults:
-        results: dict[str, Any] = {
-            name: RESULT_TYPES[name].model_validate(value) for name, value in data.items() if name in RESULT_TYPES
-        }
-        return cls(**results)
-
-
-@dataclass(kw_only=True)
-class RetrainResult(StageResults):
-    """A retrain: its run id (its folder ``runs/<run_id>`` on the store), its MLflow run, each stage's result."""
-
-    run_id: str
-    mlflow_run_id: str
-    store: str

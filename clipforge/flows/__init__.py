@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # being checked as it is logged): inside a run, the run's own progress is what the terminal shows.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from clipforge.flows.common import STAGES
+from clipforge.core.stages import STAGES
 from clipforge.flows.curate import curate_flow
 from clipforge.flows.evaluate import evaluate_flow
 from clipforge.flows.register import register_flow

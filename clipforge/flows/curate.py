@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prefect import Task, flow, task
+from prefect import Task, task
 from prefect.task_runners import TaskRunner
 
 from clipforge.core.context import RunContext
@@ -15,9 +15,9 @@ from clipforge.core.results import CurateResult, ReplayResult
 from clipforge.core.storage import Store
 from clipforge.engine import curation, replay
 from clipforge.flows import tracking
-from clipforge.flows.common import flow_run_name, open_context, run_stage
 from clipforge.flows.figures import funnel_figure
 from clipforge.flows.reporting import Progress, publish, say
+from clipforge.flows.stage import stage_flow
 
 # The engine's parallel phases as Prefect tasks: retried, and shown per part in the UI.
 _TASKS: dict[Callable[[Any], Any], Task[Any, Any]] = {
@@ -88,14 +88,9 @@ class FollowedMapper:
         self.offset += n
 
 
-@flow(name="curate", log_prints=True, flow_run_name=flow_run_name)
-def curate_flow(recipe: dict[str, Any], run_id: str) -> CurateResult:
+@stage_flow("curate")
+def curate_flow(ctx: RunContext) -> CurateResult:
     """Curate the recipe's training data; parts already curated with the same data and steps are reused."""
-    ctx = open_context(recipe, run_id)
-    return run_stage(ctx, "curate", lambda: _curate(ctx))
-
-
-def _curate(ctx: RunContext) -> CurateResult:
     r, store = ctx.recipe, ctx.store
     pool = _pool(ctx)
     out = f"curated/{curation.curation_key(r, pool)}"

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import flow
-
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
 from clipforge.core.plugins import get_plugin_manager
@@ -13,23 +9,17 @@ from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
 from clipforge.engine.evaluation import Evaluation, evaluate, runs
 from clipforge.flows import tracking
-from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
 from clipforge.flows.reporting import Progress, publish, say
+from clipforge.flows.stage import stage_flow
 
 #: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
 EVAL_HASH_TAG = "clipforge.eval_hash"
 
 
-@flow(name="evaluate", log_prints=True, flow_run_name=flow_run_name)
-def evaluate_flow(recipe: dict[str, Any], run_id: str) -> EvaluateResult:
+@stage_flow("evaluate")
+def evaluate_flow(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     """Run every evaluator of the recipe on the run's trained model."""
-    ctx = open_context(recipe, run_id)
-    trained = require(ctx, "evaluate", "train")
-    return run_stage(ctx, "evaluate", lambda: _evaluate(ctx, trained))
-
-
-def _evaluate(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     progress = Progress("evaluate-progress", f"Evaluation of run {ctx.run_id}", total=len(list(runs(ctx.recipe))))
 
     def announce(position: int, count: int, label: str, on: str) -> None:

@@ -6,19 +6,16 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from prefect import flow
 
 import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
-from clipforge.core.results import EvaluateResult, RegisterResult, TrainResult
+from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
 from clipforge.engine.evaluation import evaluate
 from clipforge.flows import tracking
-from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.evaluate import EVAL_HASH_TAG
 from clipforge.flows.reporting import publish, say
+from clipforge.flows.stage import stage_flow
 from clipforge.registry import build_report, model_summary, render_markdown, render_model_card
 
 
@@ -26,17 +23,9 @@ def promotion_metric(name: str) -> str:
     return name if name.startswith("eval/") else f"eval/{name}"
 
 
-@flow(name="register", log_prints=True, flow_run_name=flow_run_name)
-def register_flow(recipe: dict[str, Any], run_id: str) -> RegisterResult:
-    """Log the model to the run, register a version with lineage tags, and promote it if it beats the champion."""
-    ctx = open_context(recipe, run_id)
-    trained, evaluated = require(ctx, "register", "train"), require(ctx, "register", "evaluate")
-    return run_stage(ctx, "register", lambda: _register(ctx, trained, evaluated))
-
-
 def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None) -> dict[str, str]:
     """The tags that lead from a model version back to its data, recipe, run and predecessor."""
-    curated = ctx.state.curate
+    curated = ctx.state.get(CurateResult)
     lineage = {
         "clipforge.run_id": ctx.run_id,
         "clipforge.version": clipforge.__version__,
@@ -53,7 +42,9 @@ def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None
     return lineage
 
 
-def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) -> RegisterResult:
+@stage_flow("register")
+def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) -> RegisterResult:
+    """Log the model to the run, register a version with lineage tags, and promote it if it beats the champion."""
     r = ctx.recipe
     metrics, name, rule = evaluated.metrics, r.model_name, r.registry.promote
     run = tracking.mlflow_run(ctx)
@@ -66,7 +57,8 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
         )
     parent = tracking.champion_version(name)
     lineage = _lineage(ctx, trained, run, parent) | {EVAL_HASH_TAG: evaluated.data_hash}
-    replayed = ctx.state.curate.replay if ctx.state.curate else None
+    curated = ctx.state.get(CurateResult)
+    replayed = curated.replay if curated else None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ctx.store.get_dir(trained.model, Path(tmp) / "open_clip_model")
         embed_dim = json.loads((model_dir / "open_clip_config.json").read_text())["model_cfg"].get("embed_dim")
@@ -107,16 +99,17 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     tracking.log_text(run, markdown, "evaluation/champion_report.md")
     publish("markdown", "champion-report", f"{name} v{version.version} vs champion", markdown=markdown)
     # the hook's plugins read the decision from context.state.register
-    ctx.state.register = RegisterResult(
+    decision = RegisterResult(
         model_name=name, version=str(version.version), promoted=promoted, previous_champion=previous,
         model_uri=info.model_uri, metric=metric, value=metrics.get(metric) if metric else None,
         champion_report=report["tally"], reason=reason,
     )  # fmt: skip
+    ctx.state.set("register", decision)
     ctx.plugins.hook.after_model_registered(context=ctx, model_version=version)
     tracking.describe_version(name, str(version.version), _described(ctx, run, str(version.version), parent, promoted, reason))
     verdict = "is the new champion" if promoted else f"stays challenger (champion: version {previous})"
     say(f"register: {name} version {version.version} {verdict}: {reason}")
-    return ctx.state.register
+    return decision
 
 
 def _metrics_on(ctx: RunContext, evaluated: EvaluateResult, ours: str) -> Callable[[str], dict[str, float]]:
@@ -172,7 +165,10 @@ def _described(ctx: RunContext, run: str, version: str, parent: str | None, prom
     lines += [f"- `{k}`: {theirs.get(k, '(unset)')} → {ours.get(k, '(unset)')}" for k in changed[:20]]
     if len(changed) > 20:
         lines.append(f"- and {len(changed) - 20} more recipe fields")
-    curated, before = ctx.state.curate, tracking.version_tags(ctx.recipe.model_name, parent).get("clipforge.manifest_hash")
+    curated, before = (
+        ctx.state.get(CurateResult),
+        tracking.version_tags(ctx.recipe.model_name, parent).get("clipforge.manifest_hash"),
+    )
     if curated is not None and curated.content_hash != before:
         lines.append(f"- the curated data: {curated.kept:,} pairs, content hash `{curated.content_hash[:12]}`")
     if len(lines) == 3:

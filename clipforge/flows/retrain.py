@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,52 +18,42 @@ import yaml
 from prefect import flow, tags
 
 from clipforge.core.errors import ConfigError
-from clipforge.core.results import RetrainResult
+from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.stages import STAGES, RetrainResult
 from clipforge.flows import tracking
-from clipforge.flows.common import STAGES, flow_run_id_or_new, flow_run_name, open_context, run_tags, tag_flow_run
-from clipforge.flows.curate import curate_flow
-from clipforge.flows.evaluate import evaluate_flow
-from clipforge.flows.register import register_flow
 from clipforge.flows.reporting import publish, say
-from clipforge.flows.train import train_flow
-
-STAGE_FLOWS: dict[str, Callable[[dict[str, Any], str], Any]] = {
-    "curate": curate_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-    "register": register_flow,
-}
+from clipforge.flows.stage import flow_run_id_or_new, flow_run_name, run_tags, stage_flow_of, start_run, tag_flow_run
 
 
 @flow(name="retrain", log_prints=True, flow_run_name=flow_run_name)
 def retrain_flow(
-    recipe: dict[str, Any],
+    recipe: Recipe | dict[str, Any],
     run_id: str | None = None,
     stages: list[str] | None = None,
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
 ) -> RetrainResult:
-    """Run the recipe's ``stages`` (default: all) in order as subflows; with the ``run_id`` of a failed
-    run, completed stages are skipped. The Prefect flow run is named ``<recipe>-<run id>`` and tagged
-    with the recipe, the model and the stage; so are its stages' flow runs."""
+    """Run the recipe's ``stages`` (default: all, in the order of :data:`~clipforge.core.stages.STAGES`)
+    as subflows; with the ``run_id`` of a failed run, completed stages are skipped. ``recipe`` is a
+    validated :class:`~clipforge.Recipe`, or a mapping validated here. The Prefect flow run is named
+    ``<recipe>-<run id>`` and tagged with the recipe, the model and the stage; so are its stages' flow runs."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    ctx = open_context(recipe, run_id or flow_run_id_or_new())
+    ctx = start_run(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), run_id or flow_run_id_or_new())
     tag_flow_run(run_tags(ctx.recipe, "retrain"))
-    ctx.save_state()
     run = tracking.mlflow_run(ctx, artifact_root)
     tracking.mark_running(run)
-    recipe_data = ctx.recipe.as_dict()
     try:
         for name in STAGES:
             if stages is not None and name not in stages:
                 continue
-            if getattr(ctx.state, name) is not None:
+            if name in ctx.state.done():
                 say(f"{name}: already done in run {ctx.run_id}, skipped")
                 continue
-            # each subflow saves its result in run.json; this flow keeps what it returns
+            # the stage flow opens the run from the store and saves its result there, for the next one
+            stage = stage_flow_of(name).with_options(flow_run_name=f"{ctx.recipe.name}-{ctx.run_id}")
             with tags(*run_tags(ctx.recipe, name)):
-                setattr(ctx.state, name, STAGE_FLOWS[name](recipe_data, ctx.run_id))
+                ctx.state.set(name, stage(ctx.run_id, ctx.recipe.storage))
     except BaseException as e:
         tracking.finish_run(run, e, traceback.format_exc())
         with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
@@ -72,7 +61,7 @@ def retrain_flow(
         raise
     tracking.finish_run(run)
     link_mlflow_run(run, ctx.run_id)
-    return RetrainResult(run_id=ctx.run_id, mlflow_run_id=run, store=ctx.store.uri(ctx.run_dir), **vars(ctx.state))
+    return RetrainResult(ctx.state, run_id=ctx.run_id, mlflow_run_id=run, store=ctx.store.uri(ctx.run_dir))
 
 
 def link_mlflow_run(run: str, run_id: str, failed: bool = False) -> None:
@@ -147,7 +136,6 @@ def retrain_recipe(
     stages that had finished are skipped and training resumes from its latest checkpoint.
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory.
     """
-    from clipforge.core.recipe import load_recipe
     from clipforge.registry import default_tracking_uri
 
     overrides = list(overrides or [])
@@ -158,7 +146,7 @@ def retrain_recipe(
     if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):  # as the command line: artifacts beside mlflow.db
         artifact_root = artifact_root or str(Path("mlartifacts").resolve())
     return retrain_flow(
-        recipe.as_dict(),
+        recipe,
         run_id=run_id or flow_run_id_or_new(),
         tracking_uri=tracking_uri or default_tracking_uri(),
         artifact_root=artifact_root,

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
-
-from prefect import flow
-from pydantic import BaseModel, ConfigDict
 
 from clipforge.core.context import RunContext
 from clipforge.core.recipe import Recipe
-from clipforge.core.results import CurateResult, Shard, TrainResult
+from clipforge.core.results import CurateResult, TrainResult
 from clipforge.core.storage import Store
-from clipforge.engine.training import train
+from clipforge.engine.training.job import TrainJob
 from clipforge.flows import tracking
-from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import loss_figure
 from clipforge.flows.reporting import FileWatcher, Progress, say
+from clipforge.flows.stage import stage_flow
 
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
@@ -44,71 +42,13 @@ def finished_training(store: Store, key: str) -> TrainResult | None:
     return result if store.exists(f"{done}/result.json") else None
 
 
-@flow(name="train", log_prints=True, flow_run_name=flow_run_name)
-def train_flow(recipe: dict[str, Any], run_id: str) -> TrainResult:
+@stage_flow("train")
+def train_flow(ctx: RunContext, curated: CurateResult) -> TrainResult:
     """Train the recipe's model on the run's curated data; resumes from the run's latest checkpoint.
 
     A training that already finished with the same data and settings (in an earlier, failed
     retrain for instance) is reused instead of redone: ``cache/train/<key>.json`` points at it.
     """
-    ctx = open_context(recipe, run_id)
-    curated = require(ctx, "train", "curate")
-    return run_stage(ctx, "train", lambda: _train(ctx, curated))
-
-
-class TrainJob(BaseModel):
-    """The train stage's work in one process: what a launcher runs in each process it starts.
-
-    Plain data, so that it pickles to spawned processes and other machines. Every process trains
-    its share; the engine calls ``on_step`` on rank 0 only, which fires ``after_train_step`` (of the
-    plugins installed where it runs) and logs the step's metrics to the retrain's MLflow run.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    recipe: dict[str, Any]
-    run_id: str
-    out: str
-    shards: list[Shard]
-    tracking_uri: str
-    mlflow_run_id: str
-
-    def __call__(self) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        ctx = open_context(self.recipe, self.run_id)
-        logger = tracking.StepLogger(self.mlflow_run_id, ctx.recipe.train.log_every)
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            ctx.plugins.hook.after_train_step(context=ctx, step=step, metrics=metrics)
-            logger(step, metrics)
-
-        try:
-            train(ctx.recipe, ctx.plugins.catalog, ctx.store, self.out, self.shards, on_step=on_step)
-        finally:
-            logger.close()
-
-
-def _followed(ctx: RunContext, out: str) -> FileWatcher:
-    """Training as the Prefect run shows it: a progress artifact and lines, from the ``progress.json``
-    that rank 0 writes on the store, wherever it runs (in this process, under torchrun, on a Ray
-    cluster): the store is what every launcher's processes reach, the Prefect API may not be."""
-    progress = Progress("train-progress", f"Training of run {ctx.run_id}", total=1)
-    path = f"{out}/progress.json"
-    launcher = ctx.recipe.train.launcher.type
-
-    def seen(report: dict[str, Any]) -> None:
-        line = (
-            f"train: step {report['step']:,}/{report['total']:,} (epoch {report['epoch']}/{report['epochs']}), "
-            f"loss {report['loss']:.4f}, {report['samples_per_s']:,.0f} samples/s on {report['world_size']} x "
-            f"{report['device']} ({launcher} launcher)"
-        )
-        progress.update(report["step"], line, total=report["total"])
-
-    return FileWatcher(lambda: ctx.store.read_json(path) if ctx.store.exists(path) else None, seen)
-
-
-def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
     run = tracking.mlflow_run(ctx)
     key = training_key(ctx.recipe, curated)
     out = f"{ctx.run_dir}/train"
@@ -122,8 +62,8 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
         if not ctx.store.exists(f"{out}/result.json"):  # a finished training is not launched again
             launcher = ctx.plugins.catalog.create("launchers", ctx.recipe.train.launcher.entry())
             job = TrainJob(
-                recipe=ctx.recipe.as_dict(), run_id=ctx.run_id, out=out, shards=curated.training_shards(),
-                tracking_uri=tracking.tracking_uri(), mlflow_run_id=run,
+                recipe=ctx.recipe, run_id=ctx.run_id, state=ctx.state, mlflow_run_id=run, out=out,
+                shards=curated.training_shards(), step_log=MlflowStepLog(tracking.tracking_uri(), run),
             )  # fmt: skip
             with _followed(ctx, out):
                 launcher.launch(job, ctx.recipe.train.device)
@@ -143,3 +83,36 @@ def _train(ctx: RunContext, curated: CurateResult) -> TrainResult:
         tracking.log_figure(run, loss_figure(history), "figures/loss_curve.png")
     tracking.set_tags(run, {"clipforge.checkpoint_uri": ctx.store.uri(result.checkpoint)})
     return result
+
+
+@dataclass(frozen=True)
+class MlflowStepLog:
+    """Rank 0's step metrics to the retrain's MLflow run: picklable, the client is made where it trains."""
+
+    tracking_uri: str
+    run_id: str
+
+    def __call__(self, every: int) -> tracking.StepLogger:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return tracking.StepLogger(self.run_id, every)
+
+
+def _followed(ctx: RunContext, out: str) -> FileWatcher:
+    """Training as the Prefect run shows it: a progress artifact and lines, from the ``progress.json``
+    that rank 0 writes on the store, wherever it runs (in this process, under torchrun, on a Ray
+    cluster): the store is what every launcher's processes reach, the Prefect API may not be."""
+    progress = Progress("train-progress", f"Training of run {ctx.run_id}", total=1)
+    path = f"{out}/progress.json"
+    launcher = ctx.recipe.train.launcher.type
+
+    def seen(report: dict[str, Any]) -> None:
+        line = (
+            f"train: step {report['step']:,}/{report['total']:,} (epoch {report['epoch']}/{report['epochs']}), "
+            f"loss {report['loss']:.4f}, {report['samples_per_s']:,.0f} samples/s on {report['world_size']} x "
+            f"{report['device']} ({launcher} launcher)"
+        )
+        progress.update(report["step"], line, total=report["total"])
+
+    return FileWatcher(lambda: ctx.store.read_json(path) if ctx.store.exists(path) else None, seen)
