@@ -37,7 +37,8 @@ _LIBRARY_TRANSIENT = (
     "aiohttp:ClientPayloadError",
     "aiohttp.http_exceptions:ContentLengthError",
     "aiohttp.http_exceptions:TransferEncodingError",
-    "botocore.exceptions:HTTPClientError",  # closed connections, timeouts, a response stream cut short
+    "botocore.exceptions:ConnectionError",  # no connection to the endpoint, or none in time
+    "botocore.exceptions:HTTPClientError",  # closed connections, read timeouts, a response stream cut short
     "botocore.exceptions:IncompleteReadError",
     "urllib3.exceptions:ProtocolError",
     "urllib3.exceptions:TimeoutError",
@@ -89,15 +90,16 @@ def _http_status(value: Any) -> int | None:
 
 def _status(e: BaseException) -> int | None:
     """The HTTP status ``e`` carries, by any of the names clients give it."""
+    for attr in ("status", "status_code", "code"):  # in this order: aiohttp's "code" is a deprecated "status"
+        if (status := _http_status(getattr(e, attr, None))) is not None:
+            return status
     response = getattr(e, "response", None)
-    candidates = [getattr(e, "status", None), getattr(e, "status_code", None), getattr(e, "code", None)]
     if isinstance(response, dict):  # botocore's ClientError
-        candidates.append(response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-    elif response is not None:  # requests' HTTPError and the like
-        candidates += [getattr(response, "status_code", None), getattr(response, "status", None)]
-    code = getattr(e, "error_code", None)
+        candidates = [response.get("ResponseMetadata", {}).get("HTTPStatusCode")]
+    else:  # requests' HTTPError and the like
+        candidates = [getattr(response, "status_code", None), getattr(response, "status", None)]
     # MLflow's: INTERNAL_ERROR (500) is what it says of any error it does not classify
-    if code != "INTERNAL_ERROR" and callable(getattr(e, "get_http_status_code", None)):
+    if getattr(e, "error_code", None) != "INTERNAL_ERROR" and callable(getattr(e, "get_http_status_code", None)):
         candidates.append(e.get_http_status_code())  # type: ignore[attr-defined]
     for candidate in candidates:
         if (status := _http_status(candidate)) is not None:
