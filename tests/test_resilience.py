@@ -142,3 +142,40 @@ def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, mo
     with pytest.raises(ValueError):
         finish_run(run)
     assert calls == ["FINISHED"]  # no retry for what retrying cannot fix
+
+
+def test_tracking_calls_retry_a_locked_database_and_not_an_error_that_only_mentions_a_status(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from clipforge.flows.tracking import tracked
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    holder = sqlite3.connect(tmp_path / "db.sqlite", timeout=0)
+    holder.execute("create table t (x)")
+    holder.commit()
+    holder.execute("begin exclusive")
+    calls = []
+
+    @tracked
+    def insert():
+        calls.append(1)
+        if len(calls) == 3:
+            holder.rollback()  # the other process is done
+        with sqlite3.connect(tmp_path / "db.sqlite", timeout=0) as conn:
+            conn.execute("insert into t values (1)")
+
+    insert()
+    assert len(calls) == 3
+
+    @tracked
+    def missing():
+        calls.append(1)
+        raise MlflowException("503 Service Unavailable: no such run", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    calls.clear()
+    with pytest.raises(MlflowException):
+        missing()
+    assert calls == [1]

@@ -1,10 +1,12 @@
-"""The artifact store: a folder on the local disk or an S3 prefix, through fsspec.
+"""The artifact store: a folder on the local disk or under any fsspec URL (``s3://``, ``gs://``,
+``az://``, ...).
 
 Every write is atomic (nothing half-written is ever visible under its final name) and checked
-by size; transient errors are retried with exponential backoff. Every read of a remote object
-goes by byte ranges, each one retried when it fails or its body ends early (a dropped
-connection), so a read resumes from where it stopped: s3fs reads a large object's ranges outside
-its own retries, and does not count a short body as an error at all.
+by size; transient errors are retried with exponential backoff on every filesystem, on top of
+its client's own retries. Every read of a remote object goes by byte ranges, each one retried
+when it fails or its body ends early (a dropped connection), so a read resumes from where it
+stopped: s3fs reads a large object's ranges outside its own retries, and does not count a short
+body as an error at all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -30,12 +31,27 @@ from clipforge.core.secrets import resolve_env_refs
 #: with jittered exponential backoff; the Store's own :func:`retry` wraps whole operations on top.
 S3_RETRIES = {"max_attempts": 8, "mode": "standard"}
 
+#: per protocol, the client-level retry setting that the store's options get unless they set it:
+#: (option, key in it, value). gcsfs (gs, gcs) takes none: it retries 5xx, 408 and 429 answers and
+#: dropped connections six times by itself. adlfs (az, abfs, abfss) passes none on to its Azure
+#: client, whose default policy retries. Any other protocol has only the store's own retries.
+CLIENT_RETRIES: dict[str, tuple[str, str, Any]] = {
+    "s3": ("config_kwargs", "retries", S3_RETRIES),
+    "s3a": ("config_kwargs", "retries", S3_RETRIES),
+}
 
-def _with_s3_retries(options: dict[str, Any]) -> dict[str, Any]:
-    """S3 options with botocore retries set, unless the user's ``config_kwargs`` already sets them."""
-    config = dict(options.get("config_kwargs") or {})
-    config.setdefault("retries", S3_RETRIES)
-    return {**options, "config_kwargs": config}
+#: object stores, where an upload shows under its key only once complete and aborts cleanly
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def with_client_retries(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the protocol's client-level retry setting (:data:`CLIENT_RETRIES`), unless they set it."""
+    if protocol not in CLIENT_RETRIES:
+        return options
+    option, key, value = CLIENT_RETRIES[protocol]
+    nested = dict(options.get(option) or {})
+    nested.setdefault(key, value)
+    return {**options, option: nested}
 
 
 #: bytes per ranged GET where the filesystem does not say (s3fs: its ``default_block_size``)
@@ -134,11 +150,11 @@ class Store:
     def __init__(self, root: str, options: dict[str, Any] | None = None):
         # the recipe's options, ${ENV_VAR} references unresolved: what sub() passes on
         self.options = dict(options or {})
-        resolved = resolve_env_refs(self.options)
-        if urlsplit(root).scheme in ("s3", "s3a"):
-            resolved = _with_s3_retries(resolved)
+        resolved = with_client_retries(fsspec.core.split_protocol(root)[0] or "file", resolve_env_refs(self.options))
         self.fs, path = fsspec.core.url_to_fs(root, **resolved)
         self.local = isinstance(self.fs, LocalFileSystem)
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.object_store = bool(protocols & OBJECT_STORES)
         self.root = str(Path(path).resolve()) if self.local else path.rstrip("/")
         self.url = self.root if self.local else self.fs.unstrip_protocol(self.root)
 
@@ -153,7 +169,7 @@ class Store:
         return posixpath.join(self.root, *parts)
 
     def uri(self, *parts: str) -> str:
-        """A URI another process can open (a local path, or ``s3://...``)."""
+        """A URI another process can open (a local path, or a URL such as ``s3://...``)."""
         return self.path(*parts) if self.local else self.fs.unstrip_protocol(self.path(*parts))
 
     def sub(self, *parts: str) -> Store:
@@ -193,8 +209,10 @@ class Store:
         """A binary file that streams to ``rel`` and appears under that name only if the block exits cleanly.
 
         Locally a temporary file beside the target is synced and renamed; on an object store the
-        upload (multipart when large) completes on exit and is aborted on an error. Not retried:
-        the data is gone once written, so a caller that must retry holds it and uses write_bytes.
+        upload (multipart when large) completes on exit and is aborted on an error; on any other
+        filesystem (where a file shows while written) a temporary file beside the target is
+        renamed. Not retried: the data is gone once written, so a caller that must retry holds it
+        and uses write_bytes.
         """
         final = self.path(rel)
         if self.local:
@@ -210,7 +228,7 @@ class Store:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-        else:
+        elif self.object_store:
             f = self.fs.open(final, "wb")
             try:
                 yield f
@@ -220,6 +238,18 @@ class Store:
                 f.closed = True  # discarded: closing (also on garbage collection) would send the rest
                 raise
             f.close()  # an object store's PUT is atomic: the key shows only once the upload completed
+            self.fs.invalidate_cache(final)
+        else:
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.fs.open(tmp, "wb") as f:
+                    yield f
+                    written = f.tell()
+                self.fs.mv(tmp, final)
+            finally:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
             self.fs.invalidate_cache(final)
         size = self.fs.info(final)["size"]
         if size != written:
