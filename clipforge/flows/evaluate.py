@@ -8,10 +8,11 @@ from prefect import flow
 
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
+from clipforge.core.evaluations import runs
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
-from clipforge.engine.evaluation import Evaluation, evaluate, runs
+from clipforge.engine.evaluation import Evaluation, evaluate
 from clipforge.flows import tracking
 from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
