@@ -116,7 +116,7 @@ def test_two_retrains_of_one_recipe_at_once_do_not_corrupt_each_other(tiny_recip
 
 
 def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, monkeypatch):
-    from clipforge.flows.tracking import finish_run
+    from clipforge.registry.tracking import finish_run
 
     client = MlflowClient()
     run = client.create_run(client.create_experiment("retries")).info.run_id

@@ -13,10 +13,10 @@ from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
 from clipforge.engine.evaluation import Evaluation, evaluate
-from clipforge.flows import tracking
 from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import evaluation_figures
 from clipforge.flows.reporting import Progress, publish, say
+from clipforge.registry import tracking
 
 #: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
 EVAL_HASH_TAG = "clipforge.eval_hash"

@@ -14,19 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from prefect import flow, tags
 
 from clipforge.core.errors import ConfigError
 from clipforge.core.results import RetrainResult
-from clipforge.flows import tracking
 from clipforge.flows.common import STAGES, flow_run_id_or_new, flow_run_name, open_context, run_tags, tag_flow_run
 from clipforge.flows.curate import curate_flow
 from clipforge.flows.evaluate import evaluate_flow
 from clipforge.flows.register import register_flow
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.train import train_flow
+from clipforge.registry import tracking
 
 STAGE_FLOWS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "curate": curate_flow,
@@ -48,7 +47,7 @@ def retrain_flow(
     run, completed stages are skipped. The Prefect flow run is named ``<recipe>-<run id>`` and tagged
     with the recipe, the model and the stage; so are its stages' flow runs."""
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        tracking.use_tracking_uri(tracking_uri)
     ctx = open_context(recipe, run_id or flow_run_id_or_new())
     tag_flow_run(run_tags(ctx.recipe, "retrain"))
     ctx.save_state()
@@ -80,7 +79,7 @@ def link_mlflow_run(run: str, run_id: str, failed: bool = False) -> None:
     or, for a local store, how to serve it and where the run will then be."""
     from clipforge.registry import mlflow_ui_command, run_url
 
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.tracking_uri()
     url = run_url(uri, tracking.experiment_of(run), run)
     what = f"MLflow run of retrain {run_id}" + (" (failed: its error is in the run's tags and error.txt)" if failed else "")
     if uri.startswith(("http://", "https://")):

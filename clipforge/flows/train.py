@@ -14,10 +14,10 @@ from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult, Shard, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training import train
-from clipforge.flows import tracking
 from clipforge.flows.common import flow_run_name, open_context, require, run_stage
 from clipforge.flows.figures import loss_figure
 from clipforge.flows.reporting import FileWatcher, Progress, say
+from clipforge.registry import tracking
 
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
@@ -73,9 +73,7 @@ class TrainJob(BaseModel):
     mlflow_run_id: str
 
     def __call__(self) -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
+        tracking.use_tracking_uri(self.tracking_uri)
         ctx = open_context(self.recipe, self.run_id)
         logger = tracking.StepLogger(self.mlflow_run_id, ctx.recipe.train.log_every)
 
