@@ -57,6 +57,14 @@ def imports(source: str, module: str) -> list[tuple[int, str]]:
     return found
 
 
+def forbidden_library(name: str, layer: str, rel: str) -> bool:
+    """Whether module ``rel`` of ``layer`` may not import library module ``name``."""
+    library = name.split(".")[0]
+    if library == "mlflow":
+        return layer != "registry" and rel not in MLFLOW_IN_CORE
+    return library in FORBIDDEN.get(layer, set()) and not (name == "prefect.runtime" and rel in PREFECT_RUNTIME_IN_REGISTRY)
+
+
 def violations(source: str, rel: str) -> list[str]:
     """What module ``rel`` (a path under clipforge/) imports that its layer may not."""
     path = PACKAGE / rel
@@ -69,9 +77,7 @@ def violations(source: str, rel: str) -> list[str]:
             target = parts[1] if parts[1] in LAYERS or parts[1] == "cli" else "core"
             if target not in LAYERS[layer]:
                 problems.append(f"{rel}:{line}: {layer} imports {name}")
-        elif parts[0] in FORBIDDEN.get(layer, set()) and not (name == "prefect.runtime" and rel in PREFECT_RUNTIME_IN_REGISTRY):
-            problems.append(f"{rel}:{line}: {layer} imports {name}")
-        elif parts[0] == "mlflow" and layer != "registry" and rel not in MLFLOW_IN_CORE:
+        elif forbidden_library(name, layer, rel):
             problems.append(f"{rel}:{line}: {layer} imports {name}")
     return problems
 
