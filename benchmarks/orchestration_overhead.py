@@ -71,7 +71,8 @@ def instrument(spent: dict[str, float]) -> None:
     """Time each stage subflow, the engine function inside it, and the step logger that training calls."""
     from clipforge.engine import curation
     from clipforge.engine.training import job
-    from clipforge.flows import evaluate, retrain, tracking
+    from clipforge.flows import evaluate, retrain
+    from clipforge.registry import tracking
 
     for module, name in ((curation, "curate"), (job, "train"), (evaluate, "evaluate")):
         setattr(module, name, _timer(getattr(module, name), spent, f"engine:{name}"))

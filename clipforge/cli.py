@@ -60,19 +60,17 @@ def _tracking(workdir: Path) -> tuple[str, str | None]:
 
 
 def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> RetrainResult:
-    import mlflow
-
     from clipforge.flows import retrain_flow
+    from clipforge.registry import use_tracking_uri
 
     uri, artifact_root = _tracking(workdir)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     return retrain_flow(recipe, run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
 
 
 def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
     from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
-    from clipforge.flows.tracking import experiment_of
-    from clipforge.registry import mlflow_ui_command, run_url
+    from clipforge.registry import experiment_of, mlflow_ui_command, run_url
 
     evaluated = result.get(EvaluateResult)
     if evaluated and evaluated.metrics:
@@ -140,13 +138,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import mlflow
-
     from clipforge.flows.evaluate import evaluate_uri
+    from clipforge.registry import use_tracking_uri
 
     workdir = Path(args.workdir).resolve()
     recipe = _recipe(args.recipe, args.set, workdir)
-    mlflow.set_tracking_uri(_tracking(workdir)[0])
+    use_tracking_uri(_tracking(workdir)[0])
     metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
     table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
     table.add_column("metric")
@@ -222,22 +219,18 @@ def cmd_data_arrived(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    import mlflow
+    from clipforge.registry import set_champion, use_tracking_uri
 
-    from clipforge.registry import set_champion
-
-    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    use_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
     previous = set_champion(args.model, args.version, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion -> version {args.version} (was {previous or 'none'})")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    import mlflow
+    from clipforge.registry import rollback, use_tracking_uri
 
-    from clipforge.registry import rollback
-
-    mlflow.set_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    use_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
     version = rollback(args.model, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion rolled back to version {version}")
     return 0

@@ -22,16 +22,19 @@ LAYERS = {
     "testing": {"core", "engine", "testing"},
     "cli": {"core", "flows", "registry"},
 }
-#: Libraries a layer must not import (the engine runs without MLflow and Prefect, under any launcher).
+#: Libraries a layer must not import (the engine runs without Prefect, under any launcher).
 FORBIDDEN = {
     "core": {"prefect"},
-    "engine": {"prefect", "mlflow"},
-    "plugins": {"prefect", "mlflow"},
+    "engine": {"prefect"},
+    "plugins": {"prefect"},
     "registry": {"prefect"},
-    "testing": {"prefect", "mlflow"},
+    "testing": {"prefect"},
 }
-#: The one place below the flows that may reach MLflow: the resolver fetches registered models.
+#: MLflow is the registry's alone; beside it only the resolver, which fetches registered models.
 MLFLOW_IN_CORE = {"core/resolver.py"}
+#: The one place below the flows that reads Prefect: a retrain's MLflow run is tagged with the id of
+#: the flow run that created it (``prefect.runtime``, read only).
+PREFECT_RUNTIME_IN_REGISTRY = {"registry/tracking.py"}
 
 
 def layer_of(path: Path) -> str:
@@ -54,6 +57,14 @@ def imports(source: str, module: str) -> list[tuple[int, str]]:
     return found
 
 
+def forbidden_library(name: str, layer: str, rel: str) -> bool:
+    """Whether module ``rel`` of ``layer`` may not import library module ``name``."""
+    library = name.split(".")[0]
+    if library == "mlflow":
+        return layer != "registry" and rel not in MLFLOW_IN_CORE
+    return library in FORBIDDEN.get(layer, set()) and not (name == "prefect.runtime" and rel in PREFECT_RUNTIME_IN_REGISTRY)
+
+
 def violations(source: str, rel: str) -> list[str]:
     """What module ``rel`` (a path under clipforge/) imports that its layer may not."""
     path = PACKAGE / rel
@@ -66,7 +77,7 @@ def violations(source: str, rel: str) -> list[str]:
             target = parts[1] if parts[1] in LAYERS or parts[1] == "cli" else "core"
             if target not in LAYERS[layer]:
                 problems.append(f"{rel}:{line}: {layer} imports {name}")
-        elif parts[0] in FORBIDDEN.get(layer, set()) and not (parts[0] == "mlflow" and rel in MLFLOW_IN_CORE):
+        elif forbidden_library(name, layer, rel):
             problems.append(f"{rel}:{line}: {layer} imports {name}")
     return problems
 
@@ -91,6 +102,12 @@ def test_every_module_keeps_to_its_layer():
         ("engine/x.py", "def f():\n    import mlflow", "engine imports mlflow"),
         ("plugins/losses/x.py", "from clipforge.registry import log_metrics", "plugins imports clipforge.registry"),
         ("registry/x.py", "import clipforge.flows.tracking", "registry imports clipforge.flows.tracking"),
+        ("flows/x.py", "import mlflow", "flows imports mlflow"),
+        ("flows/x.py", "def f():\n    from mlflow.entities import Metric", "flows imports mlflow.entities"),
+        ("cli.py", "def f():\n    import mlflow", "cli imports mlflow"),
+        ("core/storage.py", "from mlflow import MlflowClient", "core imports mlflow"),
+        ("registry/tracking.py", "from prefect import flow", "registry imports prefect"),
+        ("registry/promotion.py", "from prefect.runtime import flow_run", "registry imports prefect.runtime"),
         ("cli.py", "from clipforge.plugins import BUILTINS", "cli imports clipforge.plugins"),
     ],
 )
@@ -100,5 +117,7 @@ def test_the_check_catches_an_import_across_layers(rel, source, expected):
 
 def test_the_check_lets_allowed_imports_pass():
     assert violations("import clipforge\nfrom clipforge.core import components\nimport torch", "plugins/x.py") == []
-    assert violations("from clipforge.engine import curation\nimport mlflow, prefect", "flows/x.py") == []
+    assert violations("from clipforge.engine import curation\nimport prefect", "flows/x.py") == []
+    assert violations("from clipforge.registry import tracking", "flows/x.py") == []
     assert violations("def f():\n    import mlflow", "core/resolver.py") == []
+    assert violations("import mlflow\nfrom mlflow import MlflowClient", "registry/x.py") == []

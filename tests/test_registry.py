@@ -37,7 +37,6 @@ from clipforge.registry import (
     champion_metrics,
     default_tracking_uri,
     ensure_experiment,
-    log_metrics,
     log_pyfunc_model,
     metric_key,
     mlflow_ui_command,
@@ -47,6 +46,7 @@ from clipforge.registry import (
     rollback,
     set_champion,
 )
+from clipforge.registry.tracking import log_active_run_metrics as log_metrics
 
 TINY_CFG = {
     "embed_dim": 64,

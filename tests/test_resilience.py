@@ -116,7 +116,7 @@ def test_two_retrains_of_one_recipe_at_once_do_not_corrupt_each_other(tiny_recip
 
 
 def test_tracking_calls_retry_transient_errors_only(tracking, prefect_server, monkeypatch):
-    from clipforge.flows.tracking import finish_run
+    from clipforge.registry.tracking import finish_run
 
     client = MlflowClient()
     run = client.create_run(client.create_experiment("retries")).info.run_id
@@ -150,7 +150,7 @@ def test_tracking_calls_retry_a_locked_database_and_not_an_error_that_only_menti
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-    from clipforge.flows.tracking import tracked
+    from clipforge.registry.client import tracked
 
     monkeypatch.setattr("time.sleep", lambda s: None)
     holder = sqlite3.connect(tmp_path / "db.sqlite", timeout=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 from mlflow import MlflowClient
 
-from clipforge.flows import tracking as tracking_module
+from clipforge.registry import tracking as tracking_module
 
 
 def test_a_run_resumed_to_success_no_longer_reads_as_failed(tracking):

@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.components import ChoosesHyperparameters, EncoderBundle, ReportsDetails, Sample
 from clipforge.core.embeddings import shared_embeddings
-from clipforge.core.errors import ConfigError, StageError
-from clipforge.core.recipe import ComponentRef, EvaluatorRef, Recipe
+from clipforge.core.errors import StageError
+from clipforge.core.evaluations import runs
+from clipforge.core.recipe import Recipe
 from clipforge.core.resolver import resolve_model
 from clipforge.engine.training.runtime import resolve_device
 
@@ -50,20 +51,6 @@ def evaluate(
         return Evaluation({}, {}, data_hash(recipe, catalog))
     dev = str(resolve_device(device))
     return evaluate_bundle(recipe, catalog, resolve_model(model, recipe.storage.options).load(dev), dev, on_evaluator)
-
-
-def runs(recipe: Recipe) -> Iterator[tuple[int, EvaluatorRef, str | None, ComponentRef]]:
-    """``(index, evaluator, set name, dataset entry)`` of every evaluation to run, in the recipe's order."""
-    sets = recipe.data.eval_sets()
-    for i, ev in enumerate(recipe.evaluation):
-        if ev.dataset is not None:
-            yield i, ev, None, ev.dataset
-            continue
-        if not sets:
-            raise ConfigError(f"evaluation.{i} ({ev.type}): no dataset: give it a 'dataset:' entry or set data.eval")
-        for name, entry in sets.items():
-            if ev.sets is None or name in ev.sets:
-                yield i, ev, name, entry
 
 
 def evaluate_bundle(

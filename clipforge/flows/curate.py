@@ -14,10 +14,10 @@ from clipforge.core.recipe import ParallelConfig
 from clipforge.core.results import CurateResult, ReplayResult
 from clipforge.core.storage import Store
 from clipforge.engine import curation, replay
-from clipforge.flows import tracking
 from clipforge.flows.figures import funnel_figure
 from clipforge.flows.reporting import Progress, publish, say
 from clipforge.flows.stage import stage_flow
+from clipforge.registry import tracking
 
 # The engine's parallel phases as Prefect tasks: retried, and shown per part in the UI.
 _TASKS: dict[Callable[[Any], Any], Task[Any, Any]] = {

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
+from clipforge.core.evaluations import runs
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import EvaluateResult, TrainResult
-from clipforge.engine.evaluation import Evaluation, evaluate, runs
-from clipforge.flows import tracking
+from clipforge.engine.evaluation import Evaluation, evaluate
 from clipforge.flows.figures import evaluation_figures
 from clipforge.flows.reporting import Progress, publish, say
 from clipforge.flows.stage import stage_flow
+from clipforge.registry import tracking
 
 #: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
 EVAL_HASH_TAG = "clipforge.eval_hash"

@@ -12,11 +12,10 @@ from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
 from clipforge.engine.evaluation import evaluate
-from clipforge.flows import tracking
 from clipforge.flows.evaluate import EVAL_HASH_TAG
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.stage import stage_flow
-from clipforge.registry import build_report, model_summary, render_markdown, render_model_card
+from clipforge.registry import build_report, model_summary, render_markdown, render_model_card, tracking
 
 
 def promotion_metric(name: str) -> str:

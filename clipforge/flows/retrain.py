@@ -13,16 +13,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from prefect import flow, tags
 
 from clipforge.core.errors import ConfigError
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.stages import STAGES, RetrainResult
-from clipforge.flows import tracking
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.stage import flow_run_id_or_new, flow_run_name, run_tags, stage_flow_of, start_run, tag_flow_run
+from clipforge.registry import tracking
 
 
 @flow(name="retrain", log_prints=True, flow_run_name=flow_run_name)
@@ -38,7 +37,7 @@ def retrain_flow(
     validated :class:`~clipforge.Recipe`, or a mapping validated here. The Prefect flow run is named
     ``<recipe>-<run id>`` and tagged with the recipe, the model and the stage; so are its stages' flow runs."""
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        tracking.use_tracking_uri(tracking_uri)
     ctx = start_run(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), run_id or flow_run_id_or_new())
     tag_flow_run(run_tags(ctx.recipe, "retrain"))
     run = tracking.mlflow_run(ctx, artifact_root)
@@ -69,7 +68,7 @@ def link_mlflow_run(run: str, run_id: str, failed: bool = False) -> None:
     or, for a local store, how to serve it and where the run will then be."""
     from clipforge.registry import mlflow_ui_command, run_url
 
-    uri = mlflow.get_tracking_uri()
+    uri = tracking.tracking_uri()
     url = run_url(uri, tracking.experiment_of(run), run)
     what = f"MLflow run of retrain {run_id}" + (" (failed: its error is in the run's tags and error.txt)" if failed else "")
     if uri.startswith(("http://", "https://")):

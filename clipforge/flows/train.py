@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from clipforge.core.context import RunContext
@@ -12,10 +11,10 @@ from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training.job import TrainJob
-from clipforge.flows import tracking
 from clipforge.flows.figures import loss_figure
 from clipforge.flows.reporting import FileWatcher, Progress, say
 from clipforge.flows.stage import stage_flow
+from clipforge.registry import tracking
 
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
@@ -63,7 +62,7 @@ def train_flow(ctx: RunContext, curated: CurateResult) -> TrainResult:
             launcher = ctx.plugins.catalog.create("launchers", ctx.recipe.train.launcher.entry())
             job = TrainJob(
                 recipe=ctx.recipe, run_id=ctx.run_id, state=ctx.state, mlflow_run_id=run, out=out,
-                shards=curated.training_shards(), step_log=MlflowStepLog(tracking.tracking_uri(), run),
+                shards=curated.training_shards(), step_log=tracking.StepLog(tracking.tracking_uri(), run),
             )  # fmt: skip
             with _followed(ctx, out):
                 launcher.launch(job, ctx.recipe.train.device)
@@ -83,20 +82,6 @@ def train_flow(ctx: RunContext, curated: CurateResult) -> TrainResult:
         tracking.log_figure(run, loss_figure(history), "figures/loss_curve.png")
     tracking.set_tags(run, {"clipforge.checkpoint_uri": ctx.store.uri(result.checkpoint)})
     return result
-
-
-@dataclass(frozen=True)
-class MlflowStepLog:
-    """Rank 0's step metrics to the retrain's MLflow run: picklable, the client is made where it trains."""
-
-    tracking_uri: str
-    run_id: str
-
-    def __call__(self, every: int) -> tracking.StepLogger:
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return tracking.StepLogger(self.run_id, every)
 
 
 def _followed(ctx: RunContext, out: str) -> FileWatcher:

@@ -1,6 +1,8 @@
 """MLflow for clipforge: tracking runs, the pyfunc model, registered versions, aliases and promotion.
 
-- :mod:`~clipforge.registry.tracking`: tracking URI, experiments, metric names, the ``mlflow ui`` command.
+- :mod:`~clipforge.registry.tracking`: everything the flows and the command line say to MLflow:
+  tracking URI, experiments, a retrain's run and what it logs, versions, the ``mlflow ui`` command.
+- :mod:`~clipforge.registry.client`: the one MLflow client, every call retried alike; metric names.
 - :mod:`~clipforge.registry.pyfunc`: log an open_clip ``local-dir:`` folder as a pyfunc mapping
   images or texts to normalized embeddings (:class:`ClipEmbeddingModel`).
 - :mod:`~clipforge.registry.promotion`: register versions (alias ``challenger``) and move alias
@@ -11,6 +13,7 @@
 Importing this package imports mlflow; only the flows and the command line do.
 """
 
+from clipforge.registry.client import MAX_METRICS_PER_BATCH, metric_key
 from clipforge.registry.model_card import render_model_card
 from clipforge.registry.model_card import summary as model_summary
 from clipforge.registry.promotion import (
@@ -26,13 +29,12 @@ from clipforge.registry.promotion import (
 from clipforge.registry.pyfunc import ClipEmbeddingModel, log_pyfunc_model
 from clipforge.registry.report import build_report, render_markdown
 from clipforge.registry.tracking import (
-    MAX_METRICS_PER_BATCH,
     default_tracking_uri,
     ensure_experiment,
-    log_metrics,
-    metric_key,
+    experiment_of,
     mlflow_ui_command,
     run_url,
+    use_tracking_uri,
 )
 
 __all__ = [
@@ -44,7 +46,7 @@ __all__ = [
     "champion_version",
     "default_tracking_uri",
     "ensure_experiment",
-    "log_metrics",
+    "experiment_of",
     "log_pyfunc_model",
     "metric_key",
     "mlflow_ui_command",
@@ -57,4 +59,5 @@ __all__ = [
     "rollback",
     "run_url",
     "set_champion",
+    "use_tracking_uri",
 ]

@@ -1,7 +1,7 @@
 """Model versions and the aliases that point at them: ``challenger`` (newest) and ``champion`` (best).
 
 Each version carries its evaluation metrics as tags ``metric.<name>`` (names through
-:func:`~clipforge.registry.tracking.metric_key`), so promotion compares versions without
+:func:`~clipforge.registry.client.metric_key`), so promotion compares versions without
 reading runs. Every move of ``champion`` records on the new champion ``promoted_by``,
 ``promotion_reason``, ``promoted_at`` and ``previous_champion`` (the version it displaced),
 which is what :func:`rollback` walks back.
@@ -46,8 +46,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from clipforge.core.errors import ConfigError, StageError
+from clipforge.registry.client import metric_key, mlflow_client, tracked
 from clipforge.registry.report import direction
-from clipforge.registry.tracking import metric_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class PromotionError(ConfigError):
     """A promotion or rollback that cannot be decided: a missing metric, version or predecessor."""
 
 
+@tracked
 def register_version(
     model_uri: str,
     name: str,
@@ -88,7 +89,7 @@ def register_version(
     ``challenger`` moves only forward, so with concurrent registrations it ends on the newest.
     Registering the same logged model of the same run again returns the version it already has.
     """
-    client = MlflowClient()
+    client = mlflow_client()
     _ensure_registered_model(client, name)
     version_tags = {k: str(v) for k, v in tags.items()}
     version_tags.update({METRIC_TAG_PREFIX + metric_key(k): repr(float(v)) for k, v in metrics.items()})
@@ -126,6 +127,7 @@ MetricsOf = Callable[[str], dict[str, float]]
 Decision = Callable[[str | None], tuple[bool, str]]
 
 
+@tracked
 def promote_if_better(
     name: str,
     version: str,
@@ -151,7 +153,7 @@ def promote_if_better(
     """
     if mode not in ("max", "min"):
         raise PromotionError(f"promotion mode must be 'max' or 'min', not {mode!r}")
-    client = MlflowClient()
+    client = mlflow_client()
     version = str(version)
     metrics = metrics_of or (lambda v: tagged_metrics(name, v))
     candidate = metrics(version)
@@ -164,11 +166,12 @@ def promote_if_better(
     return _promote(client, name, version, decide)
 
 
+@tracked
 def promote_first_version(name: str, version: str) -> tuple[bool, str | None]:
     """Without a promotion rule: ``version`` takes champion only when there is none, or when the one
     there took it the same way and registered later (two first retrains at once: the first
     registered wins). Returns (promoted, previous champion)."""
-    client = MlflowClient()
+    client = mlflow_client()
     version = str(version)
 
     def decide(champion: str | None) -> tuple[bool, str]:
@@ -238,13 +241,14 @@ def _claimed_and_moved(
         raise
 
 
+@tracked
 def set_champion(name: str, version: str, *, reason: str, user: str | None = None) -> str | None:
     """Make ``version`` champion by hand, recording who and why; return the previous champion.
 
     When ``version`` already is champion nothing changes and it is returned.
     """
     version = str(version)
-    client = MlflowClient()
+    client = mlflow_client()
     _get_version(client, name, version)
     with _registry_lock(name):
         champion, generation = _champion_state(client, name)
@@ -258,9 +262,11 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
     """Move ``champion`` back to the version it displaced (its ``previous_champion`` tag); return it.
 
     Rolling back again walks further back. The rolled-back-to version keeps its own
-    ``previous_champion``, so a rollback is not itself undone by the next one.
+    ``previous_champion``, so a rollback is not itself undone by the next one. Each of its calls
+    is retried alone, never the whole: a rollback that went through, run again, would walk back
+    once more.
     """
-    client = MlflowClient()
+    client = mlflow_client()
     with _registry_lock(name):
         try:
             champion = _aliases(client, name).get(CHAMPION)
@@ -281,19 +287,21 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
         return target
 
 
+@tracked
 def champion_version(name: str) -> str | None:
     """The version holding ``champion``; None when there is none, or no such registered model yet."""
     try:
-        return _aliases(MlflowClient(), name).get(CHAMPION)
+        return _aliases(mlflow_client(), name).get(CHAMPION)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
 
 
+@tracked
 def champion_metrics(name: str) -> dict[str, float] | None:
     """The champion's tagged metrics (keys through ``metric_key``), or None without a champion."""
-    champion = _aliases(MlflowClient(), name).get(CHAMPION)
+    champion = _aliases(mlflow_client(), name).get(CHAMPION)
     return None if champion is None else tagged_metrics(name, champion)
 
 
@@ -380,7 +388,7 @@ def metric_of(metrics: dict[str, float], metric: str, who: str) -> float:
 
 def tagged_metrics(name: str, version: str) -> dict[str, float]:
     """The metrics a version carries as ``metric.*`` tags (keys as tagged, through ``metric_key``)."""
-    tags = _get_version(MlflowClient(), name, str(version)).tags
+    tags = _get_version(mlflow_client(), name, str(version)).tags
     return {k[len(METRIC_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_TAG_PREFIX)}
 
 

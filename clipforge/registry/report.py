@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from clipforge.registry.tracking import metric_key
+from clipforge.registry.client import metric_key
 
 #: Metric names (the last path part) where lower is better.
 LOWER_IS_BETTER = frozenset({"alignment", "uniformity_image", "uniformity_text"})
