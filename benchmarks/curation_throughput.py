@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine import curation
 from clipforge.engine.curation.parts import PartJob
 from clipforge.engine.shards import decode

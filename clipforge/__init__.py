@@ -38,7 +38,8 @@ from clipforge.core.errors import (
 )
 from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
-from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.recipe import Recipe
+from clipforge.core.validation import load_recipe
 from clipforge.core.resolver import ResolvedModel, resolve_model
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, RetrainResult, TrainResult
 from clipforge.core.storage import Store

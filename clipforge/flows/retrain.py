@@ -113,7 +113,8 @@ def location_override(recipe_path: str, overrides: list[str], location: str) -> 
     location field (:data:`LOCATION_FIELDS`), the value quoted by YAML's emitter so that the override
     reads back as this very string, whatever it holds."""
     from clipforge.core.plugins import get_plugin_manager
-    from clipforge.core.recipe import apply_overrides, read_yaml
+    from clipforge.core.overrides import apply_overrides
+    from clipforge.core.recipe_yaml import read_yaml
 
     train = (apply_overrides(read_yaml(recipe_path), overrides).get("data") or {}).get("train")
     if not isinstance(train, dict) or not isinstance(train.get("type"), str):
@@ -147,7 +148,7 @@ def retrain_recipe(
     stages that had finished are skipped and training resumes from its latest checkpoint.
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory.
     """
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
     from clipforge.registry import default_tracking_uri
 
     overrides = list(overrides or [])

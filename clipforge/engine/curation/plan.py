@@ -13,7 +13,8 @@ from clipforge.core.catalog import Catalog
 from clipforge.core.components import CurationStep, PartitionedDataset, WholeDatasetStep
 from clipforge.core.errors import ConfigError
 from clipforge.core.plugins import get_plugin_manager
-from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.recipe import Recipe
+from clipforge.core.validation import load_recipe
 from clipforge.core.storage import Store
 
 if TYPE_CHECKING:
