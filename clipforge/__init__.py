@@ -13,6 +13,7 @@ from clipforge.core.components import (
     CurationStep,
     Dataset,
     DecidesAgainstPool,
+    DeclaresInputSize,
     DeclaresPixels,
     EncoderBundle,
     Evaluator,
@@ -39,10 +40,10 @@ from clipforge.core.errors import (
 from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
 from clipforge.core.recipe import Recipe
-from clipforge.core.validation import load_recipe
 from clipforge.core.resolver import ResolvedModel, resolve_model
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, RetrainResult, TrainResult
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 
 try:
     __version__ = version("clipforge")
@@ -61,6 +62,7 @@ __all__ = [
     "CurationStep",
     "Dataset",
     "DecidesAgainstPool",
+    "DeclaresInputSize",
     "DeclaresPixels",
     "DuplicateComponentError",
     "EncoderBundle",
