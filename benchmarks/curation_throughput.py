@@ -82,7 +82,7 @@ def basic_filters(urls: str, root: str, steps: list[dict]) -> float:
     catalog, store = clipforge.get_plugin_manager().catalog, Store(root)
     start, n = time.perf_counter(), 0
     for i, entry in enumerate(curation.parts_of(recipe, catalog)):
-        n += curation.curate_part(PartJob(recipe=recipe.as_dict(), store=store.url, out="out", index=i, entry=entry)).input
+        n += curation.curate_part(PartJob(recipe=recipe, store=store.url, out="out", index=i, entry=entry)).input
     return n / (time.perf_counter() - start)
 
 
