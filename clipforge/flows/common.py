@@ -11,9 +11,9 @@ from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
-from clipforge.core.validation import load_recipe
 from clipforge.core.results import RESULT_TYPES, StageResults
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 
 STAGES = tuple(RESULT_TYPES)
 R = TypeVar("R")

@@ -112,8 +112,8 @@ def location_override(recipe_path: str, overrides: list[str], location: str) -> 
     """The ``--set`` override that points the recipe's training data at ``location``: its dataset's
     location field (:data:`LOCATION_FIELDS`), the value quoted by YAML's emitter so that the override
     reads back as this very string, whatever it holds."""
-    from clipforge.core.plugins import get_plugin_manager
     from clipforge.core.overrides import apply_overrides
+    from clipforge.core.plugins import get_plugin_manager
     from clipforge.core.recipe_yaml import read_yaml
 
     train = (apply_overrides(read_yaml(recipe_path), overrides).get("data") or {}).get("train")
