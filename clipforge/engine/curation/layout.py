@@ -32,14 +32,14 @@ FEATURES_INDEX = "features.json"
 REDUCED = "reduce.json"
 #: The whole-dataset steps' scores of every survivor, by position: its key, then one float column per ``<step>/<score>``.
 SCORES = "reduce-scores.parquet"
-#: A part's files: its manifest rows, its survivors as a tar shard, its result, its curated shards.
+#: A part's files: its manifest rows, its survivors as a tar shard, its result, the list of its curated shards.
 PART_MANIFEST = "manifest.parquet"
 STAGED = "staged.tar"
 PART_DONE = "done.json"
 PART_FINAL = "final.json"
-#: The manifest's columns besides the scores: each ``<step>/<score>`` name is a float column of its own.
+#: A part's manifest columns besides the scores: each ``<step>/<score>`` name is a float column of its own.
 MANIFEST_COLUMNS = ("key", "kept", "step", "reason", "detail")
-#: The curation's manifest's fixed columns and their Arrow types; each ``<step>/<score>`` name follows
+#: The curation's manifest: a part's columns and each kept pair's shard, with their Arrow types; each ``<step>/<score>`` name follows
 #: as a float64 column, null where absent.
 MANIFEST_SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
                    ("shard", "string")]  # fmt: skip
