@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine import curation
 from clipforge.engine.curation.parts import PartJob
 from clipforge.engine.shards import decode
@@ -82,7 +82,7 @@ def basic_filters(urls: str, root: str, steps: list[dict]) -> float:
     catalog, store = clipforge.get_plugin_manager().catalog, Store(root)
     start, n = time.perf_counter(), 0
     for i, entry in enumerate(curation.parts_of(recipe, catalog)):
-        n += curation.curate_part(PartJob(recipe=recipe.as_dict(), store=store.url, out="out", index=i, entry=entry)).input
+        n += curation.curate_part(PartJob(recipe=recipe, store=store.url, out="out", index=i, entry=entry)).input
     return n / (time.perf_counter() - start)
 
 

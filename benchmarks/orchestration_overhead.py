@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe_data(root: Path, size: int, epochs: int) -> dict:
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
 
     overrides = [f"storage.root={root}", f"data.train.size={size}", f"train.epochs={epochs}", "train.checkpoint_every=100"]
     return load_recipe(REPO / "deployments/recipes/shapes-weekly.yaml", overrides).as_dict()
@@ -37,8 +37,8 @@ def recipe_data(root: Path, size: int, epochs: int) -> dict:
 def plain(data: dict) -> float:
     """The stages as plain functions: no Prefect, no MLflow."""
     from clipforge.core.plugins import get_plugin_manager
-    from clipforge.core.recipe import load_recipe
     from clipforge.core.storage import Store
+    from clipforge.core.validation import load_recipe
     from clipforge.engine.curation import curate, curation_key
     from clipforge.engine.evaluation import evaluate
     from clipforge.engine.training import train

@@ -98,9 +98,9 @@ class _Training:
 
     def __call__(self) -> None:
         import clipforge
-        from clipforge.core.recipe import load_recipe
         from clipforge.core.results import Shard
         from clipforge.core.storage import Store
+        from clipforge.core.validation import load_recipe
         from clipforge.engine.training import train
 
         recipe, shards = load_recipe(self.recipe), [Shard.model_validate(s) for s in self.shards]
@@ -125,8 +125,8 @@ def png_shards(store, catalog, table: Path, per_shard: int = 1000) -> list[dict]
 
 def run_clipforge(args, table: Path, root: Path) -> tuple[float, float]:
     import clipforge
-    from clipforge.core.recipe import load_recipe
     from clipforge.core.storage import Store
+    from clipforge.core.validation import load_recipe
     from clipforge.engine.curation import curate
 
     model = {"type": "open-clip", "config": TINY} if args.model == "tiny" else {"type": "open-clip", "arch": args.model}

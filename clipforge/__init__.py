@@ -13,6 +13,7 @@ from clipforge.core.components import (
     CurationStep,
     Dataset,
     DecidesAgainstPool,
+    DeclaresInputSize,
     DeclaresPixels,
     EncoderBundle,
     Evaluator,
@@ -38,11 +39,12 @@ from clipforge.core.errors import (
 )
 from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
-from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.recipe import Recipe
 from clipforge.core.resolver import ResolvedModel, resolve_model
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
 from clipforge.core.stages import STAGES, RetrainResult, Stage, StageResults
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 
 try:
     __version__ = version("clipforge")
@@ -62,6 +64,7 @@ __all__ = [
     "CurationStep",
     "Dataset",
     "DecidesAgainstPool",
+    "DeclaresInputSize",
     "DeclaresPixels",
     "DuplicateComponentError",
     "EncoderBundle",

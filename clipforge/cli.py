@@ -33,7 +33,7 @@ def _recipe(path: str | Path | dict, overrides: list[str], workdir: Path | None 
     """The recipe at ``path``; with a ``workdir``, a relative local ``storage.root`` is taken under it."""
     from urllib.parse import urlparse
 
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
 
     recipe = load_recipe(path, overrides)  # validated here, once: the flows take it as it is
     root = recipe.storage.root
@@ -103,7 +103,7 @@ def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
 
 
 def cmd_demo(args) -> int:
-    from clipforge.core.recipe import builtin_recipe
+    from clipforge.core.recipe_yaml import builtin_recipe
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

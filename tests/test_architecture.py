@@ -121,3 +121,74 @@ def test_the_check_lets_allowed_imports_pass():
     assert violations("from clipforge.registry import tracking", "flows/x.py") == []
     assert violations("def f():\n    import mlflow", "core/resolver.py") == []
     assert violations("import mlflow\nfrom mlflow import MlflowClient", "registry/x.py") == []
+
+
+def module_name(rel: str) -> str:
+    """``clipforge.core.recipe`` for ``core/recipe.py``; a package is named by its folder."""
+    return ".".join(["clipforge", *rel.removesuffix(".py").split("/")]).removesuffix(".__init__")
+
+
+def module_imports(source: str, module: str, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``source`` (module ``module``) imports, wherever the import is;
+    ``from package import name`` imports the submodule ``package.name`` when there is one."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = module.split(".")[: -node.level]
+                base = ".".join([*parent, base] if base else parent)
+            for a in node.names:
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
+    return (found & known) - {module}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` (each module to those it imports) as ``[a, b, ..., a]``, or None."""
+    done: set[str] = set()
+    for root in sorted(graph):
+        if root in done:
+            continue
+        path, on_path = [root], {root}
+        stack = [iter(sorted(graph[root]))]
+        while stack:
+            target = next(stack[-1], None)
+            if target is None:
+                stack.pop()
+                done.add(path[-1])
+                on_path.discard(path.pop())
+            elif target in on_path:
+                return [*path[path.index(target) :], target]
+            elif target not in done:
+                path.append(target)
+                on_path.add(target)
+                stack.append(iter(sorted(graph.get(target, ()))))
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    sources = {module_name(p.relative_to(PACKAGE).as_posix()): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+    return {m: module_imports(src, m, set(sources)) for m, src in sources.items()}
+
+
+def test_no_module_imports_itself_through_others():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_finds_a_circle_and_names_it():
+    known = {"clipforge.a", "clipforge.b", "clipforge.b.c", "clipforge.d"}
+    graph = {
+        "clipforge.a": module_imports("from clipforge.b import c", "clipforge.a", known),
+        "clipforge.b": set(),
+        "clipforge.b.c": module_imports(
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..d import x", "clipforge.b.c", known
+        ),
+        "clipforge.d": module_imports("def f():\n    import clipforge.a", "clipforge.d", known),
+    }
+    assert graph["clipforge.a"] == {"clipforge.b.c"}
+    assert find_cycle(graph) == ["clipforge.a", "clipforge.b.c", "clipforge.d", "clipforge.a"]
+    graph["clipforge.d"] = {"clipforge.b"}
+    assert find_cycle(graph) is None

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import clipforge
 from clipforge.core.components import Pool
-from clipforge.core.recipe import load_recipe
+from clipforge.core.validation import load_recipe
 from clipforge.plugins.curation.balance import JOINERS, NO_SPACE_SCRIPTS, Balance, Matcher, normalise
 
 

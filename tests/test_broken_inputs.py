@@ -14,8 +14,8 @@ import pytest
 from PIL import Image, ImageOps
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 from tests.broken_inputs import KEPT, Entry, ShardCase, build, cli_cases, jpeg, shard_cases, table_cases
 

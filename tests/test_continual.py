@@ -76,7 +76,7 @@ def test_the_champion_is_measured_again_when_the_evaluation_data_changes(tiny_re
     assert changed.evaluate.data_hash != first.evaluate.data_hash
     assert evaluations == ["models:/tiny-clip/1"]
     champion_now = client.get_run(changed.mlflow_run_id).data.metrics
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
     from clipforge.flows.evaluate import evaluate_uri
 
     direct = evaluate_uri(load_recipe(with_sets(tiny_recipe, old_seed=3)), "models:/tiny-clip/1", device="cpu").metrics

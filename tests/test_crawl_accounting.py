@@ -8,8 +8,8 @@ import itertools
 import pyarrow.parquet as pq
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 from clipforge.engine.shards import iter_shard
 from tests.crawls import planted_crawl, write_shards

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 
 KINDS = [

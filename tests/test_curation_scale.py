@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine import curation
 from clipforge.engine.shards import iter_shard
 

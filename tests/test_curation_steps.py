@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from clipforge.cli import main
 from clipforge.core.errors import ConfigError
-from clipforge.core.recipe import apply_overrides, load_recipe
+from clipforge.core.overrides import apply_overrides
+from clipforge.core.validation import load_recipe
 from clipforge.flows.events import DATA_ARRIVED, data_resource, emit_data_arrived
 from clipforge.flows.retrain import location_override
 from tests.conftest import TINY_RECIPE, write_yaml

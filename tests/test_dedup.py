@@ -13,8 +13,8 @@ from scipy.sparse.csgraph import connected_components
 
 import clipforge
 from clipforge.core.components import Pool
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 from clipforge.plugins.curation.duplicates import POOL_DUPLICATE, ExactDuplicates, NearDuplicates, near_groups, near_pairs
 from tests.crawls import planted_crawl, write_shards

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clipforge.core.recipe import load_recipe
+from clipforge.core.validation import load_recipe
 from tests.conftest import TINY_RECIPE, write_yaml
 from tests.crawls import write_shards
 from tests.services import free_port, process

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import clipforge
 from clipforge.core.errors import StageError
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
 from clipforge.engine.evaluation import evaluate
 from clipforge.engine.shards import iter_shard

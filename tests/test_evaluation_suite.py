@@ -16,7 +16,7 @@ import clipforge
 from clipforge import Sample
 from clipforge.core import embeddings
 from clipforge.core.plugins import PluginManager
-from clipforge.core.recipe import load_recipe
+from clipforge.core.validation import load_recipe
 from clipforge.engine.evaluation import evaluate_bundle
 from clipforge.plugins.evaluators.compositionality import Compositionality
 from clipforge.plugins.evaluators.digits import DigitsZeroShot

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
 
 TRAINER = textwrap.dedent(
     """
     import json, sys
     import clipforge
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
     from clipforge.core.results import Shard
     from clipforge.core.storage import Store
     from clipforge.engine.training import train
@@ -89,7 +89,7 @@ DDP_TRAINER = textwrap.dedent(
     """
     import json, os, sys
     import clipforge
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
     from clipforge.core.results import Shard
     from clipforge.core.storage import Store
     from clipforge.engine.training import train

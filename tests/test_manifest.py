@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 from tests.crawls import planted_crawl, write_shards
 

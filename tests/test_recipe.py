@@ -9,7 +9,10 @@ import pytest
 import yaml
 
 from clipforge.core.errors import ConfigError, RecipeError
-from clipforge.core.recipe import Recipe, apply_overrides, builtin_recipe, load_recipe, read_yaml
+from clipforge.core.overrides import apply_overrides
+from clipforge.core.recipe import Recipe
+from clipforge.core.recipe_yaml import builtin_recipe, read_yaml
+from clipforge.core.validation import load_recipe
 from tests.conftest import write_yaml
 
 
@@ -173,3 +176,19 @@ def test_the_continual_recipe_s_steps_each_learn_one_domain_and_guard_the_earlie
         assert recipe.registry.promote.metric == f"{domain}/zero-shot-classification/acc1"
         assert [g.metric.split("/")[0] for g in recipe.registry.promote.guards] == ["A", "B", "C"][:i]
         assert (recipe.train.init_from is not None) == (i > 0) and recipe.data.replay is not None
+
+
+def test_component_defaults_come_from_the_models():
+    from clipforge.core.recipe import COMPONENT_FIELDS, component_entries, default_entry
+
+    assert default_entry("loss") == {"type": "clip"}
+    assert default_entry("train.launcher") == {"type": "local"}
+    assert default_entry("model") is None and default_entry("data.eval") is None and default_entry("train.epochs") is None
+    assert {"model", "loss", "train.launcher", "curation.*"} <= set(COMPONENT_FIELDS)
+    # the default loss is checked with the rest, after what the recipe lists
+    entries = component_entries({"model": {"type": "m"}, "curation": [{"type": "c"}]})
+    assert [(kind, path) for kind, path, _ in entries] == [
+        ("encoders", "model"),
+        ("curation_steps", "curation.0"),
+        ("losses", "loss"),
+    ]

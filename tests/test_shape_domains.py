@@ -320,8 +320,8 @@ def test_a_digit_subset_larger_than_its_split_is_refused_at_size():
 
 def test_digits_train_a_model_and_evaluate_it_as_a_domain_of_their_own(tmp_path):
     """Curated as training data (captions and all), trained on, and evaluated on their held-out split."""
-    from clipforge.core.recipe import load_recipe
     from clipforge.core.storage import Store
+    from clipforge.core.validation import load_recipe
     from clipforge.engine.curation import curate, curation_key
     from clipforge.engine.evaluation import evaluate
     from clipforge.engine.shards import iter_shard

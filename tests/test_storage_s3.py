@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from clipforge.core.errors import ConfigError, RecipeError
-from clipforge.core.recipe import load_recipe
 from clipforge.core.secrets import clear_text_credentials, resolve_env_refs
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from tests.services import ACCESS_KEY, SECRET_KEY, FaultProxy, create_bucket, incomplete_uploads, list_objects, moto_s3
 
 OPTIONS = {"key": "${CF_TEST_KEY}", "secret": "${CF_TEST_SECRET}", "endpoint_url": "${CF_TEST_ENDPOINT}"}

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import clipforge
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
 from clipforge.engine.training import train
 
@@ -29,7 +29,7 @@ TRAINER = textwrap.dedent(
     import json, sys
     import torch
     import clipforge
-    from clipforge.core.recipe import load_recipe
+    from clipforge.core.validation import load_recipe
     from clipforge.core.results import Shard
     from clipforge.core.storage import Store
     from clipforge.engine.training import train

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import clipforge
 from clipforge.core.errors import ConfigError, RecipeError
-from clipforge.core.recipe import load_recipe
 from clipforge.core.storage import Store
+from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
 from clipforge.engine.training import train
 from clipforge.engine.training.step import forward_backward

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from clipforge.core.components import ScopedParams, WholeDatasetStep
+from clipforge.core.components import DeclaresInputSize, ScopedParams, WholeDatasetStep
 from clipforge.core.errors import DuplicateComponentError, RecipeError, UnknownComponentError
 from clipforge.core.kinds import KINDS, noun
 
@@ -93,6 +93,17 @@ class Component:
             if isinstance(params, ScopedParams):
                 return params.whole_dataset()
         return None
+
+    def input_size(self, fields: dict[str, Any]) -> int | None:
+        """The side in pixels of the images this encoder entry's model reads, known without building
+        it (its params model's :class:`~clipforge.core.components.DeclaresInputSize`); None when it does not say."""
+        if self.params is None:
+            return None
+        try:
+            params = self.params.model_validate(fields)
+        except pydantic.ValidationError:
+            return None  # reported by check()
+        return params.input_size() if isinstance(params, DeclaresInputSize) else None
 
 
 class Catalog:

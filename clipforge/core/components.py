@@ -288,3 +288,11 @@ def check_template(template: str) -> str:
     if fields != {"c"}:
         raise ValueError(f"template {template!r} must contain '{{c}}' (the class name) and no other placeholder")
     return template
+
+
+@runtime_checkable
+class DeclaresInputSize(Protocol):
+    """The params model of an encoder that tells, from the recipe entry alone, the side in pixels of
+    the images its model reads: curation resizes what it keeps down to it without building the model."""
+
+    def input_size(self) -> int | None: ...

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from clipforge.core.errors import ConfigError
 from clipforge.core.stages import StageResults
 
 if TYPE_CHECKING:
-    from clipforge.core.plugins import PluginManager
+    import pluggy
+
+    from clipforge.core.catalog import Catalog
     from clipforge.core.recipe import Recipe
     from clipforge.core.storage import Store
+
+
+class RunPlugins(Protocol):
+    """What a run uses of the plugin manager: the hooks it calls and the catalog of components.
+
+    A protocol, not the manager's class: the manager loads the hookspecs, which name this context.
+    """
+
+    @property
+    def hook(self) -> pluggy.HookRelay: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
 
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -40,7 +55,7 @@ class RunContext:
     recipe: Recipe
     store: Store
     run_id: str
-    plugins: PluginManager
+    plugins: RunPlugins
     mlflow_run_id: str | None = None
     state: StageResults = field(default_factory=StageResults)
 

@@ -1,20 +1,22 @@
-"""Recipes: one YAML file describes a whole retrain; pydantic validates it, field paths and all."""
+"""Recipes: one YAML file describes a whole retrain; these pydantic models are its fields, and
+:func:`component_entries` finds the components it references.
+
+Reading the file is :mod:`clipforge.core.recipe_yaml`'s, ``--set`` overrides :mod:`clipforge.core.overrides`'s,
+validating a recipe with its components (:func:`~clipforge.core.validation.load_recipe`)
+:mod:`clipforge.core.validation`'s.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from clipforge.core.catalog import Catalog
-from clipforge.core.errors import ConfigError, RecipeError, UnknownComponentError
 from clipforge.core.kinds import KINDS
 
 
@@ -270,7 +272,8 @@ class Recipe(_Strict):
 def component_entries(data: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """The component entries of a recipe's raw data as ``(kind, field path, entry)``, in the order the
     recipe lists them, the host's own fields left out; what is malformed is skipped (validation reports it)."""
-    data = {**data, "loss": data.get("loss", {"type": "clip"})}  # the default loss is checked too
+    # a component the recipe leaves at its default (the loss) is checked too
+    data = {**data, **{name: entry for name in _TOP_LEVEL_COMPONENTS if name not in data and (entry := default_entry(name))}}
     found: list[tuple[tuple[int, ...], str, str, dict[str, Any]]] = []
     for kind in KINDS.values():
         for pattern in kind.recipe_fields:
@@ -297,250 +300,24 @@ def _walk(node: Any, parts: list[str], position: tuple[int, ...], path: str) -> 
             yield from _walk(item, rest, (*position, i), f"{path}.{i}")
 
 
-def builtin_recipe(name: str) -> Path:
-    """Path of a recipe shipped inside the package (``shapes`` is the embedded default)."""
-    path = Path(str(resources.files("clipforge") / "recipes" / f"{name}.yaml"))
-    if not path.is_file():
-        raise ConfigError(f"no built-in recipe {name!r}")
-    return path
+def default_entry(path: str) -> dict[str, Any] | None:
+    """The entry a component field (``loss``, ``train.launcher``) has when the recipe leaves it out;
+    None where the field has no component default."""
+    model: type[BaseModel] = Recipe
+    parts = path.split(".")
+    for depth, name in enumerate(parts):
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        if depth == len(parts) - 1:
+            default = field.get_default(call_default_factory=True)
+            return default.entry() if isinstance(default, ComponentRef) else None
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return None
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(f"line {line}: key {key!r} is given twice (first on line {first})")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader (no tag builds an object), refusing a key given twice in one mapping:
-    PyYAML would keep the last silently."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *defaults`: keys given after it override the merged ones on purpose
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise _DuplicateKey(key, line, seen[key])
-                seen[key] = line
-            except TypeError:
-                continue  # an unhashable key: the base class refuses it with its own message
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML text as plain data (:class:`_Loader`); raises ``yaml.YAMLError``."""
-    return yaml.load(text, Loader=_Loader)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder, not a recipe file")
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        kind = "not text" if b"\0" in raw else "not UTF-8"
-        raise ConfigError(f"{path}: {kind} (byte {e.start}: {raw[e.start : e.start + 1]!r}); a recipe is UTF-8 YAML") from None
-    try:
-        data = parse_yaml(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError([("", f"the recipe must be a mapping, got {type(data).__name__}")], source=str(path))
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a recipe's raw data."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
-        parts = key.split(".")
-        node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, ".".join(parts[: depth + 1]), item)
-        leaf = parts[-1]
-        if isinstance(node, list):
-            _child(node, leaf, key, item)
-            node[int(leaf)] = _override_value(raw, item)
-        elif isinstance(node, dict):
-            if leaf not in node and not _is_known_field(data, parts):
-                raise ConfigError(f"--set {item!r}: {key!r} is not a field of the recipe")
-            node[leaf] = _override_value(raw, item)
-        else:
-            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])!r} is not a section")
-    return data
-
-
-def _override_value(raw: str, item: str) -> Any:
-    try:
-        return parse_yaml(raw)
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
-
-
-def _child(node: Any, part: str, path: str, item: str) -> Any:
-    if isinstance(node, dict) and part in node:
-        return node[part]
-    if isinstance(node, dict) and part in _SECTIONS and path == part:
-        return node.setdefault(part, {})
-    if isinstance(node, dict) and (default := _component_default(path)) is not None:
-        return node.setdefault(part, default)
-    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-        return node[int(part)]
-    raise ConfigError(f"--set {item!r}: {path!r} is not in the recipe")
-
-
-# Sections whose fields --set may add although the file leaves them at their defaults.
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "storage": StorageConfig,
-    "train": TrainConfig,
-    "registry": RegistryConfig,
-    "parallel": ParallelConfig,
-    "curation_pool": CurationPool,
-}
-
-
-def _component_default(path: str) -> dict[str, Any] | None:
-    """The default entry of a component field of a section (``train.launcher``), for --set to fill in."""
-    section, _, name = path.partition(".")
-    field = _SECTIONS[section].model_fields.get(name) if section in _SECTIONS else None
-    if field is None or field.annotation is not ComponentRef:
-        return None
-    return field.get_default(call_default_factory=True).entry()
-
-
-def _is_known_field(data: dict[str, Any], parts: list[str]) -> bool:
-    if len(parts) >= 3 and _component_default(".".join(parts[:2])) is not None:
-        return True  # a component's parameter: its params model checks it
-    if len(parts) == 2 and parts[0] in _SECTIONS:
-        return parts[1] in {f.alias or name for name, f in _SECTIONS[parts[0]].model_fields.items()}
-    if parts[0] == "registry" and len(parts) == 3 and parts[1] == "promote":
-        return parts[2] in PromoteConfig.model_fields
-    # component parameters are checked by the component's params model after the override
-    return parts[0] in {"model", "loss", "data", "curation", "evaluation"}
-
-
-def load_recipe(
-    source: str | Path | dict[str, Any],
-    overrides: list[str] | tuple[str, ...] = (),
-    *,
-    catalog: Catalog | None = None,
-    check_components: bool = True,
-) -> Recipe:
-    """Read, override and validate a recipe; raise :class:`RecipeError` with every error and its path.
-
-    ``source`` is a YAML path or an already-parsed mapping. Components are checked against the
-    catalog of the process-wide plugin manager unless ``catalog`` is given.
-    """
-    label = "recipe" if isinstance(source, dict) else str(source)
-    data = json.loads(json.dumps(source)) if isinstance(source, dict) else read_yaml(source)
-    data = apply_overrides(data, overrides)
-    errors: list[tuple[str, str]] = []
-    recipe = None
-    try:
-        recipe = Recipe.model_validate(data)
-    except pydantic.ValidationError as e:
-        errors += [(_loc(err["loc"]), err["msg"]) for err in e.errors()]
-    if check_components:
-        if catalog is None:
-            from clipforge.core.plugins import get_plugin_manager
-
-            catalog = get_plugin_manager().catalog
-        errors += check_components_of(data, catalog)
-        errors += _check_curation_order(data, catalog)
-    if recipe is not None:
-        errors += _check_promotion(recipe)
-    if errors or recipe is None:
-        raise RecipeError(errors, source=label)
-    return recipe
-
-
-def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
-    """The promotion metric and the guarded ones must come from the recipe's evaluators (and sets)."""
-    rule = recipe.registry.promote
-    if rule is None:
-        return []
-    labels = [ev.label for ev in recipe.evaluation]
-    sets = [name for name in recipe.data.eval_sets() if name is not None]
-    errors = []
-    named = [("registry.promote.metric", rule.metric)] + [
-        (f"registry.promote.guards.{i}.metric", g.metric) for i, g in enumerate(rule.guards)
-    ]
-    for path, metric in named:
-        parts = metric.removeprefix("eval/").split("/")
-        if sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
-            errors.append(
-                (
-                    path,
-                    f"{metric!r} is not '<set>/<evaluator>/<metric>' of this recipe's sets ({', '.join(sets)}) and evaluators ({', '.join(labels) or 'none'})",
-                )
-            )
-        elif not sets and not (len(parts) >= 2 and parts[0] in labels):
-            errors.append(
-                (path, f"{metric!r} is not '<evaluator>/<metric>' of an evaluator of this recipe ({', '.join(labels) or 'none'})")
-            )
-    for i, ev in enumerate(recipe.evaluation):
-        unknown = sorted(set(ev.sets or []) - set(sets))
-        if unknown:
-            errors.append(
-                (
-                    f"evaluation.{i}.sets",
-                    f"no evaluation set {', '.join(map(repr, unknown))}; data.eval names: {', '.join(sets) or 'none'}",
-                )
-            )
-    return errors
-
-
-def check_components_of(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:
-    """Validate every component entry of a recipe's raw data against its registered params, with full paths."""
-    errors: list[tuple[str, str]] = []
-    for kind, path, entry in component_entries(data):
-        fields = dict(entry)
-        name = fields.pop("type")
-        try:
-            component = catalog.get(kind, name)
-        except UnknownComponentError as e:
-            errors.append((f"{path}.type", str(e)))
-            continue
-        _, errs = component.check(fields)
-        errors += [(f"{path}.{p}" if p else path, msg) for p, msg in errs]
-    return errors
-
-
-def _check_curation_order(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:
-    """Per-sample steps run in parallel before the whole-dataset steps decide: a recipe listing one
-    after the other is refused, naming both (told without building the steps, see
-    :meth:`~clipforge.core.catalog.Component.whole_dataset`)."""
-    steps = data.get("curation")
-    first_whole: tuple[int, str] | None = None
-    errors = []
-    for i, entry in enumerate(steps if isinstance(steps, list) else []):
-        if not (
-            isinstance(entry, dict) and isinstance(entry.get("type"), str) and entry["type"] in catalog.names("curation_steps")
-        ):
-            continue  # malformed or unknown: reported by the other checks
-        whole = catalog.get("curation_steps", entry["type"]).whole_dataset({k: v for k, v in entry.items() if k != "type"})
-        if whole and first_whole is None:
-            first_whole = (i, entry["type"])
-        elif whole is False and first_whole is not None:
-            errors.append(
-                (
-                    "curation",
-                    f"curation.{i} ({entry['type']}) decides sample by sample and must come before "
-                    f"curation.{first_whole[0]} ({first_whole[1]}), which decides over the whole dataset",
-                )
-            )
-    return errors
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    # a form of a union chosen by its shape (data.eval) is no part of the recipe's paths
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("__")))
+#: The recipe fields that hold components (``*``: every item of a list or value of a mapping), from :data:`KINDS`.
+COMPONENT_FIELDS = tuple(pattern for kind in KINDS.values() for pattern in kind.recipe_fields)
+_TOP_LEVEL_COMPONENTS = tuple(p for p in COMPONENT_FIELDS if "." not in p)

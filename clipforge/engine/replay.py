@@ -24,11 +24,10 @@ import numpy as np
 from clipforge.core.components import Sample
 from clipforge.core.errors import ConfigError
 from clipforge.core.recipe import Recipe
-from clipforge.core.results import ReplayResult, Shard
+from clipforge.core.results import ReplayResult
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import write_parquet
-from clipforge.engine.curation.pool import curation_folder
-from clipforge.engine.shards import ShardWriter, decode, index_of, iter_shard, read_index, read_samples, write_index
+from clipforge.engine.curation.layout import SUMMARY, curation_folder, write_parquet
+from clipforge.engine.shards import Decoded, decode, index_of, iter_shard, read_index, read_samples, write_shards
 
 #: Beside the replayed shards: the :class:`ReplayResult` and ``shard_uris``.
 REPLAY_INDEX = "replay.json"
@@ -48,10 +47,10 @@ def sources_of(manifest: str, replayed: str | None = None, options: dict[str, An
     (``replayed``: that replay's ``replay.json`` URI)."""
     root, out = curation_folder(manifest, "data.replay")
     store = Store(root, options)
-    if not store.exists(f"{out}/summary.json"):
-        raise ConfigError(f"data.replay: {manifest}: no complete curation there ({store.uri(out, 'summary.json')} is missing)")
+    if not store.exists(f"{out}/{SUMMARY}"):
+        raise ConfigError(f"data.replay: {manifest}: no complete curation there ({store.uri(out, SUMMARY)} is missing)")
     # a curation's shards lie in its folder (their paths are under the root of the store that wrote them)
-    shards = store.read_json(f"{out}/summary.json")["shards"]
+    shards = store.read_json(f"{out}/{SUMMARY}")["shards"]
     sources = [Source(store.uri(out, posixpath.basename(s["path"])), s["samples"], s["sha256"]) for s in shards]
     if replayed:
         folder, name = replayed.rsplit("/", 1)
@@ -89,33 +88,24 @@ def replay(
     chosen = np.sort(np.random.default_rng(spec.seed).choice(total, size=take, replace=False))
     ends = np.cumsum([s.samples for s in sources])
     owner = np.searchsorted(ends, chosen, side="right")
-    shards: list[Shard] = []
-    writer: ShardWriter | None = None
-    digest = hashlib.sha256()
-    rows: dict[str, list[Any]] = {"key": [], "source": [], "position": [], "shard": []}
-    bar = tqdm(total=take, desc="replay", unit="pair", disable=not progress)
-    try:
+    rows: dict[str, list[Any]] = {"key": [], "source": [], "position": []}
+
+    def pairs() -> Iterator[Decoded]:
         for index in np.unique(owner):
             first = ends[index] - sources[index].samples
             positions = chosen[owner == index] - first
             for position, raw in zip(positions.tolist(), _read(sources[index], positions, recipe.storage.options), strict=True):
-                if writer is None:
-                    writer = ShardWriter(store, f"{out}/replay-{len(shards):05d}.tar")
-                for column, value in zip(rows, (raw["key"], sources[index].uri, position, writer.rel), strict=True):
+                for column, value in zip(rows, (raw["key"], sources[index].uri, position), strict=True):
                     rows[column].append(value)
-                writer.add(decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]), pixels=False))
+                yield decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]), pixels=False)
                 bar.update()
-                if writer.samples >= recipe.parallel.shard_size:
-                    shards.append(_published(store, writer, digest))
-                    writer = None
-        if writer is not None:
-            shards.append(_published(store, writer, digest))
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
+
+    with tqdm(total=take, desc="replay", unit="pair", disable=not progress) as bar:
+        shards = write_shards(store, pairs(), lambda n: f"{out}/replay-{n:05d}.tar", recipe.parallel.shard_size)
+    rows["shard"] = [s.path for s in shards for _ in range(s.samples)]
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(shard.sha256.encode())
     result = ReplayResult(
         source=source, pool=total, pairs=take, fraction=take / (take + new), shards=shards,
         uri=store.uri(out, REPLAY_INDEX), content_hash=digest.hexdigest(),
@@ -141,10 +131,3 @@ def _read(source: Source, positions: np.ndarray, options: dict[str, Any]) -> Ite
     runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1)
     for run in runs:
         yield from read_samples(store, rel, offsets, int(run[0]), len(run))
-
-
-def _published(store: Store, writer: ShardWriter, digest: Any) -> Shard:
-    shard = Shard.model_validate(writer.close())
-    write_index(store, shard.path, writer.offsets)
-    digest.update(shard.sha256.encode())
-    return shard

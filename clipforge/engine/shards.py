@@ -9,7 +9,7 @@ import json
 import re
 import tarfile
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from clipforge.core.components import Sample
+from clipforge.core.results import Shard
 from clipforge.core.storage import Store
 from clipforge.core.tarstream import TarError, read_members
 
@@ -288,6 +289,38 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None:
             self.abort()
+
+
+def write_shards(store: Store, items: Iterable[Decoded], name: Callable[[int], str], per_shard: int) -> list[Shard]:
+    """``items`` as tar shards of ``per_shard`` samples (the last holds the rest), the ``n``-th at
+    ``name(n)``, each published with its index beside it: training reads them by ranged reads.
+
+    A shard is opened only once an item comes for it, so no items make no shards; on an error the
+    open shard is aborted and the ones published stay.
+    """
+    shards: list[Shard] = []
+    writer: ShardWriter | None = None
+    try:
+        for item in items:
+            if writer is None:
+                writer = ShardWriter(store, name(len(shards)))
+            writer.add(item)
+            if writer.samples >= per_shard:
+                shards.append(_published(store, writer))
+                writer = None
+        if writer is not None:
+            shards.append(_published(store, writer))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return shards
+
+
+def _published(store: Store, writer: ShardWriter) -> Shard:
+    shard = Shard.model_validate(writer.close())
+    write_index(store, shard.path, writer.offsets)
+    return shard
 
 
 def iter_shard(store: Store, rel: str) -> Iterator[dict[str, Any]]:

@@ -17,8 +17,9 @@ import yaml
 from prefect import flow, tags
 
 from clipforge.core.errors import ConfigError
-from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.recipe import Recipe
 from clipforge.core.stages import STAGES, RetrainResult
+from clipforge.core.validation import load_recipe
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.stage import flow_run_id_or_new, flow_run_name, run_tags, stage_flow_of, start_run, tag_flow_run
 from clipforge.registry import tracking
@@ -100,8 +101,9 @@ def location_override(recipe_path: str, overrides: list[str], location: str) -> 
     """The ``--set`` override that points the recipe's training data at ``location``: its dataset's
     location field (:data:`LOCATION_FIELDS`), the value quoted by YAML's emitter so that the override
     reads back as this very string, whatever it holds."""
+    from clipforge.core.overrides import apply_overrides
     from clipforge.core.plugins import get_plugin_manager
-    from clipforge.core.recipe import apply_overrides, read_yaml
+    from clipforge.core.recipe_yaml import read_yaml
 
     train = (apply_overrides(read_yaml(recipe_path), overrides).get("data") or {}).get("train")
     if not isinstance(train, dict) or not isinstance(train.get("type"), str):

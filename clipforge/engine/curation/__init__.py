@@ -26,8 +26,9 @@ from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult
 from clipforge.core.storage import Store
 from clipforge.engine.curation.finalize import FinalizeJob, assemble, finalize_part
+from clipforge.engine.curation.layout import DECODE_STEP, SUMMARY
 from clipforge.engine.curation.parts import PartJob, PartResult, curate_part
-from clipforge.engine.curation.plan import DECODE_STEP, build_steps, curation_key, input_size, parts_of
+from clipforge.engine.curation.plan import build_steps, curation_key, input_size, parts_of
 from clipforge.engine.curation.pool import PoolChain, open_pool
 from clipforge.engine.curation.reduce import first_positions, reduce
 
@@ -53,20 +54,19 @@ def curate(
     """
     from tqdm.auto import tqdm
 
-    if store.exists(f"{out}/summary.json"):
-        return CurateResult.model_validate(store.read_json(f"{out}/summary.json"))
+    if store.exists(f"{out}/{SUMMARY}"):
+        return CurateResult.model_validate(store.read_json(f"{out}/{SUMMARY}"))
     start = time.perf_counter()
-    data = recipe.as_dict()
     steps = build_steps(recipe, catalog)  # a recipe whose steps cannot be built fails here, before any work
     pool = pool if pool is not None else pool_of(recipe)
-    jobs = [PartJob(recipe=data, store=store.url, out=out, index=i, entry=e) for i, e in enumerate(parts_of(recipe, catalog))]
+    jobs = [PartJob(recipe=recipe, store=store.url, out=out, index=i, entry=e) for i, e in enumerate(parts_of(recipe, catalog))]
     # disable=None: a bar on terminals only
     parts: list[PartResult] = list(tqdm(mapper(curate_part, jobs), total=len(jobs), desc="curate", unit="part",
                                         disable=None if progress else True))  # fmt: skip
     reduced = reduce(steps, store, out, parts, pool)
     firsts = first_positions(parts)
     finals = [
-        FinalizeJob(recipe=data, store=store.url, out=out, index=i, first=firsts[i], drops=reduced.of_part(firsts[i], p.kept))
+        FinalizeJob(recipe=recipe, store=store.url, out=out, index=i, first=firsts[i], drops=reduced.of_part(firsts[i], p.kept))
         for i, p in enumerate(parts)
     ]
     shards = list(mapper(finalize_part, finals))

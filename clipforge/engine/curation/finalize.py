@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from clipforge.core.components import DecidesAgainstPool, Sample
@@ -12,11 +13,25 @@ from clipforge.core.errors import StageError
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult, Shard
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import MANIFEST_COLUMNS, Funnel, PartResult
-from clipforge.engine.curation.plan import DECODE_STEP, FORMAT_VERSION, Job, Steps, input_size, part_dir, step_labels
-from clipforge.engine.curation.pool import FEATURES_INDEX
-from clipforge.engine.curation.reduce import Drop, Reduced, whole_scores
-from clipforge.engine.shards import Decoded, ShardWriter, decode, encode, iter_shard, write_index
+from clipforge.engine.curation.layout import (
+    DECODE_STEP,
+    FEATURES_INDEX,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    PART_FINAL,
+    PART_MANIFEST,
+    STAGED,
+    SUMMARY,
+    curated_shard,
+    part_dir,
+    part_score_names,
+    whole_scores,
+)
+from clipforge.engine.curation.parts import Funnel, PartResult
+from clipforge.engine.curation.plan import Job, Steps, input_size, step_labels
+from clipforge.engine.curation.reduce import Drop, Reduced
+from clipforge.engine.shards import Decoded, decode, encode, iter_shard, write_shards
 
 if TYPE_CHECKING:
     from clipforge.engine.curation.pool import PoolChain
@@ -31,40 +46,22 @@ class FinalizeJob(Job):
 
 def finalize_part(job: FinalizeJob) -> list[Shard]:
     """A part's final shards: its staged survivors less the whole-dataset drops, resized to the model's input."""
-    recipe, _, store = job.open()
+    recipe, catalog, store = job.open()
     folder = part_dir(job.out, job.index)
-    if store.exists(f"{folder}/final.json"):
-        return [Shard.model_validate(s) for s in store.read_json(f"{folder}/final.json")]
-    size, shard_size = input_size(recipe), recipe.parallel.shard_size
+    if store.exists(f"{folder}/{PART_FINAL}"):
+        return [Shard.model_validate(s) for s in store.read_json(f"{folder}/{PART_FINAL}")]
+    size = input_size(recipe, catalog)
     dropped = {d.position for d in job.drops}
-    shards: list[Shard] = []
-    writer: ShardWriter | None = None
-    try:
-        for position, raw in enumerate(iter_shard(store, f"{folder}/staged.tar"), start=job.first):
-            if position in dropped:
-                continue
-            if writer is None:
-                writer = ShardWriter(store, f"{job.out}/shard-{job.index:06d}-{len(shards):03d}.tar")
-            item = decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]))
-            writer.add(_resized(item, size) if size else item)
-            if writer.samples >= shard_size:
-                shards.append(_published(store, writer))
-                writer = None
-        if writer is not None:
-            shards.append(_published(store, writer))
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    store.write_json(f"{folder}/final.json", [s.model_dump() for s in shards])
+
+    def survivors() -> Iterator[Decoded]:
+        for position, raw in enumerate(iter_shard(store, f"{folder}/{STAGED}"), start=job.first):
+            if position not in dropped:
+                item = decode(Sample(raw["key"], raw["image"], raw["caption"], raw["label"], raw["meta"]))
+                yield _resized(item, size) if size else item
+
+    shards = write_shards(store, survivors(), lambda n: curated_shard(job.out, job.index, n), recipe.parallel.shard_size)
+    store.write_json(f"{folder}/{PART_FINAL}", [s.model_dump() for s in shards])
     return shards
-
-
-def _published(store: Store, writer: ShardWriter) -> Shard:
-    """Close a curated shard and keep its index beside it: training reads it by ranged reads."""
-    shard = Shard.model_validate(writer.close())
-    write_index(store, shard.path, writer.offsets)
-    return shard
 
 
 def _resized(item: Decoded, size: int) -> Decoded:
@@ -79,11 +76,6 @@ def _resized(item: Decoded, size: int) -> Decoded:
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC)
     item.sample.image = image
     return Decoded(item.sample, encode(image, item.ext), item.ext)
-
-
-#: The manifest's fixed columns; each ``<step>/<score>`` name follows as a float64 column, null where absent.
-_SCHEMA = [("key", "string"), ("kept", "bool_"), ("step", "string"), ("reason", "string"), ("detail", "string"),
-           ("shard", "string")]  # fmt: skip
 
 
 def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[PartResult], reduced: Reduced,
@@ -106,8 +98,8 @@ def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[P
             if label not in reduced.funnel:  # a per-sample step
                 funnel.seen[label] -= duplicate_keys
     whole = whole_scores(store, out)
-    names = sorted({n for i in range(len(parts)) for n in _score_names(store, out, i)} | set(whole))
-    fields = [pa.field(name, getattr(pa, kind)()) for name, kind in _SCHEMA] + [pa.field(n, pa.float64()) for n in names]
+    names = sorted({n for i in range(len(parts)) for n in part_score_names(store, out, i)} | set(whole))
+    fields = [pa.field(name, getattr(pa, kind)()) for name, kind in MANIFEST_SCHEMA] + [pa.field(n, pa.float64()) for n in names]
     metadata = {"clipforge.format": str(FORMAT_VERSION), **({"clipforge.pool": pool.manifest} if pool else {})}
     schema = pa.schema(fields, metadata=metadata)
     digest = hashlib.sha256()
@@ -119,7 +111,7 @@ def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[P
                 digest.update(f"{table['key'][r]}\t{table['kept'][r]}\t{table['step'][r]}\t{table['reason'][r]}\n".encode())
             n = len(table["key"])
             writer.write_table(pa.table({f.name: table.get(f.name, [None] * n) for f in fields}, schema=schema))
-    store.write_bytes(f"{out}/manifest.parquet", buf.getvalue())
+    store.write_bytes(f"{out}/{MANIFEST}", buf.getvalue())
     flat = [s for part in shards for s in part]
     for shard in flat:
         digest.update(shard.sha256.encode())
@@ -134,19 +126,12 @@ def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[P
     })  # fmt: skip
     summary = CurateResult(
         out=out, input=n_input, kept=sum(s.samples for s in flat), parts=len(parts), funnel=funnel.counts(), shards=flat,
-        manifest=f"{out}/manifest.parquet", manifest_uri=store.uri(f"{out}/manifest.parquet"),
+        manifest=f"{out}/{MANIFEST}", manifest_uri=store.uri(f"{out}/{MANIFEST}"),
         content_hash=digest.hexdigest(), seconds=round(seconds, 3),
         pairs_per_s=round(n_input / seconds, 1) if seconds > 0 else None, pool=pool.manifest if pool else None,
     )  # fmt: skip
-    store.write_json(f"{out}/summary.json", summary.model_dump(mode="json"))  # last: marks a complete curation
+    store.write_json(f"{out}/{SUMMARY}", summary.model_dump(mode="json"))  # last: marks a complete curation
     return summary
-
-
-def _score_names(store: Store, out: str, index: int) -> list[str]:
-    import pyarrow.parquet as pq
-
-    with store.open(f"{part_dir(out, index)}/manifest.parquet") as f:
-        return [n for n in pq.read_schema(f).names if n not in MANIFEST_COLUMNS]
 
 
 def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop], shards: list[Shard],
@@ -154,7 +139,7 @@ def _final_rows(store: Store, out: str, index: int, first: int, drops: list[Drop
     """Part ``index``'s manifest rows with the whole-dataset verdicts and scores applied and each kept pair's shard."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(store.open(f"{part_dir(out, index)}/manifest.parquet")).to_pydict()
+    table = pq.read_table(store.open(f"{part_dir(out, index)}/{PART_MANIFEST}")).to_pydict()
     n = len(table["key"])
     by_position = {d.position: d for d in drops}
     names = iter([s.path for s in shards for _ in range(s.samples)])

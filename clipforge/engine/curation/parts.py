@@ -3,7 +3,6 @@ the whole-dataset steps need. A part that finished (``done.json``) is not done a
 
 from __future__ import annotations
 
-import io
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -11,19 +10,27 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from clipforge.core.components import Sample, reads_pixels
 from clipforge.core.errors import StageError
 from clipforge.core.results import StepCounts
-from clipforge.core.storage import Store
-from clipforge.engine.curation.plan import DECODE_STEP, Job, Steps, build_steps, part_dir
+from clipforge.engine.curation.layout import (
+    DECODE_STEP,
+    MANIFEST_COLUMNS,
+    PART_DONE,
+    PART_MANIFEST,
+    STAGED,
+    features_of,
+    part_dir,
+    save_features,
+    score_columns,
+    write_parquet,
+)
+from clipforge.engine.curation.plan import Job, Steps, build_steps
 from clipforge.engine.shards import BadSample, Decoded, ShardWriter, decode, load_pixels
 
 BATCH = 256
-#: The manifest's columns besides the scores: each ``<step>/<score>`` name is a float column of its own.
-MANIFEST_COLUMNS = ("key", "kept", "step", "reason", "detail")
 
 
 class PartJob(Job):
@@ -162,25 +169,25 @@ def curate_part(job: PartJob) -> PartResult:
     """Decode part ``job.index`` and run the per-sample steps; stage the survivors and the whole-dataset steps' features."""
     recipe, catalog, store = job.open()
     folder = part_dir(job.out, job.index)
-    if store.exists(f"{folder}/done.json"):
-        return PartResult.model_validate(store.read_json(f"{folder}/done.json"))
+    if store.exists(f"{folder}/{PART_DONE}"):
+        return PartResult.model_validate(store.read_json(f"{folder}/{PART_DONE}"))
     start = time.perf_counter()
     part = _Part(build_steps(recipe, catalog))
     # survivors stream to the staging shard as tar bytes: a part's decoded images are never all held at once
-    with ShardWriter(store, f"{folder}/staged.tar") as staged:
+    with ShardWriter(store, f"{folder}/{STAGED}") as staged:
         for batch in _batches(catalog.create("datasets", job.entry), BATCH):
             for item, scores in part.survivors(batch):
                 part.record(item.sample.key, True, "", "", source_of(item.sample), scores)
                 staged.add(item)
         staged.close()
     for label, values in part.features.items():
-        save_features(store, f"{folder}/features-{label}", values)
-    write_parquet(store, f"{folder}/manifest.parquet", {**part.rows, **score_columns(part.scores)})
+        save_features(store, features_of(job.out, job.index, label), values)
+    write_parquet(store, f"{folder}/{PART_MANIFEST}", {**part.rows, **score_columns(part.scores)})
     done = PartResult(
         index=job.index, input=len(part.rows["key"]), kept=staged.samples, funnel=part.funnel.counts(),
         seconds=round(time.perf_counter() - start, 3),
     )  # fmt: skip
-    store.write_json(f"{folder}/done.json", done.model_dump(mode="json"))  # last: marks the part complete
+    store.write_json(f"{folder}/{PART_DONE}", done.model_dump(mode="json"))  # last: marks the part complete
     return done
 
 
@@ -195,64 +202,3 @@ def _batches(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
     it = iter(it)
     while batch := list(islice(it, n)):
         yield batch
-
-
-def score_columns(scores: list[dict[str, float]]) -> dict[str, list[float | None]]:
-    """One column per score name, in name order, None where a row has no such score."""
-    names = sorted({name for row in scores for name in row})
-    return {name: [row.get(name) for row in scores] for name in names}
-
-
-def write_parquet(store: Store, rel: str, columns: dict[str, list[Any]]) -> None:
-    """A table of ``columns``; score columns (any name with a ``/``) are float64 even when all null."""
-    import pyarrow as pa
-
-    write_table(store, rel, pa.table({k: pa.array(v, type=pa.float64() if "/" in k else None) for k, v in columns.items()}))
-
-
-def write_table(store: Store, rel: str, table: Any) -> None:
-    """An Arrow ``table`` as Parquet at ``rel``, written atomically by the store."""
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write_bytes(rel, buf.getvalue())
-
-
-def save_features(store: Store, rel: str, values: list[Any]) -> None:
-    """Arrays as a float16 .npy (compact, no pickle), anything else as JSON."""
-    if values and isinstance(values[0], np.ndarray):
-        buf = io.BytesIO()
-        np.save(buf, np.stack(values).astype(np.float16), allow_pickle=False)
-        store.write_bytes(f"{rel}.npy", buf.getvalue())
-    else:
-        store.write_json(f"{rel}.json", values)
-
-
-def load_features(store: Store, rel: str) -> Any:
-    if store.exists(f"{rel}.npy"):
-        return np.load(io.BytesIO(store.read_bytes(f"{rel}.npy")), allow_pickle=False)
-    return store.read_json(f"{rel}.json") if store.exists(f"{rel}.json") else []
-
-
-def survivor_keys(store: Store, out: str, n_parts: int) -> list[str]:
-    """The keys of every part's survivors, part after part: the order the whole-dataset steps decide in."""
-    import pyarrow.parquet as pq
-
-    keys: list[str] = []
-    for i in range(n_parts):
-        table = pq.read_table(store.open(f"{part_dir(out, i)}/manifest.parquet"), columns=["key", "kept"])
-        keys += [k for k, kept in zip(table.column("key").to_pylist(), table.column("kept").to_pylist()) if kept]
-    return keys
-
-
-def survivor_features(store: Store, out: str, n_parts: int, label: str, index: np.ndarray) -> Any:
-    """The features step ``label`` computed for the survivors at positions ``index``: a float32 array or a list."""
-    features: list[Any] = []
-    for i in range(n_parts):
-        values = load_features(store, f"{part_dir(out, i)}/features-{label}")
-        features.extend(values if not isinstance(values, np.ndarray) else list(values))
-    chosen = [features[j] for j in index]
-    if chosen and isinstance(chosen[0], np.ndarray):
-        return np.stack(chosen).astype(np.float32)
-    return chosen

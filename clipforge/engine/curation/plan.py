@@ -13,43 +13,34 @@ from clipforge.core.catalog import Catalog
 from clipforge.core.components import CurationStep, PartitionedDataset, WholeDatasetStep
 from clipforge.core.errors import ConfigError
 from clipforge.core.plugins import get_plugin_manager
-from clipforge.core.recipe import Recipe, load_recipe
+from clipforge.core.recipe import Recipe
 from clipforge.core.storage import Store
+from clipforge.engine.curation.layout import FORMAT_VERSION
 
 if TYPE_CHECKING:
     from clipforge.engine.curation.pool import PoolChain
 
-# 3: shards read past damage, images turned upright by EXIF, invisible captions dropped, an index
-# of every curated shard's sample offsets, typed score columns in the manifest, features.json beside it
-FORMAT_VERSION = 3
-#: The first step of every funnel: reading and checking the raw sample.
-DECODE_STEP = "decode"
 
-
-def curation_key(recipe: Recipe, pool: PoolChain | None = None) -> str:
+def curation_key(recipe: Recipe, pool: PoolChain | None = None, catalog: Catalog | None = None) -> str:
     """Curated data depends only on the training data, the steps, the image size and the pool curated
-    against (its curations' content hashes): one folder per such set."""
+    against (its curations' content hashes): one folder per such set. ``catalog`` tells the image
+    size (:func:`input_size`)."""
     spec: dict[str, Any] = {
         "v": FORMAT_VERSION,
         "data": recipe.data.train.entry(),
         "steps": [s.entry() for s in recipe.curation],
-        "size": input_size(recipe),
+        "size": input_size(recipe, catalog),
     }
     if pool is not None:
         spec["pool"] = pool.identity()
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def input_size(recipe: Recipe) -> int | None:
-    """The model's input side in pixels, when the encoder entry says it (an open_clip config or arch name)."""
-    fields = recipe.model.fields
-    cfg = fields.get("config")
-    if cfg is None and isinstance(fields.get("arch"), str):
-        import open_clip
-
-        cfg = open_clip.get_model_config(fields["arch"])
-    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
-    return size if isinstance(size, int) else (max(size) if isinstance(size, (list, tuple)) else None)
+def input_size(recipe: Recipe, catalog: Catalog | None = None) -> int | None:
+    """The model's input side in pixels, when its encoder tells it from the recipe entry
+    (:meth:`~clipforge.core.catalog.Component.input_size`); ``catalog``: the process-wide one unless given."""
+    catalog = catalog if catalog is not None else get_plugin_manager().catalog
+    return catalog.get("encoders", recipe.model.type).input_size(recipe.model.fields)
 
 
 def step_labels(recipe: Recipe) -> list[str]:
@@ -105,20 +96,17 @@ def parts_of(recipe: Recipe, catalog: Catalog) -> list[dict[str, Any]]:
 
 
 class Job(BaseModel):
-    """What a curation task needs, as plain data: it may run in another process or on another machine."""
+    """What a curation task needs, picklable: it may run in another process or on another machine.
+
+    The recipe travels validated; a task only rebuilds the catalog and the store.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    recipe: dict[str, Any]
+    recipe: Recipe
     store: str  # the store's URL; its options are the recipe's
     out: str
     index: int
 
     def open(self) -> tuple[Recipe, Catalog, Store]:
-        """The recipe, the catalog and the store, rebuilt in this process."""
-        catalog = get_plugin_manager().catalog
-        recipe = load_recipe(self.recipe, catalog=catalog)
-        return recipe, catalog, Store(self.store, recipe.storage.options)
-
-
-def part_dir(out: str, index: int) -> str:
-    return f"{out}/parts/part-{index:06d}"
+        """The recipe, the catalog and the store in this process."""
+        return self.recipe, get_plugin_manager().catalog, Store(self.store, self.recipe.storage.options)

@@ -18,11 +18,16 @@ import numpy as np
 from clipforge.core.components import DecidesAgainstPool, Pool
 from clipforge.core.errors import ConfigError
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import survivor_features, survivor_keys
-from clipforge.engine.curation.plan import DECODE_STEP
-
-#: Beside each manifest: what the pool of a later curation needs to read this one's features.
-FEATURES_INDEX = "features.json"
+from clipforge.engine.curation.layout import (
+    DECODE_STEP,
+    FEATURES_INDEX,
+    MANIFEST,
+    REDUCED,
+    SUMMARY,
+    curation_folder,
+    survivor_features,
+    survivor_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -85,22 +90,13 @@ def _seen_by(c: PoolCuration, label: str) -> tuple[list[str], Any, list[bool]]:
     """The samples step ``label`` of curation ``c`` saw, its features of them, and which of them the curation kept."""
     keys = survivor_keys(c.store, c.out, c.index["parts"])
     order = [DECODE_STEP, *[s["label"] for s in c.index["steps"]]]
-    reduced = c.store.read_json(f"{c.out}/reduce.json")
+    reduced = c.store.read_json(f"{c.out}/{REDUCED}")
     stopped = {d["position"]: order.index(d["step"]) for d in reduced["drops"]}
     at = order.index(label)
     seen = np.array([stopped.get(p, len(order)) >= at for p in range(len(keys))], dtype=bool)
     index = np.flatnonzero(seen)
     features = survivor_features(c.store, c.out, c.index["parts"], label, index)
     return [keys[p] for p in index], features, [p not in stopped for p in index]
-
-
-def curation_folder(manifest: str, where: str) -> tuple[str, str]:
-    """The store root and the curation's folder of a curated manifest's URI; ``where`` names the
-    recipe field for the error."""
-    root, out, name = (["", *manifest.rsplit("/", 2)])[-3:]
-    if name != "manifest.parquet" or not out:
-        raise ConfigError(f"{where}: {manifest} is not a curated manifest (.../<curation>/manifest.parquet)")
-    return root or ".", out
 
 
 def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistics: bool = True) -> PoolChain:
@@ -113,7 +109,7 @@ def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistic
             raise ConfigError(f"curation_pool: {manifest} leads back to {uri} through the pools it was curated against")
         root, out = curation_folder(uri, "curation_pool")
         store = Store(root, options)
-        for needed in ("manifest.parquet", "summary.json"):
+        for needed in (MANIFEST, SUMMARY):
             if not store.exists(f"{out}/{needed}"):
                 raise ConfigError(f"curation_pool: {uri}: no complete curation there ({store.uri(out, needed)} is missing)")
         if not store.exists(f"{out}/{FEATURES_INDEX}"):
@@ -121,7 +117,7 @@ def open_pool(manifest: str, options: dict[str, Any] | None = None, *, statistic
                 f"curation_pool: {uri} has no stored features ({FEATURES_INDEX}): it was curated by an earlier "
                 "version of clipforge; curate that data again to use it as a pool"
             )
-        summary = store.read_json(f"{out}/summary.json")
+        summary = store.read_json(f"{out}/{SUMMARY}")
         curations.append(PoolCuration(uri, store, out, store.read_json(f"{out}/{FEATURES_INDEX}"), summary["content_hash"]))
         uri = summary.get("pool")
     return PoolChain(curations[::-1], statistics)

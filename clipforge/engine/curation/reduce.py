@@ -13,14 +13,12 @@ from clipforge.core.components import DecidesAgainstPool
 from clipforge.core.errors import StageError
 from clipforge.core.results import StepCounts
 from clipforge.core.storage import Store
-from clipforge.engine.curation.parts import PartResult, survivor_features, survivor_keys, write_table
-from clipforge.engine.curation.plan import DECODE_STEP, Steps
+from clipforge.engine.curation.layout import DECODE_STEP, REDUCED, SCORES, survivor_features, survivor_keys, write_table
+from clipforge.engine.curation.parts import PartResult
+from clipforge.engine.curation.plan import Steps
 
 if TYPE_CHECKING:
     from clipforge.engine.curation.pool import PoolChain
-
-#: The whole-dataset steps' scores of every survivor, by position: its key, then one float column per ``<step>/<score>``.
-SCORES = "reduce-scores.parquet"
 
 
 class Drop(BaseModel):
@@ -56,8 +54,8 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
     With a ``pool``, a step that can decide against one (:class:`~clipforge.core.components.DecidesAgainstPool`)
     gets the pool's stored features for it; the others decide over the new data alone.
     """
-    if store.exists(f"{out}/reduce.json"):
-        return Reduced.model_validate(store.read_json(f"{out}/reduce.json"))
+    if store.exists(f"{out}/{REDUCED}"):
+        return Reduced.model_validate(store.read_json(f"{out}/{REDUCED}"))
     keys = survivor_keys(store, out, len(parts))
     drops: dict[int, Drop] = {}
     seen: set[str] = set()
@@ -92,7 +90,7 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
         funnel[label] = StepCounts(seen=len(index), kept=len(index) - dropped, dropped=dropped, reasons=dict(reasons))
     _write_scores(store, f"{out}/{SCORES}", keys, scores)
     reduced = Reduced(drops=[drops[p] for p in sorted(drops)], funnel=funnel, kept=int(alive.sum()))
-    store.write_json(f"{out}/reduce.json", reduced.model_dump(mode="json"))  # last: marks the phase complete
+    store.write_json(f"{out}/{REDUCED}", reduced.model_dump(mode="json"))  # last: marks the phase complete
     return reduced
 
 
@@ -101,12 +99,3 @@ def _write_scores(store: Store, rel: str, keys: list[str], scores: dict[str, np.
 
     columns = {name: pa.array(scores[name], mask=np.isnan(scores[name])) for name in sorted(scores)}
     write_table(store, rel, pa.table({"key": pa.array(keys, type=pa.string()), **columns}))
-
-
-def whole_scores(store: Store, out: str) -> dict[str, list[float | None]]:
-    """The whole-dataset steps' scores of every survivor, by position, column by column."""
-    import pyarrow.parquet as pq
-
-    columns = pq.read_table(store.open(f"{out}/{SCORES}")).to_pydict()
-    del columns["key"]  # the survivor at each position: for people reading the file
-    return columns

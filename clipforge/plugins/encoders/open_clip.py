@@ -67,6 +67,16 @@ class OpenClipParams(BaseModel):
             raise ValueError("give exactly one of 'arch' (a config name or local-dir:PATH) and 'config' (inline)")
         return self
 
+    def input_size(self) -> int | None:
+        """The vision tower's ``image_size`` (the larger side of a pair), from the inline config or the
+        named one; None for a ``local-dir:`` folder."""
+        if self.config is not None:
+            return self.config.vision_cfg.image_size
+        import open_clip
+
+        size = (open_clip.get_model_config(self.arch) or {}).get("vision_cfg", {}).get("image_size")
+        return size if isinstance(size, int) else (max(size) if isinstance(size, (list, tuple)) else None)
+
 
 def create_open_clip(
     arch: str | None = None,
