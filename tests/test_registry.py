@@ -32,6 +32,7 @@ from PIL import Image
 
 from clipforge.core.checkpoint import save_open_clip_dir
 from clipforge.core.components import EncoderBundle
+from clipforge.core.metrics import metric_key
 from clipforge.registry import (
     PromotionError,
     champion_metrics,
@@ -39,7 +40,6 @@ from clipforge.registry import (
     ensure_experiment,
     log_metrics,
     log_pyfunc_model,
-    metric_key,
     mlflow_ui_command,
     promote_if_better,
     register_version,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from importlib import resources
@@ -15,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.errors import ConfigError, RecipeError, UnknownComponentError
+from clipforge.core.hashing import content_hash
 from clipforge.core.kinds import KINDS
+from clipforge.core.metrics import EVAL_PREFIX
 
 
 class _Strict(BaseModel):
@@ -260,7 +261,7 @@ class Recipe(_Strict):
         data = self.as_dict()
         if sections:
             data = {k: data.get(k) for k in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return content_hash(data)
 
     def component_entries(self) -> list[tuple[str, str, dict[str, Any]]]:
         """Every component the recipe references, as ``(kind, field path, entry)``."""
@@ -475,7 +476,7 @@ def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
         (f"registry.promote.guards.{i}.metric", g.metric) for i, g in enumerate(rule.guards)
     ]
     for path, metric in named:
-        parts = metric.removeprefix("eval/").split("/")
+        parts = metric.removeprefix(EVAL_PREFIX).split("/")
         if sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
             errors.append(
                 (

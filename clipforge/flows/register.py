@@ -13,6 +13,7 @@ from prefect import flow
 import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
+from clipforge.core.metrics import EVAL_PREFIX, eval_name
 from clipforge.core.results import EvaluateResult, RegisterResult, TrainResult
 from clipforge.engine.evaluation import evaluate
 from clipforge.flows import tracking
@@ -20,10 +21,6 @@ from clipforge.flows.common import flow_run_name, open_context, require, run_sta
 from clipforge.flows.evaluate import EVAL_HASH_TAG
 from clipforge.flows.reporting import publish, say
 from clipforge.registry import build_report, model_summary, render_markdown, render_model_card
-
-
-def promotion_metric(name: str) -> str:
-    return name if name.startswith("eval/") else f"eval/{name}"
 
 
 @flow(name="register", log_prints=True, flow_run_name=flow_run_name)
@@ -57,8 +54,8 @@ def _register(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResult) 
     r = ctx.recipe
     metrics, name, rule = evaluated.metrics, r.model_name, r.registry.promote
     run = tracking.mlflow_run(ctx)
-    metric = promotion_metric(rule.metric) if rule else None
-    guards = [(promotion_metric(g.metric), g.max_drop) for g in rule.guards] if rule else []
+    metric = eval_name(rule.metric) if rule else None
+    guards = [(eval_name(g.metric), g.max_drop) for g in rule.guards] if rule else []
     gating = [m for m in [metric, *(g for g, _ in guards)] if m]
     if missing := [m for m in gating if m not in metrics]:
         raise StageError(
@@ -135,7 +132,7 @@ def _metrics_on(ctx: RunContext, evaluated: EvaluateResult, ours: str) -> Callab
 def _evaluated_again(ctx: RunContext, name: str, version: str, data_hash: str) -> dict[str, float]:
     tags = tracking.version_tags(name, version)
     source = tags.get("mlflow.source.run_id")
-    if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, "eval/")):
+    if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, EVAL_PREFIX)):
         return measured
     cached = f"cache/evaluations/{name}/v{version}-{data_hash[:16]}.json"
     if ctx.store.exists(cached):
@@ -166,7 +163,7 @@ def _described(ctx: RunContext, run: str, version: str, parent: str | None, prom
     # the recipe's fields (eval/ params are settings evaluators chose; storage is where, not what)
     changed = [
         k for k in sorted(ours.keys() | theirs.keys())
-        if ours.get(k) != theirs.get(k) and not k.startswith(("eval/", "storage."))
+        if ours.get(k) != theirs.get(k) and not k.startswith((EVAL_PREFIX, "storage."))
     ]  # fmt: skip
     lines.append(f"Changed since version {parent} (the champion it was weighed against), trained by retrain `{ctx.run_id}`:")
     lines += [f"- `{k}`: {theirs.get(k, '(unset)')} → {ours.get(k, '(unset)')}" for k in changed[:20]]

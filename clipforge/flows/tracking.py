@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 import clipforge
 from clipforge import registry
 from clipforge.core.context import RunContext
+from clipforge.core.metrics import EVAL_PREFIX, metric_key
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult
 from clipforge.core.retry import retry
@@ -246,11 +247,11 @@ def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
 def log_model_metrics(run_id: str, model_id: str, recipe: Recipe, metrics: dict[str, float]) -> None:
     """The evaluation's metrics as the logged model's, each with the dataset it was measured on, so
     that the model's page lists the data it was evaluated on ("Datasets used")."""
-    read_by = {f"eval/{label}/": dataset for dataset, labels in evaluation_datasets(recipe) for label in labels}
+    read_by = {f"{EVAL_PREFIX}{label}/": dataset for dataset, labels in evaluation_datasets(recipe) for label in labels}
     now = int(time.time() * 1000)
     batch = [
         Metric(
-            registry.metric_key(key),
+            metric_key(key),
             float(value),
             now,
             0,
@@ -317,9 +318,7 @@ class StepLogger:
 
     def flush(self) -> None:
         items = [
-            Metric(registry.metric_key(f"train/{k}"), float(v), 0, step)
-            for step, metrics in self.pending
-            for k, v in metrics.items()
+            Metric(metric_key(f"train/{k}"), float(v), 0, step) for step, metrics in self.pending for k, v in metrics.items()
         ]
         for i in range(0, len(items), registry.MAX_METRICS_PER_BATCH):
             batch = items[i : i + registry.MAX_METRICS_PER_BATCH]

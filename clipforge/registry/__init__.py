@@ -30,7 +30,6 @@ from clipforge.registry.tracking import (
     default_tracking_uri,
     ensure_experiment,
     log_metrics,
-    metric_key,
     mlflow_ui_command,
     run_url,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "ensure_experiment",
     "log_metrics",
     "log_pyfunc_model",
-    "metric_key",
     "mlflow_ui_command",
     "model_summary",
     "promote_first_version",

@@ -14,6 +14,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from clipforge.core.metrics import metric_key
+
 #: MLflow refuses more than this many metrics in one ``log_batch`` call.
 MAX_METRICS_PER_BATCH = 1000
 
@@ -50,11 +52,6 @@ def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
         # MLflow refuses to create an experiment whose name a deleted one still holds
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
-
-
-def metric_key(name: str) -> str:
-    """``name`` as MLflow accepts it: ``'@'`` becomes ``'_at_'`` (``recall@5`` -> ``recall_at_5``)."""
-    return name.replace("@", "_at_")
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from clipforge.core.catalog import Catalog
 from clipforge.core.components import CurationStep, PartitionedDataset, WholeDatasetStep
 from clipforge.core.errors import ConfigError
+from clipforge.core.hashing import content_hash
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.storage import Store
@@ -37,7 +37,7 @@ def curation_key(recipe: Recipe, pool: PoolChain | None = None) -> str:
     }
     if pool is not None:
         spec["pool"] = pool.identity()
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_hash(spec, 16)
 
 
 def input_size(recipe: Recipe) -> int | None:
