@@ -6,6 +6,7 @@ The public surface is what this module exports; everything else may move.
 from importlib.metadata import PackageNotFoundError, version
 
 from clipforge.core.catalog import Catalog, Component, RegisterFn
+from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.components import (
     ChoosesHyperparameters,
     ClassificationDataset,
@@ -16,6 +17,7 @@ from clipforge.core.components import (
     DeclaresPixels,
     EncoderBundle,
     Evaluator,
+    Launcher,
     NeedsInputs,
     PartitionedDataset,
     Pool,
@@ -26,8 +28,10 @@ from clipforge.core.components import (
     TemplatedDataset,
     Verdict,
     WholeDatasetStep,
+    check_template,
 )
 from clipforge.core.context import RunContext
+from clipforge.core.embeddings import embed_images, embed_texts
 from clipforge.core.errors import (
     ClipforgeError,
     ConfigError,
@@ -36,12 +40,14 @@ from clipforge.core.errors import (
     StageError,
     UnknownComponentError,
 )
+from clipforge.core.hashing import content_hash
 from clipforge.core.hookspecs import hookimpl
 from clipforge.core.plugins import PluginManager, get_plugin_manager
 from clipforge.core.recipe import Recipe, load_recipe
 from clipforge.core.resolver import ResolvedModel, resolve_model
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, RetrainResult, TrainResult
-from clipforge.core.storage import Store
+from clipforge.core.storage import Store, open_input, read_all
+from clipforge.core.tarstream import TarDamage, TarMember, read_tar
 
 try:
     __version__ = version("clipforge")
@@ -65,6 +71,7 @@ __all__ = [
     "EncoderBundle",
     "EvaluateResult",
     "Evaluator",
+    "Launcher",
     "NeedsInputs",
     "PartitionedDataset",
     "PluginManager",
@@ -82,14 +89,24 @@ __all__ = [
     "ScopedParams",
     "StageError",
     "Store",
+    "TarDamage",
+    "TarMember",
     "TemplatedDataset",
     "TrainResult",
     "UnknownComponentError",
     "Verdict",
     "WholeDatasetStep",
     "__version__",
+    "check_template",
+    "content_hash",
+    "embed_images",
+    "embed_texts",
     "get_plugin_manager",
     "hookimpl",
     "load_recipe",
+    "model_cfg_of",
+    "open_input",
+    "read_all",
+    "read_tar",
     "resolve_model",
 ]

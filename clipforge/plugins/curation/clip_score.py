@@ -14,8 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge.core.components import Pool, Sample, Verdict
-from clipforge.core.resolver import resolve_model
+from clipforge import Pool, Sample, Verdict, resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings
 
 

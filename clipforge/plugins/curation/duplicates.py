@@ -16,8 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import Pool, Sample, Verdict
-from clipforge.core.resolver import resolve_model
+from clipforge import Pool, Sample, Verdict, resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
 
 #: The reason of a sample dropped because the pool curated against holds a copy of it.

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
-from clipforge.core.components import Sample
+from clipforge import Sample
 
 #: Every colour the dataset draws, far apart in hue so that even 32 px images keep them apart.
 ALL_COLORS: dict[str, tuple[int, int, int]] = {

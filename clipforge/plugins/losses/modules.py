@@ -7,8 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.core.checkpoint import model_cfg_of
-from clipforge.core.errors import ConfigError
+from clipforge import ConfigError, model_cfg_of, resolve_model
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -94,8 +93,6 @@ class Distill(torch.nn.Module):
     def __init__(self, teacher: str, weight: float = 1.0, local_loss: bool = False, gather_with_grad: bool = False):
         super().__init__()
         from open_clip.loss import DistillClipLoss
-
-        from clipforge.core.resolver import resolve_model
 
         self.inner = _clip_loss(DistillClipLoss, local_loss, gather_with_grad)
         self.weight = weight
