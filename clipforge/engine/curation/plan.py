@@ -72,14 +72,17 @@ class Steps:
 def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
     """The recipe's steps, built once per process and catalog (a scoring model is loaded once, not per part)."""
     return _built(
-        catalog, json.dumps([(label, s.entry()) for label, s in zip(step_labels(recipe), recipe.curation)], default=str)
+        catalog,
+        json.dumps([(label, s.entry()) for label, s in zip(step_labels(recipe), recipe.curation)], default=str),
+        json.dumps(recipe.storage.options),
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _built(catalog: Catalog, entries: str) -> Steps:
+def _built(catalog: Catalog, entries: str, storage_options: str) -> Steps:
     parsed = json.loads(entries)
-    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in parsed]
+    options = json.loads(storage_options)
+    labelled = [(label, catalog.create("curation_steps", entry, options)) for label, entry in parsed]
     first_whole = None
     for i, (label, step) in enumerate(labelled):
         if not isinstance(step, (CurationStep, WholeDatasetStep)):
