@@ -3,7 +3,7 @@
 The public surface is what this module exports; everything else may move.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.checkpoint import model_cfg_of
@@ -50,8 +50,8 @@ from clipforge.core.storage import Store, open_input, read_all
 from clipforge.core.tarstream import TarDamage, TarMember, read_tar
 
 try:
-    __version__ = version("clipforge")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _metadata.version("clipforge")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
