@@ -1,5 +1,9 @@
 """docs/plugins.md documents every hook as specified, every hook has a test, and the page's examples work.
 
+"As specified" means: hookspecs.py is the one source. Each reference entry documents the hook's
+arguments, opens with its docstring's summary, and names every call its docstring names
+(``launch(job, device)``) as the docstring does.
+
 "Has a test" means: some test module implements the hook with ``@hookimpl`` and a signature
 pluggy accepts (so the implementation can be registered and called), and, for a lifecycle
 hook, the package really calls it somewhere. A hook added to hookspecs.py without all of that
@@ -43,6 +47,33 @@ def reference_sections(text: str) -> dict[str, tuple[list[str], str]]:
     return sections
 
 
+def hook_docstrings() -> dict[str, str]:
+    return {name: inspect.getdoc(getattr(hookspecs, name)) or "" for name in hook_specs()}
+
+
+def markdown(rst: str) -> str:
+    """reST as the page writes it, on one line: ``:class:`~clipforge.X``` and ````x```` become ```clipforge.X``` and ```x```."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", rst).replace("``", "`")
+    return " ".join(text.split())
+
+
+def docstring_problems(docstrings: dict[str, str], sections: dict[str, tuple[list[str], str]]) -> list[str]:
+    """Each entry opens with its hook's summary (the docstring's first paragraph) and names its calls."""
+    problems = []
+    for name, doc in docstrings.items():
+        if name not in sections:
+            continue  # reported by reference_problems
+        body = sections[name][1].strip()
+        summary = markdown(doc.split("\n\n", 1)[0])
+        if markdown(body.split("\n\n", 1)[0]) != summary:
+            problems.append(f"{name}: the entry does not open with the docstring's summary {summary!r}")
+        flat = " ".join(body.split())
+        for call in (" ".join(c.split()) for c in re.findall(r"``(\w+\([^()`]*\))", doc)):
+            if f"`{call}" not in flat:  # the page may go on with the return type, as the docstring does
+                problems.append(f"{name}: the docstring's {call} is not in the entry")
+    return problems
+
+
 def reference_problems(specs: dict[str, list[str]], sections: dict[str, tuple[list[str], str]]) -> list[str]:
     problems = [f"{name}: no reference entry" for name in specs if name not in sections]
     problems += [f"{name}: documented but not a hook" for name in sections if name not in specs]
@@ -62,6 +93,23 @@ def reference_problems(specs: dict[str, list[str]], sections: dict[str, tuple[li
 
 def test_every_hook_has_a_reference_entry_matching_its_spec():
     assert reference_problems(hook_specs(), reference_sections(DOCS.read_text())) == []
+
+
+def test_every_reference_entry_says_what_its_docstring_says():
+    assert docstring_problems(hook_docstrings(), reference_sections(DOCS.read_text())) == []
+
+
+def test_the_docstring_check_catches_a_stale_summary_or_call():
+    docstrings = hook_docstrings()
+    sections = reference_sections(DOCS.read_text())
+    docstrings["register_launchers"] = docstrings["register_launchers"].replace("launch(job, device)", "launch(job)")
+    args, body = sections["before_stage"]
+    sections["before_stage"] = (args, body.replace("Called before", "Runs before", 1))
+    assert docstring_problems(docstrings, sections) == [
+        "register_launchers: the docstring's launch(job) is not in the entry",
+        "before_stage: the entry does not open with the docstring's summary "
+        "'Called before a stage (`curate`, `train`, `evaluate`, `register`) starts.'",
+    ]
 
 
 def test_the_reference_check_catches_a_missing_or_stale_entry():

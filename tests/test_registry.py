@@ -32,13 +32,13 @@ from PIL import Image
 
 from clipforge.core.checkpoint import save_open_clip_dir
 from clipforge.core.components import EncoderBundle
+from clipforge.core.metrics import metric_key
 from clipforge.registry import (
     PromotionError,
     champion_metrics,
     default_tracking_uri,
     ensure_experiment,
     log_pyfunc_model,
-    metric_key,
     mlflow_ui_command,
     promote_if_better,
     register_version,

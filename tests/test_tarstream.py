@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipforge.core.tarstream import Damage, Member, TarError, read_members, read_tar
+from clipforge.core.tarstream import TarDamage, TarError, TarMember, read_members, read_tar
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
@@ -28,12 +28,12 @@ def archive(members: list[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> 
     return buf.getvalue(), spans
 
 
-def read(data: bytes, **kw) -> list[Member | Damage]:
+def read(data: bytes, **kw) -> list[TarMember | TarDamage]:
     return list(read_tar(io.BytesIO(data), **kw))
 
 
-def files(items: list[Member | Damage]) -> list[tuple[str, bytes | None]]:
-    return [(m.name, m.data) for m in items if isinstance(m, Member)]
+def files(items: list[TarMember | TarDamage]) -> list[tuple[str, bytes | None]]:
+    return [(m.name, m.data) for m in items if isinstance(m, TarMember)]
 
 
 def test_reads_every_format_with_long_names_links_and_folders():
@@ -52,7 +52,7 @@ def test_reads_every_format_with_long_names_links_and_folders():
             link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
             tar.addfile(link)
         items = read(buf.getvalue())
-        assert not [i for i in items if isinstance(i, Damage)]
+        assert not [i for i in items if isinstance(i, TarDamage)]
         names = [(i.name, i.kind) for i in items]
         assert names == [("d", "dir"), ("d/a.txt", "file"), (long, "file"), ("d/caf\u00e9.txt", "file"), ("d/b.jpg", "link")]
         assert items[2].data == b"\x00" * 700 and items[4].target == "a.txt"
@@ -70,7 +70,7 @@ def test_a_corrupt_header_is_reported_and_reading_resumes_after_it():
     damaged = bytearray(data)
     damaged[spans[2][0] + 130] ^= 0x55  # the size field of the third member's header
     items = read(bytes(damaged))
-    (damage,) = [i for i in items if isinstance(i, Damage)]
+    (damage,) = [i for i in items if isinstance(i, TarDamage)]
     assert (damage.offset, damage.resumed, damage.reason, damage.name) == (
         spans[2][0],
         spans[3][0],
@@ -86,14 +86,14 @@ def test_truncation_and_oversized_members():
     data, spans = archive([("a.txt", b"a" * 2000), ("b.txt", b"b" * 2000)])
     items = read(data[: spans[1][0] + 700])
     assert files(items) == [("a.txt", b"a" * 2000)]
-    assert items[-1] == Damage(spans[1][0], None, "truncated archive", "b.txt")
+    assert items[-1] == TarDamage(spans[1][0], None, "truncated archive", "b.txt")
     items = read(data, max_member=1000)
-    assert [(i.reason, i.name, i.resumed) for i in items if isinstance(i, Damage)] == [
+    assert [(i.reason, i.name, i.resumed) for i in items if isinstance(i, TarDamage)] == [
         ("member of 2000 bytes, over the 1000-byte limit", "a.txt", spans[1][0]),
         ("member of 2000 bytes, over the 1000-byte limit", "b.txt", spans[1][1]),
     ]
-    assert read(data[:700]) == [Damage(0, None, "truncated archive", "a.txt")]
-    assert read(data[:300]) == [Damage(0, None, "truncated archive")]
+    assert read(data[:700]) == [TarDamage(0, None, "truncated archive", "a.txt")]
+    assert read(data[:300]) == [TarDamage(0, None, "truncated archive")]
     assert read(b"") == [] and read(bytes(1024 + 100)) == []
 
 
@@ -123,5 +123,5 @@ def test_every_member_the_damage_did_not_touch_is_read(sizes, fmt, cut, copies):
     position = 0
     for member in untouched:  # in order, each once
         position = got.index(member, position) + 1
-    for damage in (i for i in items if isinstance(i, Damage)):
+    for damage in (i for i in items if isinstance(i, TarDamage)):
         assert damage.offset < end and (damage.resumed is None or damage.resumed > damage.offset)

@@ -71,11 +71,26 @@ class Component:
             return {}, [("", f"{noun(self.kind)} {self.name!r}: {e}")]
         return dict(fields), []
 
-    def create(self, fields: dict[str, Any]) -> Any:
+    def create(self, fields: dict[str, Any], storage_options: dict[str, Any] | None = None) -> Any:
+        """Build the component from a recipe entry's fields; ``storage_options`` (the recipe's
+        ``storage.options``) go to a factory that :meth:`takes_storage_options`."""
         kwargs, errors = self.check(fields)
         if errors:
             raise RecipeError(errors, source=f"{self.kind} {self.name!r}")
+        if storage_options is not None and self.takes_storage_options():
+            kwargs["storage_options"] = storage_options
         return self.factory(**kwargs)
+
+    def takes_storage_options(self) -> bool:
+        """Whether the host passes the recipe's ``storage.options`` to the factory: it has a ``storage_options``
+        parameter that is not a recipe field (not in its params model; a factory without one has only fields)."""
+        if self.params is None or "storage_options" in self.params.model_fields:
+            return False
+        try:
+            parameters = inspect.signature(self.factory).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            return False
+        return "storage_options" in parameters
 
     def whole_dataset(self, fields: dict[str, Any]) -> bool | None:
         """Whether this curation step entry builds a whole-dataset step, known without building it.
@@ -142,7 +157,7 @@ class Catalog:
         for kind in KINDS:
             yield from self._components[kind].values()
 
-    def create(self, kind: str, entry: dict[str, Any]) -> Any:
-        """Build a component from a recipe entry ``{"type": name, **fields}``."""
+    def create(self, kind: str, entry: dict[str, Any], storage_options: dict[str, Any] | None = None) -> Any:
+        """Build a component from a recipe entry ``{"type": name, **fields}`` (``storage_options``: see :meth:`Component.create`)."""
         fields = dict(entry)
-        return self.get(kind, fields.pop("type")).create(fields)
+        return self.get(kind, fields.pop("type")).create(fields, storage_options)

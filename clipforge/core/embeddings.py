@@ -1,7 +1,9 @@
-"""Embeddings evaluators (built-in or not) compute and share: L2-normalised image and text features, computed in batches.
+"""Embeddings of a model: L2-normalised image and text features, computed in batches, in eval mode
+and the weights' dtype. Evaluators and curation steps (built-in or not) compute them here.
 
 Both functions return float32 CPU tensors, whatever the model's device and dtype, so that the
-metrics code sees one kind of input.
+metrics code sees one kind of input. torch, PIL and tqdm are imported on first use: ``import
+clipforge`` exports these functions and must stay light.
 
 Inside ``with shared_embeddings():`` (the evaluate stage opens one around all its evaluators)
 the embeddings of a dataset object and of a list of texts are computed once per model and
@@ -16,19 +18,20 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from clipforge.core.components import EncoderBundle, Sample
 from clipforge.core.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
 
 def load_image(image: Any, key: str = "?") -> Image.Image:
     """A sample's image as an RGB PIL image; encoded bytes are decoded."""
+    from PIL import Image
+
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
             image = Image.open(io.BytesIO(image))
@@ -47,6 +50,7 @@ def embed_images(
     batch_size: int,
     desc: str = "images",
     check: Callable[[Sample], None] | None = None,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, list[Sample]]:
     """Normalised image embeddings ``(N, D)`` of ``samples``, and the samples without their images.
 
@@ -55,6 +59,7 @@ def embed_images(
     sample first and raises on a bad one, so bad input fails before every image is embedded.
     Within :func:`shared_embeddings` a dataset already embedded by this model is not read
     again: ``check`` runs on its kept samples and the cached embeddings are returned.
+    ``progress=False`` hides the progress bar (a caller embedding many small batches).
     """
     cache = _CACHE.get()
     key = (id(bundle.model), id(samples))
@@ -64,7 +69,7 @@ def embed_images(
             for sample in kept:
                 check(sample)
         return features, kept
-    features, kept = _embed_images(bundle, samples, device, batch_size, desc, check)
+    features, kept = _embed_images(bundle, samples, device, batch_size, desc if progress else None, check)
     if cache is not None:
         # the dataset is kept alive with its entry so that its id is not reused by another object
         cache.images[key] = (features, kept)
@@ -77,9 +82,13 @@ def _embed_images(
     samples: Iterable[Sample],
     device: str,
     batch_size: int,
-    desc: str,
+    desc: str | None,
     check: Callable[[Sample], None] | None,
 ) -> tuple[torch.Tensor, list[Sample]]:
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
     kept: list[Sample] = []
     chunks: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
@@ -91,7 +100,11 @@ def _embed_images(
             batch.clear()
 
         for sample in tqdm(
-            samples, desc=desc, total=len(samples) if isinstance(samples, Sized) else None, unit="img", disable=None
+            samples,
+            desc=desc,
+            total=len(samples) if isinstance(samples, Sized) else None,
+            unit="img",
+            disable=None if desc is not None else True,
         ):
             if check is not None:
                 check(sample)
@@ -104,15 +117,21 @@ def _embed_images(
     return (torch.cat(chunks) if chunks else torch.empty(0, 0)), kept
 
 
-def embed_texts(bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts") -> torch.Tensor:
+def embed_texts(
+    bundle: EncoderBundle, texts: Sequence[str], device: str, batch_size: int, desc: str = "texts", progress: bool = True
+) -> torch.Tensor:
     """Normalised text embeddings ``(len(texts), D)``; within :func:`shared_embeddings`, once per model and text list."""
     cache = _CACHE.get()
     key = (id(bundle.model), tuple(texts))
     if cache is not None and key in cache.texts:
         return cache.texts[key]
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
     chunks: list[torch.Tensor] = []
     with _inference(bundle.model, device) as (model, _):
-        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=None):
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=None if progress else True):
             tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
             chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     features = torch.cat(chunks) if chunks else torch.empty(0, 0)
@@ -151,6 +170,8 @@ def shared_embeddings() -> Iterator[EmbeddingCache]:
 @contextmanager
 def _inference(model: Any, device: str) -> Iterator[tuple[Any, torch.dtype]]:
     """``model`` on ``device`` in eval mode without gradients; its train/eval mode is restored after."""
+    import torch
+
     was_training = model.training
     model.to(device).eval()
     # images must match the weights' dtype (a bf16 model rejects float32 pixels)

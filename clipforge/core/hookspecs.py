@@ -6,11 +6,11 @@ component. Lifecycle hooks observe a run; their return values are ignored, and a
 one fails the stage that called it (a notification that must never fail a run should catch
 its own errors).
 
-``context`` is a :class:`clipforge.core.context.RunContext`: the recipe, the store, the run id
+``context`` is a :class:`~clipforge.RunContext`: the recipe, the store, the run id
 and folder, the MLflow run id, and ``state``, the typed result of each stage run so far.
 
 What each kind's factories return, and the optional capabilities a component may declare, are
-the protocols of :mod:`clipforge.core.components`; :data:`clipforge.core.kinds.KINDS` ties each
+the protocols :mod:`clipforge` exports; :data:`clipforge.core.kinds.KINDS` ties each
 kind to its registration hook below.
 """
 
@@ -93,8 +93,9 @@ def register_launchers(register: RegisterFn) -> None:
     """Register ways to run the train stage: in this process, on several processes, on a cluster.
 
     Runs once, when the catalogs are first built. Each factory returns a
-    :class:`~clipforge.Launcher`: ``launch(job)`` runs the picklable ``job`` on every process it
-    starts, each told its rank as ``torch.distributed`` expects, and waits for all of them.
+    :class:`~clipforge.Launcher`: ``launch(job, device)`` runs the picklable ``job`` on every process
+    it starts, each told its rank as ``torch.distributed`` expects, and waits for all of them;
+    ``device`` is the recipe's ``train.device``, to size the processes by.
     """
 
 

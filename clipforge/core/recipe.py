@@ -8,8 +8,6 @@ validating a recipe with its components (:func:`~clipforge.core.validation.load_
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -17,6 +15,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from clipforge.core.hashing import content_hash
 from clipforge.core.kinds import KINDS
 
 
@@ -262,7 +261,7 @@ class Recipe(_Strict):
         data = self.as_dict()
         if sections:
             data = {k: data.get(k) for k in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return content_hash(data)
 
     def component_entries(self) -> list[tuple[str, str, dict[str, Any]]]:
         """Every component the recipe references, as ``(kind, field path, entry)``."""

@@ -26,7 +26,7 @@ _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
 
 @dataclass(frozen=True, slots=True)
-class Member:
+class TarMember:
     """A member: ``kind`` is ``file`` (with ``data``), ``dir``, ``link`` (``target`` set) or ``other``."""
 
     name: str
@@ -37,7 +37,7 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
-class Damage:
+class TarDamage:
     """Bytes that are not a readable member: from ``offset`` to ``resumed`` (None: the end of the file).
 
     ``name`` is what a damaged header still says its member is called, when that is legible.
@@ -47,6 +47,12 @@ class Damage:
     resumed: int | None
     reason: str
     name: str = ""
+
+    def describe(self) -> str:
+        """A one-line account of the damage: reason, member, where, and where reading went on."""
+        member = f" ({self.name})" if self.name else ""
+        resumed = "" if self.resumed is None else f", reading resumed at offset {self.resumed}"
+        return f"{self.reason}{member} at offset {self.offset}{resumed}"
 
 
 class TarError(tarfile.ReadError):
@@ -182,16 +188,16 @@ def _resync(s: _Stream) -> int | None:
         window, base, searched = window[keep:], base + keep, searched - keep
 
 
-def read_members(f: BinaryIO) -> Iterator[Member]:
+def read_members(f: BinaryIO) -> Iterator[TarMember]:
     """The members of an archive that must be whole (one clipforge wrote): damage raises :class:`TarError`."""
     for item in read_tar(f):
-        if isinstance(item, Damage):
-            raise TarError(describe(item))
+        if isinstance(item, TarDamage):
+            raise TarError(item.describe())
         yield item
 
 
-def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[Member | Damage]:
-    """The members of the tar archive(s) in ``f``, in order, and a :class:`Damage` for each stretch
+def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[TarMember | TarDamage]:
+    """The members of the tar archive(s) in ``f``, in order, and a :class:`TarDamage` for each stretch
     that is not one (reading goes on at the next valid header)."""
     s = _Stream(f)
     pax: dict[str, str] = {}
@@ -202,17 +208,17 @@ def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[Member | 
         header = s.read(BLOCK)
         if not header:
             return
-        damage: Damage | None = None
+        damage: TarDamage | None = None
         if len(header) < BLOCK:
             if not header.strip(b"\0"):
                 return  # short zero padding at the end
-            damage = Damage(offset, None, "truncated archive")
+            damage = TarDamage(offset, None, "truncated archive")
         elif header == _ZERO:
             continue  # an end-of-archive marker or padding: another archive may follow
         elif (problem := _problem(header)) is not None:
             name = _legible_name(header)
             s.unread(header[1:])
-            damage = Damage(offset, _resync(s), problem, name)
+            damage = TarDamage(offset, _resync(s), problem, name)
         if damage is not None:
             yield damage
             pax, long_name, long_link, first = {}, None, None, None
@@ -227,7 +233,7 @@ def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[Member | 
         if size > max_member:
             skipped = s.skip(size + (-size % BLOCK))
             resumed = s.pos if skipped >= size else None
-            yield Damage(
+            yield TarDamage(
                 offset if first is None else first, resumed, f"member of {size} bytes, over the {max_member}-byte limit", name
             )
             pax, long_name, long_link, first = {}, None, None, None
@@ -236,7 +242,7 @@ def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[Member | 
             continue
         data = s.read(size)
         if len(data) < size:
-            yield Damage(offset if first is None else first, None, "truncated archive", name)
+            yield TarDamage(offset if first is None else first, None, "truncated archive", name)
             return
         s.skip(-size % BLOCK)
         if kind in (_PAX, _GNU_LONGNAME, _GNU_LONGLINK):
@@ -252,13 +258,13 @@ def read_tar(f: BinaryIO, *, max_member: int = MAX_MEMBER) -> Iterator[Member | 
         if kind == _PAX_GLOBAL:
             pass  # defaults for the members that follow: nothing clipforge reads
         elif kind in _FILE:
-            yield Member(name, start, "file", data)
+            yield TarMember(name, start, "file", data)
         elif kind == _DIR:
-            yield Member(name.rstrip("/"), start, "dir")
+            yield TarMember(name.rstrip("/"), start, "dir")
         elif kind in (_HARDLINK, _SYMLINK):
-            yield Member(name, start, "link", target=long_link or pax.get("linkpath") or _text(header[157:257]))
+            yield TarMember(name, start, "link", target=long_link or pax.get("linkpath") or _text(header[157:257]))
         else:
-            yield Member(name, start, "other")
+            yield TarMember(name, start, "other")
         pax, long_name, long_link, first = {}, None, None, None
 
 
@@ -269,10 +275,3 @@ def _header_name(header: bytes, errors: str = "replace") -> str:
         if prefix:
             return f"{prefix}/{name}"
     return name
-
-
-def describe(damage: Damage) -> str:
-    """A one-line account of a damage: reason, member, where, and where reading went on."""
-    member = f" ({damage.name})" if damage.name else ""
-    resumed = "" if damage.resumed is None else f", reading resumed at offset {damage.resumed}"
-    return f"{damage.reason}{member} at offset {damage.offset}{resumed}"

@@ -11,6 +11,7 @@ import pydantic
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.errors import RecipeError, UnknownComponentError
+from clipforge.core.metrics import EVAL_PREFIX
 from clipforge.core.overrides import apply_overrides
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe, component_entries
@@ -62,7 +63,7 @@ def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
         (f"registry.promote.guards.{i}.metric", g.metric) for i, g in enumerate(rule.guards)
     ]
     for path, metric in named:
-        parts = metric.removeprefix("eval/").split("/")
+        parts = metric.removeprefix(EVAL_PREFIX).split("/")
         if sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
             errors.append(
                 (

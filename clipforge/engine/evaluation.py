@@ -21,6 +21,8 @@ from clipforge.core.components import ChoosesHyperparameters, EncoderBundle, Rep
 from clipforge.core.embeddings import shared_embeddings
 from clipforge.core.errors import StageError
 from clipforge.core.evaluations import runs
+from clipforge.core.hashing import canonical_json
+from clipforge.core.metrics import EVAL_PREFIX
 from clipforge.core.recipe import Recipe
 from clipforge.core.resolver import resolve_model
 from clipforge.engine.training.runtime import resolve_device
@@ -68,7 +70,7 @@ def evaluate_bundle(
             if on_evaluator:
                 on = f"evaluation.{i}.dataset" if ev.dataset is not None else "data.eval" + (f".{set_name}" if set_name else "")
                 on_evaluator(n + 1, len(planned), label, on)
-            key = json.dumps(entry.entry(), sort_keys=True, default=str)
+            key = canonical_json(entry.entry())
             if key not in datasets:  # one dataset object per entry, shared by the evaluators that use it
                 datasets[key] = catalog.create("datasets", entry.entry())
             evaluator = catalog.create("evaluators", ev.entry())
@@ -77,7 +79,7 @@ def evaluate_bundle(
                 value = float(value)
                 if not math.isfinite(value):
                     raise StageError(f"evaluation.{i} ({label}): metric {name!r} is {value}")
-                (params if name in chosen else metrics)[f"eval/{label}/{name}"] = value
+                (params if name in chosen else metrics)[f"{EVAL_PREFIX}{label}/{name}"] = value
             if isinstance(evaluator, ReportsDetails) and evaluator.details:
                 details[label] = evaluator.details
     return Evaluation(metrics, details, data_hash(recipe, catalog, datasets), params)
@@ -88,10 +90,10 @@ def data_hash(recipe: Recipe, catalog: Catalog, datasets: dict[str, Any] | None 
     the recipe when ``datasets``, by entry, is not given)."""
     digest = hashlib.sha256()
     for _, ev, set_name, entry in runs(recipe):
-        digest.update(json.dumps([set_name, ev.entry(), ev.label, entry.entry()], sort_keys=True, default=str).encode())
+        digest.update(canonical_json([set_name, ev.entry(), ev.label, entry.entry()]).encode())
     datasets = dict(datasets or {})
     for _, _, _, entry in runs(recipe):
-        key = json.dumps(entry.entry(), sort_keys=True, default=str)
+        key = canonical_json(entry.entry())
         if key not in datasets:
             datasets[key] = catalog.create("datasets", entry.entry())
     for key in sorted(datasets):

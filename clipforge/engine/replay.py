@@ -13,7 +13,6 @@ shards: the next replay's pool when this run's model becomes champion.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from clipforge.core.components import Sample
 from clipforge.core.errors import ConfigError
+from clipforge.core.hashing import content_hash
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import ReplayResult
 from clipforge.core.storage import Store
@@ -81,7 +81,7 @@ def replay(
     if take == 0:
         return None
     identity = {"pool": [(s.sha256, s.samples) for s in sources], "take": take, "seed": spec.seed}
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    key = content_hash(identity, 16, sort_keys=False)  # hashed in insertion order since replays were first stored
     out = f"replay/{key}"
     if store.exists(f"{out}/{REPLAY_INDEX}"):
         return ReplayResult.model_validate(store.read_json(f"{out}/{REPLAY_INDEX}")["result"])

@@ -10,16 +10,13 @@ from pathlib import Path
 import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
+from clipforge.core.metrics import EVAL_PREFIX, eval_name
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
 from clipforge.engine.evaluation import evaluate
 from clipforge.flows.evaluate import EVAL_HASH_TAG
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.stage import stage_flow
 from clipforge.registry import build_report, model_summary, render_markdown, render_model_card, tracking
-
-
-def promotion_metric(name: str) -> str:
-    return name if name.startswith("eval/") else f"eval/{name}"
 
 
 def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None) -> dict[str, str]:
@@ -47,8 +44,8 @@ def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResu
     r = ctx.recipe
     metrics, name, rule = evaluated.metrics, r.model_name, r.registry.promote
     run = tracking.mlflow_run(ctx)
-    metric = promotion_metric(rule.metric) if rule else None
-    guards = [(promotion_metric(g.metric), g.max_drop) for g in rule.guards] if rule else []
+    metric = eval_name(rule.metric) if rule else None
+    guards = [(eval_name(g.metric), g.max_drop) for g in rule.guards] if rule else []
     gating = [m for m in [metric, *(g for g, _ in guards)] if m]
     if missing := [m for m in gating if m not in metrics]:
         raise StageError(
@@ -127,7 +124,7 @@ def _metrics_on(ctx: RunContext, evaluated: EvaluateResult, ours: str) -> Callab
 def _evaluated_again(ctx: RunContext, name: str, version: str, data_hash: str) -> dict[str, float]:
     tags = tracking.version_tags(name, version)
     source = tags.get("mlflow.source.run_id")
-    if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, "eval/")):
+    if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, EVAL_PREFIX)):
         return measured
     cached = f"cache/evaluations/{name}/v{version}-{data_hash[:16]}.json"
     if ctx.store.exists(cached):
@@ -158,7 +155,7 @@ def _described(ctx: RunContext, run: str, version: str, parent: str | None, prom
     # the recipe's fields (eval/ params are settings evaluators chose; storage is where, not what)
     changed = [
         k for k in sorted(ours.keys() | theirs.keys())
-        if ours.get(k) != theirs.get(k) and not k.startswith(("eval/", "storage."))
+        if ours.get(k) != theirs.get(k) and not k.startswith((EVAL_PREFIX, "storage."))
     ]  # fmt: skip
     lines.append(f"Changed since version {parent} (the champion it was weighed against), trained by retrain `{ctx.run_id}`:")
     lines += [f"- `{k}`: {theirs.get(k, '(unset)')} → {ours.get(k, '(unset)')}" for k in changed[:20]]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from clipforge.core.context import RunContext
+from clipforge.core.hashing import content_hash
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult, TrainResult
 from clipforge.core.storage import Store
@@ -28,7 +27,7 @@ def training_key(recipe: Recipe, curated: CurateResult) -> str:
     }
     if curated.replay:
         spec["replay"] = curated.replay.content_hash
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_hash(spec, 16)
 
 
 def finished_training(store: Store, key: str) -> TrainResult | None:

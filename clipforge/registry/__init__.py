@@ -13,7 +13,7 @@
 Importing this package imports mlflow; only the flows and the command line do.
 """
 
-from clipforge.registry.client import MAX_METRICS_PER_BATCH, metric_key
+from clipforge.registry.client import MAX_METRICS_PER_BATCH
 from clipforge.registry.model_card import render_model_card
 from clipforge.registry.model_card import summary as model_summary
 from clipforge.registry.promotion import (
@@ -48,7 +48,6 @@ __all__ = [
     "ensure_experiment",
     "experiment_of",
     "log_pyfunc_model",
-    "metric_key",
     "mlflow_ui_command",
     "model_summary",
     "promote_first_version",

@@ -67,8 +67,3 @@ def mlflow_client() -> MlflowClient:
         # typed as what it wraps: every method of MlflowClient, with its signature
         _clients[key] = cast(MlflowClient, _Retried(MlflowClient(*key)))
     return _clients[key]
-
-
-def metric_key(name: str) -> str:
-    """``name`` as MLflow accepts it: ``'@'`` becomes ``'_at_'`` (``recall@5`` -> ``recall_at_5``)."""
-    return name.replace("@", "_at_")

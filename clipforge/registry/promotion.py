@@ -1,7 +1,7 @@
 """Model versions and the aliases that point at them: ``challenger`` (newest) and ``champion`` (best).
 
 Each version carries its evaluation metrics as tags ``metric.<name>`` (names through
-:func:`~clipforge.registry.client.metric_key`), so promotion compares versions without
+:func:`~clipforge.core.metrics.metric_key`), so promotion compares versions without
 reading runs. Every move of ``champion`` records on the new champion ``promoted_by``,
 ``promotion_reason``, ``promoted_at`` and ``previous_champion`` (the version it displaced),
 which is what :func:`rollback` walks back.
@@ -46,7 +46,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from clipforge.core.errors import ConfigError, StageError
-from clipforge.registry.client import metric_key, mlflow_client, tracked
+from clipforge.core.metrics import eval_name, metric_key
+from clipforge.registry.client import mlflow_client, tracked
 from clipforge.registry.report import direction
 
 log = logging.getLogger(__name__)
@@ -378,9 +379,8 @@ def _guard_tag(reason: str) -> dict[str, str]:
 
 def metric_of(metrics: dict[str, float], metric: str, who: str) -> float:
     """``metric`` of ``metrics``, with or without the ``eval/`` prefix, ``@`` or ``_at_``; else PromotionError naming ``who``."""
-    names = [metric] if metric.startswith("eval/") else [metric, f"eval/{metric}"]
     by_key = {metric_key(k): v for k, v in metrics.items()}
-    for candidate in names:
+    for candidate in dict.fromkeys([metric, eval_name(metric)]):
         if metric_key(candidate) in by_key:
             return float(by_key[metric_key(candidate)])
     raise PromotionError(f"{who} has no metric {metric!r}; it has: {', '.join(sorted(metrics)) or 'none'}")

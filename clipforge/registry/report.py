@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from clipforge.registry.client import metric_key
+from clipforge.core.metrics import eval_name, metric_key
 
 #: Metric names (the last path part) where lower is better.
 LOWER_IS_BETTER = frozenset({"alignment", "uniformity_image", "uniformity_text"})
@@ -47,7 +47,7 @@ def compare(
     for name in names:
         ours, other = challenger.get(name), theirs.get(metric_key(name))
         key = metric_key(name)
-        is_rule = promote_metric is not None and key in (metric_key(promote_metric), metric_key(f"eval/{promote_metric}"))
+        is_rule = promote_metric is not None and key in (metric_key(promote_metric), metric_key(eval_name(promote_metric)))
         better = promote_mode if is_rule else direction(name)
         rows.append(
             {

@@ -32,10 +32,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 import clipforge
 from clipforge.core.context import RunContext
 from clipforge.core.evaluations import runs
+from clipforge.core.metrics import EVAL_PREFIX, metric_key
 from clipforge.core.recipe import Recipe
 from clipforge.core.results import CurateResult
 from clipforge.registry import promotion
-from clipforge.registry.client import MAX_METRICS_PER_BATCH, metric_key, mlflow_client, tracked
+from clipforge.registry.client import MAX_METRICS_PER_BATCH, mlflow_client, tracked
 from clipforge.registry.model_card import summary as model_summary
 from clipforge.registry.pyfunc import log_pyfunc_model
 
@@ -328,7 +329,7 @@ def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
 def log_model_metrics(run_id: str, model_id: str, recipe: Recipe, metrics: dict[str, float]) -> None:
     """The evaluation's metrics as the logged model's, each with the dataset it was measured on, so
     that the model's page lists the data it was evaluated on ("Datasets used")."""
-    read_by = {f"eval/{label}/": dataset for dataset, labels in evaluation_datasets(recipe) for label in labels}
+    read_by = {f"{EVAL_PREFIX}{label}/": dataset for dataset, labels in evaluation_datasets(recipe) for label in labels}
     now = int(time.time() * 1000)
     batch = [
         Metric(

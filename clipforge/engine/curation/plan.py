@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from clipforge.core.catalog import Catalog
 from clipforge.core.components import CurationStep, PartitionedDataset, WholeDatasetStep
 from clipforge.core.errors import ConfigError
+from clipforge.core.hashing import content_hash
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
 from clipforge.core.storage import Store
@@ -33,7 +33,7 @@ def curation_key(recipe: Recipe, pool: PoolChain | None = None, catalog: Catalog
     }
     if pool is not None:
         spec["pool"] = pool.identity()
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_hash(spec, 16)
 
 
 def input_size(recipe: Recipe, catalog: Catalog | None = None) -> int | None:
@@ -63,14 +63,17 @@ class Steps:
 def build_steps(recipe: Recipe, catalog: Catalog) -> Steps:
     """The recipe's steps, built once per process and catalog (a scoring model is loaded once, not per part)."""
     return _built(
-        catalog, json.dumps([(label, s.entry()) for label, s in zip(step_labels(recipe), recipe.curation)], default=str)
+        catalog,
+        json.dumps([(label, s.entry()) for label, s in zip(step_labels(recipe), recipe.curation)], default=str),
+        json.dumps(recipe.storage.options),
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _built(catalog: Catalog, entries: str) -> Steps:
+def _built(catalog: Catalog, entries: str, storage_options: str) -> Steps:
     parsed = json.loads(entries)
-    labelled = [(label, catalog.create("curation_steps", entry)) for label, entry in parsed]
+    options = json.loads(storage_options)
+    labelled = [(label, catalog.create("curation_steps", entry, options)) for label, entry in parsed]
     first_whole = None
     for i, (label, step) in enumerate(labelled):
         if not isinstance(step, (CurationStep, WholeDatasetStep)):

@@ -122,7 +122,7 @@ class Trainer:
         model = bundle.model.to(runtime.device)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        loss_fn = catalog.create("losses", recipe.loss.entry()).to(runtime.device)
+        loss_fn = catalog.create("losses", recipe.loss.entry(), recipe.storage.options).to(runtime.device)
         if isinstance(loss_fn, Preparable):
             loss_fn.prepare(bundle)
         plan = plan_steps(shards, cfg, runtime.world)

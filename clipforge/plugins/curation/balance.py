@@ -27,8 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge.core.components import Pool, Sample, Verdict
-from clipforge.core.errors import ConfigError
+from clipforge import ConfigError, Pool, Sample, Verdict
 
 #: Code point ranges of the scripts written without spaces between words: an entry of them matches as a substring.
 NO_SPACE_SCRIPTS = (

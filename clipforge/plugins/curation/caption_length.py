@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
-from clipforge.core.components import Sample, Verdict
+from clipforge import Sample, Verdict
 
 
 class CaptionLengthParams(BaseModel):

@@ -14,8 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge.core.components import Pool, Sample, Verdict
-from clipforge.core.resolver import resolve_model
+from clipforge import Pool, Sample, Verdict, resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings
 
 
@@ -42,8 +41,8 @@ class ClipScoreParams(BaseModel):
 class _Scorer:
     """Cosines of the image and caption embeddings of a scoring model."""
 
-    def __init__(self, model: str, device: str) -> None:
-        self.bundle, self.device = resolve_model(model).load(device), device
+    def __init__(self, model: str, device: str, storage_options: dict[str, Any] | None) -> None:
+        self.bundle, self.device = resolve_model(model, storage_options).load(device), device
 
     def scores(self, samples: Sequence[Sample]) -> np.ndarray:
         images, texts = model_embeddings(self.bundle, samples, self.device)
@@ -53,8 +52,8 @@ class _Scorer:
 class ClipScore(_Scorer):
     """Per sample: the cosine against ``threshold``."""
 
-    def __init__(self, model: str, threshold: float, device: str = "cpu"):
-        super().__init__(model, device)
+    def __init__(self, model: str, threshold: float, device: str = "cpu", storage_options: dict[str, Any] | None = None):
+        super().__init__(model, device, storage_options)
         self.threshold = threshold
 
     def __call__(self, samples: Sequence[Sample]) -> list[Verdict]:
@@ -68,8 +67,8 @@ class ClipScoreTop(_Scorer):
     """Over the whole dataset: the top ``fraction`` of scores is kept (ties broken by order); against a
     pool, the top fraction of the pool's scores and the new ones together."""
 
-    def __init__(self, model: str, fraction: float, device: str = "cpu"):
-        super().__init__(model, device)
+    def __init__(self, model: str, fraction: float, device: str = "cpu", storage_options: dict[str, Any] | None = None):
+        super().__init__(model, device, storage_options)
         self.model, self.fraction = model, fraction
 
     def features(self, samples: Sequence[Sample]) -> list[float]:
@@ -100,13 +99,21 @@ class ClipScoreTop(_Scorer):
 
 
 def create_clip_score(
-    model: str, threshold: float | None = None, fraction: float | None = None, device: str = "cpu"
+    model: str,
+    threshold: float | None = None,
+    fraction: float | None = None,
+    device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
 ) -> ClipScore | ClipScoreTop:
-    """CLIP-score filtering by a scoring model: an absolute threshold, or the top fraction."""
+    """CLIP-score filtering by a scoring model: an absolute threshold, or the top fraction.
+
+    ``storage_options``, the recipe's ``storage.options``, are passed by the host: they open a
+    model on the recipe's store (``s3://...`` on its endpoint).
+    """
     if fraction is not None:
-        return ClipScoreTop(model, fraction, device)
+        return ClipScoreTop(model, fraction, device, storage_options)
     assert threshold is not None  # ClipScoreParams asks for exactly one of the two
-    return ClipScore(model, threshold, device)
+    return ClipScore(model, threshold, device, storage_options)
 
 
 @clipforge.hookimpl

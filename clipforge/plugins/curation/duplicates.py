@@ -16,8 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import Pool, Sample, Verdict
-from clipforge.core.resolver import resolve_model
+from clipforge import Pool, Sample, Verdict, resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
 
 #: The reason of a sample dropped because the pool curated against holds a copy of it.
@@ -87,11 +86,18 @@ class NearDuplicates:
     """Images whose embeddings have cosine >= threshold are linked; each connected group of links, of
     any size, keeps its first image in input order and drops the others, naming the one kept."""
 
-    def __init__(self, threshold: float = 0.97, embedding: str = "thumbnail", model: str | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        threshold: float = 0.97,
+        embedding: str = "thumbnail",
+        model: str | None = None,
+        device: str = "cpu",
+        storage_options: dict[str, Any] | None = None,  # the recipe's, passed by the host
+    ):
         if embedding == "model" and not model:
             raise clipforge.ConfigError("near-duplicates: embedding: model needs `model` (models:/NAME@champion or a folder)")
         self.threshold, self.device = threshold, device
-        resolved = resolve_model(model) if embedding == "model" and model else None
+        resolved = resolve_model(model, storage_options) if embedding == "model" and model else None
         self.bundle = resolved.load(device) if resolved else None
         # embeddings of two models live in different spaces: a pool's are only comparable from the same weights
         self.signature: dict[str, Any] = (

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.core.components import EncoderBundle
+import clipforge
 
 
 def thumbnails(images: Sequence[Any], side: int = 16) -> np.ndarray:
@@ -20,15 +20,13 @@ def thumbnails(images: Sequence[Any], side: int = 16) -> np.ndarray:
     return out / np.where(norms > 0, norms, 1.0)
 
 
-def model_embeddings(bundle: EncoderBundle, samples: Sequence[Any], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Normalised image and caption embeddings of a batch (the first caption of a list)."""
-    import torch
-
+def model_embeddings(
+    bundle: clipforge.EncoderBundle, samples: Sequence[Any], device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised image and caption embeddings of a batch (the first caption of a list), as the evaluators compute them."""
     if not samples:
         return np.zeros((0, 0), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
-    captions = [s.captions[0] for s in samples]
-    with torch.no_grad():
-        images = torch.stack([bundle.preprocess_val(s.image) for s in samples]).to(device)
-        img = bundle.model.encode_image(images, normalize=True)
-        txt = bundle.model.encode_text(bundle.tokenizer(captions).to(device), normalize=True)
-    return img.float().cpu().numpy(), txt.float().cpu().numpy()
+    n = len(samples)
+    images, _ = clipforge.embed_images(bundle, samples, device, n, progress=False)
+    texts = clipforge.embed_texts(bundle, [s.captions[0] for s in samples], device, n, progress=False)
+    return images.numpy(), texts.numpy()

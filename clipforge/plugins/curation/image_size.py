@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import Sample, Verdict
+from clipforge import Sample, Verdict
 
 
 class ImageSizeParams(BaseModel):

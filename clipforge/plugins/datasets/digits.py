@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
-from clipforge.core.components import Sample
+from clipforge import Sample
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {c}.", "a photo of the number {c}.", "a handwritten {c}.", "the digit {c}."]

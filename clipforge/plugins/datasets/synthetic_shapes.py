@@ -19,9 +19,7 @@ access. Another domain draws other samples from the same seed, under other keys.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
-from clipforge.core.components import Sample
+from clipforge import Sample
 
 #: Every colour the dataset draws, far apart in hue so that even 32 px images keep them apart.
 ALL_COLORS: dict[str, tuple[int, int, int]] = {
@@ -374,7 +372,7 @@ _DEFAULT_DOMAIN = SyntheticShapesParams(size=1).domain()
 
 
 def _digest(domain: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(domain, sort_keys=True).encode()).hexdigest()[:8]
+    return clipforge.content_hash(domain, 8)
 
 
 def _captions(shapes: list[_Shape], relation: str | None, outline: bool, background: tuple[str, str]) -> list[str]:

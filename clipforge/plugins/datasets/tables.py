@@ -18,8 +18,7 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import Sample
-from clipforge.core.storage import read_all
+from clipforge import Sample, read_all
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")

@@ -3,7 +3,7 @@
 Shards from real crawls are read for everything they still hold (see docs/curation.md, "Bad input"):
 
 - a damaged stretch (a corrupt header, a truncation) costs only the members in it: reading goes
-  on at the next valid header (:mod:`clipforge.core.tarstream`), and archives concatenated into
+  on at the next valid header (:func:`clipforge.read_tar`), and archives concatenated into
   one file are read whole;
 - every key read yields exactly one sample; one the shard cannot give whole carries an ``error``
   (the reason curation records) and its ``source`` (the shard and byte offset) in ``meta``;
@@ -25,9 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import clipforge
-from clipforge.core.components import Sample
-from clipforge.core.storage import open_input
-from clipforge.core.tarstream import Damage, Member, describe, read_tar
+from clipforge import Sample, TarDamage, TarMember, open_input, read_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 #: a member bigger than this is no image or caption of a crawl: skipped and reported
@@ -118,7 +116,7 @@ def _split(name: str) -> tuple[str, str]:
 class _Damage:
     """A damage seen in a shard, and whether a key's sample accounts for it."""
 
-    damage: Damage
+    damage: TarDamage
     key: str  # of the member its header still names, or ""
     told: bool = False
 
@@ -129,10 +127,10 @@ class _Group:
 
     key: str
     offset: int
-    image: Member | None = None
-    txt: Member | None = None
-    json: Member | None = None
-    links: list[Member] = field(default_factory=list)
+    image: TarMember | None = None
+    txt: TarMember | None = None
+    json: TarMember | None = None
+    links: list[TarMember] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nearby: list[_Damage] = field(default_factory=list)  # damages next to one of its members
     repeat_of: int | None = None  # for members that came back after their key's sample: that sample's offset
@@ -142,7 +140,7 @@ class _Group:
     def complete(self) -> bool:
         return self.image is not None and self.txt is not None
 
-    def add(self, member: Member, ext: str) -> None:
+    def add(self, member: TarMember, ext: str) -> None:
         slot = "image" if ext in IMAGE_EXTS else ext if ext in ("txt", "json") else None
         if member.kind != "file":
             self.links.append(member)
@@ -174,12 +172,12 @@ class _Shard:
         try:
             with open_input(self.url, self.storage_options) as f:
                 for item in read_tar(f, max_member=MAX_MEMBER):
-                    if isinstance(item, Damage):
+                    if isinstance(item, TarDamage):
                         self._damage(item)
                     elif item.kind != "dir":
                         yield from self._member(item)
         except OSError as e:  # the shard cannot be opened, or a read failed after its retries
-            self._damage(Damage(self.offset, None, f"unreadable ({type(e).__name__}: {e})"[:300]))
+            self._damage(TarDamage(self.offset, None, f"unreadable ({type(e).__name__}: {e})"[:300]))
         yield from self._close(self.current)
         self.current = None
         for group in list(self.pending.values()):
@@ -188,16 +186,16 @@ class _Shard:
             if not d.told:
                 key = d.key if d.key and d.key not in self.done else f"{posixpath.basename(self.url)}@{d.damage.offset}"
                 self.done[key] = d.damage.offset
-                yield self._bad(key, _reason(d.damage), f"{self.url}: {describe(d.damage)}")
+                yield self._bad(key, _reason(d.damage), f"{self.url}: {d.damage.describe()}")
 
-    def _damage(self, damage: Damage) -> None:
+    def _damage(self, damage: TarDamage) -> None:
         record = _Damage(damage, _split(damage.name)[0] if damage.name else "")
         self.damages.append(record)
         if self.current is not None:
             self.current.nearby.append(record)
         self.after.append(record)
 
-    def _member(self, member: Member) -> Iterator[Sample]:
+    def _member(self, member: TarMember) -> Iterator[Sample]:
         self.offset = member.offset
         key, ext = _split(member.name)
         group = self.current
@@ -245,7 +243,7 @@ class _Shard:
         told = [d for d in group.nearby if d.key == group.key or not whole]
         for d in told:
             d.told = True
-        notes = [*group.notes, *(describe(d.damage) for d in told if whole)]
+        notes = [*group.notes, *(d.damage.describe() for d in told if whole)]
         if group.repeat_of is not None:
             notes.insert(0, f"members of {group.key} after other keys; its sample is the one at @{group.repeat_of}")
             return self._bad(f"{group.key}@{group.offset}", REPEATED_KEY, "; ".join([source, *notes]))
@@ -254,7 +252,7 @@ class _Shard:
         if not group.complete:
             if told:
                 error = _reason(told[0].damage)
-                notes.append(describe(told[0].damage))
+                notes.append(told[0].damage.describe())
             elif group.links and group.image is None and group.txt is None and group.json is None:
                 error = LINKS
             elif group.image is None:
@@ -274,7 +272,7 @@ class _Shard:
         return Sample(key=key, image=None, caption=None, meta={"shard": self.url, "error": reason, "source": detail})
 
 
-def _reason(damage: Damage) -> str:
+def _reason(damage: TarDamage) -> str:
     if damage.reason.startswith("member of"):
         return TOO_LARGE
     if damage.reason.startswith("bad tar"):

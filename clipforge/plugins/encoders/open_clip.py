@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge.core.components import EncoderBundle
+from clipforge import EncoderBundle
 
 Positive = Annotated[int, Field(gt=0)]
 

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample, embed_images, embed_texts
 
 NAME = "compositionality"
 _CONVERSE = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
@@ -38,8 +38,6 @@ class Compositionality:
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
-
-        from clipforge.core.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(bundle, dataset, device, self.batch_size, desc=f"{NAME}: images")
         if not samples:

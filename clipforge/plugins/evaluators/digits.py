@@ -15,7 +15,7 @@ from typing import ClassVar
 from pydantic import Field
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample
 from clipforge.plugins.datasets.digits import Digits
 from clipforge.plugins.evaluators.zero_shot import ZeroShotClassification, ZeroShotParams
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample, embed_images, embed_texts
 from clipforge.plugins.evaluators.retrieval import caption_check
 
 NAME = "embedding-geometry"
@@ -49,8 +49,6 @@ class EmbeddingGeometry:
     seed: int = 0
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
-        from clipforge.core.embeddings import embed_images, embed_texts
-
         images, samples = embed_images(
             bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)
         )

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample, embed_images, get_plugin_manager
 from clipforge.plugins.evaluators.zero_shot import classes_of, label_check
 
 NAME = "linear-probe"
@@ -103,8 +103,6 @@ class LinearProbe:
     def _features(self, bundle, dataset, device, classes, part):
         import torch
 
-        from clipforge.core.embeddings import embed_images
-
         who = f"{NAME}: train_dataset" if part == "train" else NAME
         x, samples = embed_images(
             bundle, dataset, device, self.batch_size, desc=f"{NAME}: {part or 'images'}", check=label_check(len(classes), who)
@@ -154,8 +152,6 @@ def classification_metrics(logits, labels, n_classes: int) -> dict[str, float]:
 
 
 def _create_dataset(entry: dict[str, Any]):
-    from clipforge.core.plugins import get_plugin_manager
-
     return get_plugin_manager().catalog.create("datasets", entry)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample, embed_images, embed_texts
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +44,6 @@ class Retrieval:
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
-
-        from clipforge.core.embeddings import embed_images, embed_texts
 
         images, samples = embed_images(
             bundle, dataset, device, self.batch_size, desc=f"{NAME}: images", check=caption_check(NAME)

@@ -17,7 +17,7 @@ from typing import Annotated, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge.core.components import ClassificationDataset, EncoderBundle, Sample, TemplatedDataset, check_template
+from clipforge import ClassificationDataset, EncoderBundle, Sample, TemplatedDataset, check_template, embed_images, embed_texts
 
 NAME = "zero-shot-classification"
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
@@ -48,8 +48,6 @@ class ZeroShotClassification:
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
         import torch.nn.functional as F
-
-        from clipforge.core.embeddings import embed_images, embed_texts
 
         classes = classes_of(dataset, self.name)
         templates = self._templates(dataset)

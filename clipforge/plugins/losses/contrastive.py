@@ -9,6 +9,8 @@ those of one process holding the whole global batch; without it the towers' grad
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
@@ -44,6 +46,13 @@ def _lazy(name: str):
     return factory
 
 
+def create_distill(storage_options: dict[str, Any] | None = None, **fields):
+    """The distill loss module; the host passes the recipe's ``storage.options``, which open the teacher."""
+    from clipforge.plugins.losses import modules
+
+    return modules.Distill(**fields, storage_options=storage_options)
+
+
 @clipforge.hookimpl
 def register_losses(register):
     register("clip", _lazy("Clip"), params=GatherParams, description="CLIP's symmetric InfoNCE (open_clip ClipLoss)")
@@ -55,5 +64,5 @@ def register_losses(register):
         description="decoupled contrastive loss: the positive left out of the denominator",
     )
     register(
-        "distill", _lazy("Distill"), params=DistillParams, description="contrastive loss plus distillation from a frozen teacher"
+        "distill", create_distill, params=DistillParams, description="contrastive loss plus distillation from a frozen teacher"
     )

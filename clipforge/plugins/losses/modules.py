@@ -7,8 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.core.checkpoint import model_cfg_of
-from clipforge.core.errors import ConfigError
+from clipforge import ConfigError, model_cfg_of, resolve_model
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -91,16 +90,21 @@ class Distill(torch.nn.Module):
 
     needs_inputs = True
 
-    def __init__(self, teacher: str, weight: float = 1.0, local_loss: bool = False, gather_with_grad: bool = False):
+    def __init__(
+        self,
+        teacher: str,
+        weight: float = 1.0,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        storage_options: dict[str, Any] | None = None,  # the recipe's, passed by the host
+    ):
         super().__init__()
         from open_clip.loss import DistillClipLoss
-
-        from clipforge.core.resolver import resolve_model
 
         self.inner = _clip_loss(DistillClipLoss, local_loss, gather_with_grad)
         self.weight = weight
         try:
-            bundle = resolve_model(teacher).load()
+            bundle = resolve_model(teacher, storage_options).load()
         except ConfigError as e:
             raise ConfigError(f"loss 'distill': the teacher {e}") from None
         self.teacher_uri, self.teacher_arch = teacher, model_cfg_of(bundle.arch)

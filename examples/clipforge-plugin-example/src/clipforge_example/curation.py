@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clipforge.core.components import Sample, Verdict
+from clipforge import Sample, Verdict
 
 
 class ContrastFilter:

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from clipforge.core.components import Sample
+from clipforge import Sample
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: Zero-shot prompts, worded like the captions; ``{c}`` is the digit's name.

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from clipforge.core.components import EncoderBundle, Sample
+from clipforge import EncoderBundle, Sample
 
 
 class PairCosine:
