@@ -108,7 +108,7 @@ def test_the_docstring_check_catches_a_stale_summary_or_call():
     assert docstring_problems(docstrings, sections) == [
         "register_launchers: the docstring's launch(job) is not in the entry",
         "before_stage: the entry does not open with the docstring's summary "
-        "'Called before a stage (`curate`, `train`, `evaluate`, `register`) starts.'",
+        "'Called before a stage (a row of `clipforge.STAGES`: its name) starts.'",
     ]
 
 
