@@ -84,3 +84,48 @@ def test_an_operation_is_retried_whole_and_its_calls_not_again_inside(failures):
             operation()
     # every attempt of the operation ran both calls once: no retry of the inner call on its own
     assert calls == ["first", "second"] * attempts
+
+
+def _integrity_error() -> Exception:
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+        except sqlite3.IntegrityError as e:
+            raise MlflowException(str(e)) from e
+    except MlflowException as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    ("errors", "calls", "raised"),
+    [
+        ([], 1, None),
+        (["race"], 2, None),  # the concurrent insert lost: linked on the second call
+        (["race", "race"], 2, "UNIQUE"),  # a second refusal is no race: it goes on
+        (["other"], 1, "bad dataset"),  # any other refusal is not retried
+    ],
+)
+def test_log_inputs_tries_once_more_only_after_losing_an_insert_race(monkeypatch, errors, calls, raised):
+    from mlflow.exceptions import MlflowException
+
+    from clipforge.registry import tracking
+
+    made: list[str] = []
+
+    class Client:
+        def log_inputs(self, run_id, inputs):
+            made.append(run_id)
+            if len(made) <= len(errors):
+                raise _integrity_error() if errors[len(made) - 1] == "race" else MlflowException("bad dataset")
+
+    monkeypatch.setattr(tracking, "mlflow_client", Client)
+    if raised:
+        with pytest.raises(MlflowException, match=raised):
+            tracking.log_inputs("r", [])
+    else:
+        tracking.log_inputs("r", [])
+    assert made == ["r"] * calls

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import inspect
 import typing
 import uuid
 from collections.abc import Callable
@@ -152,9 +153,9 @@ def stage_flow(name: str) -> Callable[[Body], Flow[..., BaseModel]]:
 
     def decorate(body: Body) -> Flow[..., BaseModel]:
         hints = typing.get_type_hints(body)
-        params = [p for p in hints if p != "return"][1:]
+        params = list(inspect.signature(body).parameters)[1:]  # after ctx
         expected = [STAGES[n].result for n in stage.needs]
-        if [hints[p] for p in params] != expected or hints.get("return") is not stage.result:
+        if [hints.get(p) for p in params] != expected or hints.get("return") is not stage.result:
             raise TypeError(
                 f"{body.__qualname__}: the {name} stage's body takes (ctx, {', '.join(t.__name__ for t in expected)}) "
                 f"and returns a {stage.result.__name__}, as clipforge.core.stages.STAGES says"

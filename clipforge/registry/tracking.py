@@ -289,7 +289,32 @@ def log_curated_data(run_id: str, curated: CurateResult, columns: dict[str, str]
         schema=json.dumps({"mlflow_colspec": schema.to_dict()}) if schema else None,
         profile=json.dumps(profile),
     )
-    mlflow_client().log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+
+def log_inputs(run_id: str, inputs: list[DatasetInput]) -> None:
+    """``log_inputs``, once more when it lost a race: two runs of one experiment logging the same
+    dataset at once both insert it, and the database refuses the second (an integrity error); the
+    next attempt finds the first one's row and links it."""
+    try:
+        mlflow_client().log_inputs(run_id, inputs)
+    except MlflowException as e:
+        if not _lost_insert_race(e):
+            raise
+        mlflow_client().log_inputs(run_id, inputs)
+
+
+def _lost_insert_race(e: BaseException) -> bool:
+    import sqlite3
+
+    from sqlalchemy.exc import IntegrityError
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, IntegrityError | sqlite3.IntegrityError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def evaluation_datasets(recipe: Recipe) -> list[tuple[Dataset, list[str]]]:
@@ -322,7 +347,7 @@ def log_evaluation_sets(run_id: str, recipe: Recipe) -> None:
     """The evaluation datasets (:func:`evaluation_datasets`) as the run's inputs."""
     inputs = [DatasetInput(d, [InputTag("mlflow.data.context", "evaluation")]) for d, _ in evaluation_datasets(recipe)]
     if inputs:
-        mlflow_client().log_inputs(run_id, inputs)
+        log_inputs(run_id, inputs)
 
 
 @tracked
