@@ -75,7 +75,28 @@ def _reading_registry(workdir: str | None) -> str:
     return location.uri
 
 
-def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> RetrainResult:
+def _preflight(recipe: Recipe, source: str, *, registry: bool) -> None:
+    """Refuse (exit 2, every problem with its field path) what a run of ``recipe`` would fail on; with
+    ``registry``, the model references are looked up in this process's registry too."""
+    from clipforge.core.errors import RecipeError
+    from clipforge.core.plugins import get_plugin_manager
+    from clipforge.engine.preflight import preflight
+    from clipforge.registry.references import check_model_references
+
+    errors = preflight(recipe, get_plugin_manager().catalog) + check_model_references(recipe.as_dict(), registry=registry)
+    if errors:
+        raise RecipeError(errors, source=source)
+
+
+def _model_references(recipe: Recipe) -> list[tuple[str, str]]:
+    from clipforge.registry.references import model_references
+
+    return list(model_references(recipe.as_dict()))
+
+
+def _run_retrain(
+    recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path, source: str = "recipe"
+) -> RetrainResult:
     from clipforge.flows import retrain_flow
     from clipforge.flows.stage import new_run_id
     from clipforge.registry import use_tracking_uri
@@ -83,6 +104,7 @@ def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workd
 
     uri, artifact_root = _tracking(workdir)
     use_tracking_uri(uri)
+    _preflight(recipe, source, registry=True)
     record_tracking(TrackingLocation(uri, artifact_root, str(workdir)), workdir)
     run_id = run_id or new_run_id()  # chosen here, so that a failure can name the command that resumes it
     try:
@@ -167,15 +189,14 @@ def cmd_run(args) -> int:
     if args.stage != "all" and STAGES[args.stage].needs and not args.run_id:
         raise ConfigError(f"--stage {args.stage} continues an existing run: give its --run-id")
     start = time.perf_counter()
-    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir)
+    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir, source=args.recipe)
     _report(result, workdir, time.perf_counter() - start)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from clipforge.flows.evaluate import evaluate_uri
-
     from clipforge.core.resolver import MLFLOW_SCHEMES
+    from clipforge.flows.evaluate import evaluate_uri
     from clipforge.registry.location import RegistryNotFoundError
 
     recipe = _recipe(args.recipe, args.set, Path(args.workdir or ".").resolve())
@@ -200,6 +221,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_validate(args) -> int:
     recipe = _recipe(args.recipe, args.set)
+    if not args.offline and any(ref.startswith("models:/") for _, ref in _model_references(recipe)):
+        from clipforge.registry.location import RegistryNotFoundError
+
+        try:
+            _reading_registry(args.workdir)
+        except RegistryNotFoundError as e:
+            raise ConfigError(f"{args.recipe} names registered models, and {e} (--offline skips this check)") from None
+    _preflight(recipe, args.recipe, registry=not args.offline)
     kinds = {kind for kind, _, _ in recipe.component_entries()}
     console.print(f"{args.recipe}: valid ({len(recipe.component_entries())} components of {len(kinds)} kinds)")
     return 0
@@ -333,8 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", help="also write the metrics to this JSON file")
     overrides(sp)
     registry_workdir(sp)
-    sp = add("validate", cmd_validate, "check a recipe and its components' parameters")
+    sp = add(
+        "validate",
+        cmd_validate,
+        "check a recipe, its components' parameters and what it names (files, columns, evaluation sets, storage, models)",
+    )
     sp.add_argument("recipe")
+    sp.add_argument("--offline", action="store_true", help="do not look the recipe's models up in the MLflow registry")
+    registry_workdir(sp)
     overrides(sp)
     add("schema", cmd_schema, "print the JSON schema of recipes")
     sp = add("plugins", cmd_plugins, "list installed plugins, their hooks and components")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The commands record their registry in the user's config folder: the tests' own, never the user's.
-if "CLIPFORGE_TESTS_KEEP_CONFIG" not in os.environ:
-    import tempfile
-
-    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="clipforge-config-")
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="clipforge-config-")
 
 TINY_CONFIG = {
     "embed_dim": 32,
