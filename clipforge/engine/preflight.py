@@ -59,7 +59,9 @@ def check_component_inputs(recipe: Recipe, catalog: Catalog) -> list[tuple[str, 
     return errors
 
 
-def check_evaluator_sets(recipe: Recipe, catalog: Catalog, failed: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+def check_evaluator_sets(
+    recipe: Recipe, catalog: Catalog, failed: set[str] | frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
     """Each evaluator that needs classes, against each set it will run on; a set with an input
     reported in ``failed`` (field paths) is not built again."""
     sets = recipe.data.eval_sets()
