@@ -76,16 +76,10 @@ def _reading_registry(workdir: str | None) -> str:
 
 
 def _preflight(recipe: Recipe, source: str, *, registry: bool) -> None:
-    """Refuse (exit 2, every problem with its field path) what a run of ``recipe`` would fail on; with
-    ``registry``, the model references are looked up in this process's registry too."""
-    from clipforge.core.errors import RecipeError
-    from clipforge.core.plugins import get_plugin_manager
-    from clipforge.engine.preflight import preflight
-    from clipforge.registry.references import check_model_references
+    """Refuse (exit 2, every problem with its field path) what a run of ``recipe`` would fail on."""
+    from clipforge.flows.preflight import check_before_run
 
-    errors = preflight(recipe, get_plugin_manager().catalog) + check_model_references(recipe.as_dict(), registry=registry)
-    if errors:
-        raise RecipeError(errors, source=source)
+    check_before_run(recipe, source, registry=registry)
 
 
 def _model_references(recipe: Recipe) -> list[tuple[str, str]]:
