@@ -1,7 +1,7 @@
 """A new user's first steps, end to end, on one tiny demo: the registry found from anywhere, a failed
 run's terminal, and every shell and Python block of the docs run as pasted (or marked illustrative).
 
-One module fixture runs ``clipforge demo`` twice (versions 1 and 2) in a folder that stands for a
+One module fixture runs ``clipforge demo`` once (version 1; version 2 registered from the same model) in a folder that stands for a
 fresh clone; the tests then work from that folder, from inside the demo's workdir and from another
 folder, with no ``MLFLOW_TRACKING_URI``.
 """
@@ -46,8 +46,16 @@ def project(tmp_path_factory, prefect_server):
         mp.setenv("XDG_CONFIG_HOME", str(home / "config"))
         mp.setenv("CLIPFORGE_LOCK_DIR", str(home / "locks"))
         mp.chdir(clone)
-        for _ in range(2):
-            assert main(["demo", *TINY]) == 0
+        assert main(["demo", *TINY]) == 0
+        # a second version of the same model, so that promote and rollback have somewhere to go
+        # (registered directly: a second demo would cost as much again)
+        from mlflow import MlflowClient
+
+        from clipforge.registry import register_version
+
+        first = MlflowClient().get_model_version("shapes-clip", "1")
+        metrics = {k.removeprefix("metric."): float(v) for k, v in first.tags.items() if k.startswith("metric.")}
+        register_version(first.source, "shapes-clip", tags={}, metrics=metrics, run_id=None)
         yield clone, elsewhere
     mlflow.tracking._tracking_service.utils._tracking_uri = None
 
@@ -76,6 +84,29 @@ def test_the_registry_is_found_from_the_clone_from_the_demo_and_from_elsewhere(p
         assert "retrieval/" in out and "champion -> version 2" in out and "rolled back to version 1" in out
     # no command left an empty store behind where it ran
     assert not any((p / "mlflow.db").exists() for p in (clone, elsewhere))
+
+
+def test_the_retrain_flow_run_logs_each_stage_in_prefect(project):
+    """The retrain's own flow run page in the Prefect UI tells its stages, not only its start and end."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+
+    async def read() -> list[list[str]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])))
+            out = []
+            for run in runs:
+                logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+                out.append([log.message for log in logs])
+            return out
+
+    per_run = [messages for messages in asyncio.run(read()) if any("shapes" in m for m in messages)]
+    assert per_run
+    for messages in per_run:
+        for stage in ("curate", "train", "evaluate", "register"):
+            assert f"{stage}: started" in messages and any(m.startswith(f"{stage}: finished in") for m in messages)
 
 
 def test_reading_commands_say_where_they_looked_when_nothing_was_recorded(tmp_path, monkeypatch, capsys):
@@ -119,7 +150,12 @@ def test_code_blocks_are_found_with_their_marks(tmp_path):
 
 @pytest.mark.parametrize(
     "doc, line, language, code",
-    [(d.relative_to(ROOT).as_posix(), n, lang, c) for d in DOCS for n, lang, c, ill in code_blocks(d) if not ill],
+    [
+        pytest.param(d.relative_to(ROOT).as_posix(), n, lang, c, id=f"{d.relative_to(ROOT).as_posix()}:{n}")
+        for d in DOCS
+        for n, lang, c, ill in code_blocks(d)
+        if not ill
+    ],
 )
 def test_every_code_block_of_the_docs_runs_as_pasted(project, doc, line, language, code, tmp_path):
     """Run from the clone where the demo ran, as the README's reader would, with the export line the demo printed."""

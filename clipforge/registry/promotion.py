@@ -258,9 +258,19 @@ def set_champion(name: str, version: str, *, reason: str, user: str | None = Non
             user = user or _whoami()
             _move_champion(client, name, version, champion, reason=reason, user=user)
             when = datetime.now(timezone.utc).isoformat()[:16]
-            _restate(client, name, version, f"**Champion** (promoted by hand by {user}, {when} UTC; was v{champion or 'none'}): {reason}.")
+            _restate(
+                client,
+                name,
+                version,
+                f"**Champion** (promoted by hand by {user}, {when} UTC; was v{champion or 'none'}): {reason}.",
+            )
             if champion is not None:
-                _restate(client, name, champion, f"**No longer champion** (v{version} promoted by hand by {user}, {when} UTC): {reason}.")
+                _restate(
+                    client,
+                    name,
+                    champion,
+                    f"**No longer champion** (v{version} promoted by hand by {user}, {when} UTC): {reason}.",
+                )
         return champion
 
 
