@@ -305,7 +305,7 @@ def cmd_tracking_uri(args) -> int:
 
     location = find_tracking(args.workdir)
     print(location.uri)  # alone on stdout: export MLFLOW_TRACKING_URI=$(clipforge tracking-uri)
-    err.print(f"(from {location.source})")
+    err.print(f"(from {location.source})", soft_wrap=True, markup=False)
     return 0
 
 
