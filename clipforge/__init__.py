@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.components import (
+    ChecksInputs,
     ChoosesHyperparameters,
     ClassificationDataset,
     ContrastiveLoss,
@@ -19,6 +20,7 @@ from clipforge.core.components import (
     EncoderBundle,
     Evaluator,
     Launcher,
+    NeedsClasses,
     NeedsInputs,
     PartitionedDataset,
     Pool,
@@ -60,6 +62,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 __all__ = [
     "STAGES",
     "Catalog",
+    "ChecksInputs",
     "ChoosesHyperparameters",
     "ClassificationDataset",
     "ClipforgeError",
@@ -77,6 +80,7 @@ __all__ = [
     "EvaluateResult",
     "Evaluator",
     "Launcher",
+    "NeedsClasses",
     "NeedsInputs",
     "PartitionedDataset",
     "PluginManager",

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,11 @@ def _recipe(path: str | Path | dict, overrides: list[str], workdir: Path | None 
     return recipe
 
 
+FIND_HELP = (
+    "the --workdir of the `clipforge demo`/`run` whose registry to use (its mlflow.db); default: "
+    "MLFLOW_TRACKING_URI, else the .clipforge.json a demo or run left in this folder or one above it, "
+    "else the last one recorded in the user's config folder"
+)
 WORKDIR_HELP = (
     "where this command keeps what it writes locally (default: %(default)s): the MLflow store "
     "(DIR/mlflow.db and DIR/mlartifacts; unless MLFLOW_TRACKING_URI is set) and the recipe's "
@@ -59,13 +65,54 @@ def _tracking(workdir: Path) -> tuple[str, str | None]:
     return uri, artifact_root
 
 
-def _run_retrain(recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path) -> RetrainResult:
-    from clipforge.flows import retrain_flow
+def _reading_registry(workdir: str | None) -> str:
+    """Point this process at the registry a reading command uses (never creating one); its URI."""
     from clipforge.registry import use_tracking_uri
+    from clipforge.registry.location import find_tracking
+
+    location = find_tracking(workdir)
+    use_tracking_uri(location.uri)
+    return location.uri
+
+
+def _preflight(recipe: Recipe, source: str, *, registry: bool) -> None:
+    """Refuse (exit 2, every problem with its field path) what a run of ``recipe`` would fail on."""
+    from clipforge.flows.preflight import check_before_run
+
+    check_before_run(recipe, source, registry=registry)
+
+
+def _model_references(recipe: Recipe) -> list[tuple[str, str]]:
+    from clipforge.registry.references import model_references
+
+    return list(model_references(recipe.as_dict()))
+
+
+def _run_retrain(
+    recipe: Recipe, *, run_id: str | None, stages: list[str], workdir: Path, source: str = "recipe"
+) -> RetrainResult:
+    from clipforge.flows import retrain_flow
+    from clipforge.flows.stage import new_run_id
+    from clipforge.registry import use_tracking_uri
+    from clipforge.registry.location import TrackingLocation, record_tracking
 
     uri, artifact_root = _tracking(workdir)
     use_tracking_uri(uri)
-    return retrain_flow(recipe, run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
+    _preflight(recipe, source, registry=True)
+    record_tracking(TrackingLocation(uri, artifact_root, str(workdir)), workdir)
+    run_id = run_id or new_run_id()  # chosen here, so that a failure can name the command that resumes it
+    try:
+        return retrain_flow(recipe, run_id=run_id, stages=stages, tracking_uri=uri, artifact_root=artifact_root)
+    except Exception as e:
+        raise FailedRun(e, run_id) from e
+
+
+class FailedRun(Exception):
+    """A retrain that failed, with its run id: the command line prints how to resume it."""
+
+    def __init__(self, error: Exception, run_id: str) -> None:
+        super().__init__(str(error))
+        self.error, self.run_id = error, run_id
 
 
 def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
@@ -97,20 +144,24 @@ def _report(result: RetrainResult, workdir: Path, seconds: float) -> None:
         console.print(f"load it:  mlflow.pyfunc.load_model('models:/{reg.model_name}@champion')")
     uri = _tracking(workdir)[0]
     console.print(f"artifacts: {result.store}")
+    console.print(f"registry:  export MLFLOW_TRACKING_URI={shlex.quote(uri)}   (for mlflow itself; clipforge finds it)")
     console.print(f"browse:    {mlflow_ui_command(uri)}")
     console.print(f"run:       {run_url(uri, experiment_of(result.mlflow_run_id), result.mlflow_run_id)}")
     console.print(f"done in {seconds:.0f} s (run {result.run_id})")
 
 
 def cmd_demo(args) -> int:
+    from clipforge.core.context import check_run_id
     from clipforge.core.recipe_yaml import builtin_recipe
 
+    if args.run_id:
+        check_run_id(args.run_id)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(builtin_recipe("shapes"), args.set, workdir)
     console.print(f"clipforge demo: the built-in '{recipe.name}' recipe, everything under {workdir}")
     start = time.perf_counter()
-    result = _run_retrain(recipe, run_id=None, stages=list(_stages("all")), workdir=workdir)
+    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages("all")), workdir=workdir)
     _report(result, workdir, time.perf_counter() - start)
     return 0
 
@@ -132,18 +183,23 @@ def cmd_run(args) -> int:
     if args.stage != "all" and STAGES[args.stage].needs and not args.run_id:
         raise ConfigError(f"--stage {args.stage} continues an existing run: give its --run-id")
     start = time.perf_counter()
-    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir)
+    result = _run_retrain(recipe, run_id=args.run_id, stages=list(_stages(args.stage)), workdir=workdir, source=args.recipe)
     _report(result, workdir, time.perf_counter() - start)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from clipforge.core.resolver import MLFLOW_SCHEMES
     from clipforge.flows.evaluate import evaluate_uri
-    from clipforge.registry import use_tracking_uri
+    from clipforge.registry.location import RegistryNotFoundError
 
-    workdir = Path(args.workdir).resolve()
-    recipe = _recipe(args.recipe, args.set, workdir)
-    use_tracking_uri(_tracking(workdir)[0])
+    recipe = _recipe(args.recipe, args.set, Path(args.workdir or ".").resolve())
+    try:
+        _reading_registry(args.workdir)
+    except RegistryNotFoundError:
+        if args.model_uri.startswith(MLFLOW_SCHEMES):
+            raise
+        # a folder or store URI needs no registry (and none is created)
     metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
     table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
     table.add_column("metric")
@@ -159,6 +215,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_validate(args) -> int:
     recipe = _recipe(args.recipe, args.set)
+    if not args.offline and any(ref.startswith("models:/") for _, ref in _model_references(recipe)):
+        from clipforge.registry.location import RegistryNotFoundError
+
+        try:
+            _reading_registry(args.workdir)
+        except RegistryNotFoundError as e:
+            raise ConfigError(f"{args.recipe} names registered models, and {e} (--offline skips this check)") from None
+    _preflight(recipe, args.recipe, registry=not args.offline)
     kinds = {kind for kind, _, _ in recipe.component_entries()}
     console.print(f"{args.recipe}: valid ({len(recipe.component_entries())} components of {len(kinds)} kinds)")
     return 0
@@ -219,20 +283,29 @@ def cmd_data_arrived(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from clipforge.registry import set_champion, use_tracking_uri
+    from clipforge.registry import set_champion
 
-    use_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    _reading_registry(args.workdir)
     previous = set_champion(args.model, args.version, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion -> version {args.version} (was {previous or 'none'})")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    from clipforge.registry import rollback, use_tracking_uri
+    from clipforge.registry import rollback
 
-    use_tracking_uri(_tracking(Path(args.workdir).resolve())[0])
+    _reading_registry(args.workdir)
     version = rollback(args.model, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion rolled back to version {version}")
+    return 0
+
+
+def cmd_tracking_uri(args) -> int:
+    from clipforge.registry.location import find_tracking
+
+    location = find_tracking(args.workdir)
+    print(location.uri)  # alone on stdout: export MLFLOW_TRACKING_URI=$(clipforge tracking-uri)
+    err.print(f"(from {location.source})", soft_wrap=True, markup=False)
     return 0
 
 
@@ -261,8 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     def workdir(sp: argparse.ArgumentParser, default: str = ".") -> None:
         sp.add_argument("--workdir", default=default, metavar="DIR", help=WORKDIR_HELP)
 
+    def registry_workdir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workdir", metavar="DIR", help=FIND_HELP)
+
     sp = add("demo", cmd_demo, "the whole retrain on the built-in shapes recipe, with nothing to start")
     workdir(sp, "clipforge-demo")
+    sp.add_argument("--run-id", help="continue this demo run: completed stages are skipped")
     overrides(sp)
     sp = add("run", cmd_run, "run a recipe's stages as Prefect flows")
     sp.add_argument("recipe")
@@ -278,9 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", help="default: the recipe's train.device")
     sp.add_argument("--output", help="also write the metrics to this JSON file")
     overrides(sp)
-    workdir(sp)
-    sp = add("validate", cmd_validate, "check a recipe and its components' parameters")
+    registry_workdir(sp)
+    sp = add(
+        "validate",
+        cmd_validate,
+        "check a recipe, its components' parameters and what it names (files, columns, evaluation sets, storage, models)",
+    )
     sp.add_argument("recipe")
+    sp.add_argument("--offline", action="store_true", help="do not look the recipe's models up in the MLflow registry")
+    registry_workdir(sp)
     overrides(sp)
     add("schema", cmd_schema, "print the JSON schema of recipes")
     sp = add("plugins", cmd_plugins, "list installed plugins, their hooks and components")
@@ -303,12 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("version")
     sp.add_argument("--reason", default="manual promotion", help="recorded in the version's tag promotion_reason")
     sp.add_argument("--user", help="recorded in the version's tag promoted_by (default: USER@HOST)")
-    workdir(sp)
+    registry_workdir(sp)
     sp = add("rollback", cmd_rollback, "move the champion alias back to the previous champion")
     sp.add_argument("model")
     sp.add_argument("--reason", default="manual rollback", help="recorded in the version's tags")
     sp.add_argument("--user", help="recorded in the version's tag promoted_by (default: USER@HOST)")
-    workdir(sp)
+    registry_workdir(sp)
+    sp = add("tracking-uri", cmd_tracking_uri, "print the MLflow tracking URI the registry commands use, and where it was found")
+    registry_workdir(sp)
     return p
 
 
@@ -320,9 +405,12 @@ class _NoTraceback(logging.Filter):
         return True
 
 
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 class _Quiet(logging.Filter):
     """The terminal by default: clipforge's own lines, and anything at WARNING or above; not Prefect's
-    INFO lines about every flow and task run. Progress lines are left out on a terminal, where a
+    INFO lines about every flow and task run, nor its copies of a failed run's error. Progress lines are left out on a terminal, where a
     progress bar says the same."""
 
     def __init__(self, tty: bool) -> None:
@@ -332,6 +420,8 @@ class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from clipforge.flows.reporting import LINE, PROGRESS
 
+        if record.levelno >= logging.ERROR and record.name.startswith(PREFECT_RUN_LOGGERS):
+            return False  # a failed flow or task run: the command line prints its error once, itself
         if record.levelno >= logging.WARNING:
             return True
         return bool(getattr(record, LINE, False)) and not (self.tty and getattr(record, PROGRESS, False))
@@ -357,27 +447,52 @@ def _terminal(*, debug: bool, verbose: bool) -> None:
 FLOW_COMMANDS = ("demo", "run", "evaluate", "schedule")
 
 
+def resume_command(argv: list[str], run_id: str) -> str:
+    """The command line that continues a failed run: the one given, with ``--run-id`` set to its run."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--run-id":
+            skip = True
+        elif not arg.startswith("--run-id="):
+            kept.append(arg)
+    return shlex.join(["clipforge", *kept, "--run-id", run_id])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command in FLOW_COMMANDS:
             _terminal(debug=args.debug, verbose=args.verbose)
         return args.fn(args)
-    except ConfigError as e:
+    except FailedRun as e:
         if args.debug:
-            raise
-        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        return 2
+            raise e.error from None
+        code = _print_error(e.error)
+        err.print(f"resume:  {resume_command(argv, e.run_id)}", soft_wrap=True, markup=False)
+        return code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 1
+    except BrokenPipeError:  # `clipforge plugins --json | head`: the reader stopped reading
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open while the interpreter flushes at exit
+        return 0
     except Exception as e:
         if args.debug:
             raise
-        kind = "" if isinstance(e, ClipforgeError) else f"{type(e).__name__}: "
-        err.print(f"[red]failed:[/red] {escape(kind + str(e))}", soft_wrap=True)
-        err.print("(run with --debug for the traceback)")
-        return 1
+        return _print_error(e)
+
+
+def _print_error(e: BaseException) -> int:
+    """One message for ``e``; the exit code: 2 for bad input, else 1."""
+    if isinstance(e, ConfigError):
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        return 2
+    kind = "" if isinstance(e, ClipforgeError) else f"{type(e).__name__}: "
+    err.print(f"[red]failed:[/red] {escape(kind + str(e))} (--debug shows the traceback)", soft_wrap=True)
+    return 1
 
 
 if __name__ == "__main__":

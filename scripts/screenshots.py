@@ -49,7 +49,12 @@ def main() -> int:
     p.add_argument("--ui", help="an MLflow UI already serving that store (http://host:port); else one is started")
     p.add_argument("--model", default="shapes-clip", help="the registered model")
     p.add_argument("--version", default="champion", help="its version number or alias")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "images")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("screenshots"),
+        help="where the PNGs go (default: %(default)s); docs/images to update the docs",
+    )
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=800)
     p.add_argument("--colors", type=int, default=128, help="a palette of this many colours (a third of the bytes); 0: as taken")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,3 +134,13 @@ def test_a_failed_flow_prints_clipforge_s_message_and_no_traceback_unless_debug(
             assert "Traceback" in proc.stderr and "StageError" in proc.stderr
         else:
             assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+            # one error line (not Prefect's copies of it), then the command that resumes the run
+            lines = proc.stderr.splitlines()
+            assert [ln for ln in lines if ln.startswith(("failed:", "error:")) or "| ERROR" in ln] == [
+                ln for ln in lines if ln.startswith("failed:")
+            ] and sum(ln.startswith("failed:") for ln in lines) == 1, proc.stderr[-3000:]
+            assert "Encountered exception" not in proc.stderr
+            resume = [ln for ln in lines if ln.startswith("resume:")]
+            assert len(resume) == 1 and re.fullmatch(
+                rf"resume:  clipforge run {re.escape(str(path))} --workdir \S+ --run-id \S+", resume[0]
+            )

@@ -70,3 +70,27 @@ def test_promote_and_rollback_refuse_what_does_not_exist(workdir, capsys):
     assert main(["rollback", MODEL, "--workdir", workdir]) == 2
     assert "has no previous champion" in capsys.readouterr().err
     assert champion() == "1"
+
+
+def test_promote_and_rollback_restate_each_version_and_when(workdir):
+    before = tags("2")["promoted_at"]
+    assert main(["promote", MODEL, "3", "--reason", "holdout", "--user", "alice", "--workdir", workdir]) == 0
+    assert main(["rollback", MODEL, "--reason", "regressed", "--user", "bob", "--workdir", workdir]) == 0
+    v2, v3 = (client().get_model_version(MODEL, v) for v in ("2", "3"))
+    assert v2.tags["promoted_by"] == "bob" and v2.tags["promoted_at"] > before  # when it became champion again
+    assert v2.description.startswith("**Champion again** (rolled back from v3 by bob") and "regressed" in v2.description
+    assert v3.description.startswith("**Rolled back** (champion is v2 again; by bob") and v3.description.count("**") == 2
+
+
+def test_reasons_give_metrics_to_six_digits():
+    from clipforge.registry.promotion import _verdict
+
+    promoted, reason = _verdict(METRIC, {METRIC: 0.5008333325386047}, "1", {METRIC: 0.6000000238418579}, "max", 0.0, [])
+    assert not promoted and "=0.500833 " in reason and "=0.6)" in reason
+
+
+def test_a_retrain_s_experiment_opens_as_model_training(tracking):
+    from clipforge.registry import ensure_experiment
+
+    experiment = MlflowClient().get_experiment(ensure_experiment("kind"))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

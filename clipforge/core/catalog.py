@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from clipforge.core.components import DeclaresInputSize, ScopedParams, WholeDatasetStep
+from clipforge.core.components import ChecksInputs, DeclaresInputSize, NeedsClasses, ScopedParams, WholeDatasetStep
 from clipforge.core.errors import DuplicateComponentError, RecipeError, UnknownComponentError
 from clipforge.core.kinds import KINDS, noun
 
@@ -108,6 +108,22 @@ class Component:
             if isinstance(params, ScopedParams):
                 return params.whole_dataset()
         return None
+
+    def check_inputs(self, fields: dict[str, Any]) -> list[tuple[str, str]]:
+        """What is wrong with the inputs this entry names outside the recipe (its params model's
+        :class:`~clipforge.core.components.ChecksInputs`), paths relative to the entry; [] when it does not say."""
+        if self.params is None:
+            return []
+        try:
+            params = self.params.model_validate(fields)
+        except pydantic.ValidationError:
+            return []  # reported by check()
+        return params.check_inputs() if isinstance(params, ChecksInputs) else []
+
+    def needs_classes(self) -> bool:
+        """Whether this evaluator works only on a dataset with classes (:class:`~clipforge.core.components.NeedsClasses`
+        on its factory), known without building it."""
+        return isinstance(self.factory, NeedsClasses) and bool(self.factory.needs_classes)
 
     def input_size(self, fields: dict[str, Any]) -> int | None:
         """The side in pixels of the images this encoder entry's model reads, known without building

@@ -296,3 +296,23 @@ class DeclaresInputSize(Protocol):
     the images its model reads: curation resizes what it keeps down to it without building the model."""
 
     def input_size(self) -> int | None: ...
+
+
+@runtime_checkable
+class ChecksInputs(Protocol):
+    """The params model of a component that reads inputs outside the recipe (a table, a file of
+    entries, shards): ``check_inputs()`` checks, without building the component or reading the data
+    through, that they exist and hold what it reads (a table's columns). It returns ``(field, message)``
+    per problem, ``field`` relative to the entry (``path``, ``caption_column``); ``clipforge validate``
+    and the start of a run report them with the entry's path."""
+
+    def check_inputs(self) -> list[tuple[str, str]]: ...
+
+
+@runtime_checkable
+class NeedsClasses(Protocol):
+    """An evaluator that only works on a :class:`ClassificationDataset` (zero-shot classification, a
+    linear probe): with ``needs_classes = True``, a recipe that gives it a set without classes is
+    refused before anything runs. Read from the factory (a class attribute), without building it."""
+
+    needs_classes: bool

@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
             "evaluator",
             "register_evaluators",
             (c.Evaluator,),
-            (c.ReportsDetails, c.ChoosesHyperparameters),
+            (c.ReportsDetails, c.ChoosesHyperparameters, c.NeedsClasses),
             "check_evaluator",
             ("evaluation.*",),
             host_fields=("dataset", "name", "sets"),

@@ -146,6 +146,7 @@ def _described(ctx: RunContext, run: str, version: str, parent: str | None, prom
     """The version's description: whether it was promoted and why, and what changed since the champion
     it was weighed against (the recipe's fields, the curated data)."""
     verdict = "**Promoted to champion.**" if promoted else "**Not promoted**: it stays challenger."
+    reason = reason.removeprefix("not promoted: ")  # the verdict says it already
     lines = [f"{verdict} {reason[:1].upper()}{reason[1:].rstrip('.')}.", ""]
     if parent is None:
         lines.append(f"The first version: trained by retrain `{ctx.run_id}`.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from clipforge.core.errors import ConfigError
 from clipforge.core.recipe import Recipe
 from clipforge.core.stages import STAGES, RetrainResult
 from clipforge.core.validation import load_recipe
-from clipforge.flows.reporting import publish, say
+from clipforge.flows.reporting import publish, run_logger, say
 from clipforge.flows.stage import flow_run_id_or_new, flow_run_name, run_tags, stage_flow_of, start_run, tag_flow_run
 from clipforge.registry import tracking
 
@@ -43,6 +44,8 @@ def retrain_flow(
     tag_flow_run(run_tags(ctx.recipe, "retrain"))
     run = tracking.mlflow_run(ctx, artifact_root)
     tracking.mark_running(run)
+    log = run_logger()  # the retrain's own log in the Prefect UI; the terminal shows the stages' lines
+    log.info("retrain %s of recipe %r (MLflow run %s): stages %s", ctx.run_id, ctx.recipe.name, run, ", ".join(stages or STAGES))
     try:
         for name in STAGES:
             if stages is not None and name not in stages:
@@ -52,8 +55,11 @@ def retrain_flow(
                 continue
             # the stage flow opens the run from the store and saves its result there, for the next one
             stage = stage_flow_of(name).with_options(flow_run_name=f"{ctx.recipe.name}-{ctx.run_id}")
+            log.info("%s: started", name)
+            start = time.perf_counter()
             with tags(*run_tags(ctx.recipe, name)):
                 ctx.state.set(name, stage(ctx.run_id, ctx.recipe.storage))
+            log.info("%s: finished in %.0f s", name, time.perf_counter() - start)
     except BaseException as e:
         tracking.finish_run(run, e, traceback.format_exc())
         with contextlib.suppress(Exception):  # the link is a convenience: never hide the error behind its own
@@ -61,6 +67,7 @@ def retrain_flow(
         raise
     tracking.finish_run(run)
     link_mlflow_run(run, ctx.run_id)
+    log.info("retrain %s finished: %s", ctx.run_id, ", ".join(ctx.state.done()))
     return RetrainResult(ctx.state, run_id=ctx.run_id, mlflow_run_id=run, store=ctx.store.uri(ctx.run_dir))
 
 

@@ -255,7 +255,22 @@ def set_champion(name: str, version: str, *, reason: str, user: str | None = Non
         champion, generation = _champion_state(client, name)
         if champion != version:
             _claim_generation(client, name, generation, version)  # automatic promoters in flight notice it
-            _move_champion(client, name, version, champion, reason=reason, user=user or _whoami())
+            user = user or _whoami()
+            _move_champion(client, name, version, champion, reason=reason, user=user)
+            when = datetime.now(timezone.utc).isoformat()[:16]
+            _restate(
+                client,
+                name,
+                version,
+                f"**Champion** (promoted by hand by {user}, {when} UTC; was v{champion or 'none'}): {reason}.",
+            )
+            if champion is not None:
+                _restate(
+                    client,
+                    name,
+                    champion,
+                    f"**No longer champion** (v{version} promoted by hand by {user}, {when} UTC): {reason}.",
+                )
         return champion
 
 
@@ -283,8 +298,12 @@ def rollback(name: str, *, reason: str = "rollback", user: str | None = None) ->
         _get_version(client, name, target)
         _claim_generation(client, name, _champion_state(client, name)[1], target)
         client.set_registered_model_alias(name, CHAMPION, target)
-        _tag(client, name, target, promoted_by=user or _whoami(), promotion_reason=f"{reason} (from v{champion})")
+        user = user or _whoami()
+        now = datetime.now(timezone.utc).isoformat()
+        _tag(client, name, target, promoted_by=user, promotion_reason=f"{reason} (from v{champion})", promoted_at=now)
         client.set_model_version_tag(name, champion, "rolled_back", reason)
+        _restate(client, name, target, f"**Champion again** (rolled back from v{champion} by {user}, {now[:16]} UTC): {reason}.")
+        _restate(client, name, champion, f"**Rolled back** (champion is v{target} again; by {user}, {now[:16]} UTC): {reason}.")
         return target
 
 
@@ -343,20 +362,25 @@ def _verdict(
     if math.isnan(ours):
         return False, f"not promoted: {metric} is NaN"
     if incumbent is None or champion is None:
-        return True, f"first champion ({metric}={ours!r})"
+        return True, f"first champion ({metric}={_num(ours)})"
     theirs = metric_of(incumbent, metric, f"champion v{champion}")
     margin = ours - theirs if mode == "max" else theirs - ours
-    against = f"champion v{champion} ({metric}={theirs!r}) by more than {min_delta} ({mode})"
+    against = f"champion v{champion} ({metric}={_num(theirs)}) by more than {min_delta} ({mode})"
     if not (math.isnan(theirs) or margin > min_delta):
-        return False, f"not promoted: {metric}={ours!r} does not beat {against}"
+        return False, f"not promoted: {metric}={_num(ours)} does not beat {against}"
     refused = [
-        f"{guard} dropped by {drop:.4g} ({metric_of(incumbent, guard, 'the champion')!r} -> {metric_of(candidate, guard, 'the challenger')!r}), more than {budget}"
+        f"{guard} dropped by {drop:.4g} ({_num(metric_of(incumbent, guard, 'the champion'))} -> {_num(metric_of(candidate, guard, 'the challenger'))}), more than {budget}"
         for guard, budget in guards
         if (drop := _drop(guard, candidate, incumbent)) > budget
     ]
     if refused:
         return False, f"not promoted: {GUARD_REFUSED} " + "; ".join(refused) + f" (it beats {against} on {metric})"
-    return True, f"{metric}={ours!r} beats {against}" + (f"; every guard within its budget ({len(guards)})" if guards else "")
+    return True, f"{metric}={_num(ours)} beats {against}" + (f"; every guard within its budget ({len(guards)})" if guards else "")
+
+
+def _num(value: float) -> str:
+    """A metric in a reason a person reads: six significant digits, not float32's noise."""
+    return f"{value:.6g}"
 
 
 #: How a refusal by a guard begins, for :func:`_guard_tag` to find the guard in the reason.
@@ -423,6 +447,14 @@ def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         return client.get_model_version(name, version)
     except MlflowException as e:
         raise PromotionError(f"{name} has no version {version!r}: {e.message}") from e
+
+
+def _restate(client: MlflowClient, name: str, version: str, verdict: str) -> None:
+    """The version description's first paragraph (whether it is champion, and why) replaced by ``verdict``;
+    the rest (what changed since the champion it was weighed against) kept."""
+    description = _get_version(client, name, version).description or ""
+    _, sep, rest = description.partition("\n\n")
+    client.update_model_version(name, version, description=verdict + (sep + rest if sep else ""))
 
 
 def _tag(client: MlflowClient, name: str, version: str, **tags: str) -> None:

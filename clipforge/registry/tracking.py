@@ -59,6 +59,12 @@ def use_tracking_uri(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+#: MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts, judges);
+#: a retrain's experiment is model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+
+
 def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     """The id of experiment ``name``, created (or restored from deleted) when needed.
 
@@ -72,7 +78,7 @@ def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     if experiment is None:
         location = f"{_as_uri(artifact_root).rstrip('/')}/{name}" if artifact_root else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException as e:
             # another process created it between our lookup and our create
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -83,6 +89,8 @@ def ensure_experiment(name: str, artifact_root: str | None = None) -> str:
     if experiment.lifecycle_stage == "deleted":
         # MLflow refuses to create an experiment whose name a deleted one still holds
         client.restore_experiment(experiment.experiment_id)
+    if not experiment.tags.get(EXPERIMENT_KIND_TAG):  # one an earlier clipforge made
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND[EXPERIMENT_KIND_TAG])
     return experiment.experiment_id
 
 

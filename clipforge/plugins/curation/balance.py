@@ -125,6 +125,16 @@ class BalanceParams(BaseModel):
             check_entries(self.entries, "entries")
         return self
 
+    def check_inputs(self) -> list[tuple[str, str]]:
+        """The entries file exists, is UTF-8 text and holds entries (a small file: read whole)."""
+        if self.entries_file is None:
+            return []
+        try:
+            check_entries(read_entries(self.entries_file, self.storage_options), "entries_file")
+        except (ConfigError, ValueError) as e:
+            return [("entries_file", str(e))]
+        return []
+
 
 def check_entries(entries: list[str], where: str) -> list[str]:
     """The entries normalised; an entry that normalises to nothing is refused, with its position."""

@@ -12,7 +12,7 @@ import math
 import posixpath
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +39,40 @@ class TableParams(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the table, and for images under the same protocol"
     )
+
+    #: which table the entry reads: the format of its header check
+    table_format: ClassVar[str] = "csv"
+
+    def check_inputs(self) -> list[tuple[str, str]]:
+        """The table exists and has the columns this entry reads (its header or schema only, not its rows)."""
+        import pyarrow as pa
+        import pyarrow.csv
+        import pyarrow.parquet
+
+        fmt = self.table_format
+        try:
+            fs, path = fsspec.core.url_to_fs(self.path, **self.storage_options)
+            if not fs.exists(path):
+                return [("path", f"{fmt}: table not found: {self.path}")]
+            with fs.open(path, "rb") as f:
+                if fmt == "parquet":
+                    names = pyarrow.parquet.ParquetFile(f).schema_arrow.names
+                else:
+                    opts = pyarrow.csv.ParseOptions(delimiter=self.separator)
+                    names = pyarrow.csv.open_csv(f, parse_options=opts).schema.names
+        except (pa.ArrowException, OSError, ValueError) as e:
+            return [("path", f"{fmt} {self.path}: not a readable table ({e})")]
+        caption = self.caption_column or ("title" if fmt == "csv" else "caption")
+        fields = {"image_column": self.image_column, "caption_column": caption, "key_column": self.key_column}
+        return [
+            (field, f"{fmt} {self.path}: no column {column!r} (set {field}); columns: {', '.join(names)}")
+            for field, column in fields.items()
+            if column and column not in names
+        ]
+
+
+class ParquetParams(TableParams):
+    table_format: ClassVar[str] = "parquet"
 
 
 class Table:
@@ -269,4 +303,4 @@ def _parquet(**kwargs) -> Table:
 @clipforge.hookimpl
 def register_datasets(register):
     register("csv", _csv, params=TableParams)
-    register("parquet", _parquet, params=TableParams)
+    register("parquet", _parquet, params=ParquetParams)

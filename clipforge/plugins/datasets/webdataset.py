@@ -61,6 +61,27 @@ class WebDatasetParams(BaseModel):
                 raise ValueError(f"no shard matches {item!r}")
         return urls
 
+    def check_inputs(self) -> list[tuple[str, str]]:
+        """The shards named exist (globs were matched by validation). Of a long list, 64 spread over it
+        are looked up: a crawl of thousands of shards on S3 is not stat'ed one by one before a run."""
+        import fsspec
+
+        urls = expand_urls(self.urls, self.storage_options)
+        step = max(1, len(urls) // 64)
+        sample = sorted(set(urls[::step]) | {urls[-1]}) if urls else []
+        missing = []
+        for url in sample:
+            try:
+                fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
+                if not fs.exists(path):
+                    missing.append(url)
+            except (OSError, ValueError) as e:
+                return [("urls", f"webdataset: cannot look up {url!r}: {e}")]
+        if not missing:
+            return []
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        return [("urls", f"webdataset: no such shard: {', '.join(map(repr, missing[:3]))}{more}")]
+
 
 def _expansions(urls: str | list[str], storage_options: dict[str, Any]) -> Iterator[tuple[str, list[str]]]:
     """Each item of ``urls`` after brace expansion, with the shards it names (a glob: those that exist)."""

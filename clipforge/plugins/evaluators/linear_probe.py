@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,6 +60,8 @@ class LinearProbe:
     weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     #: ``weight_decay`` in the result is the penalty chosen, a setting: logged as a param, not a metric
     hyperparameters: tuple[str, ...] = field(default=("weight_decay",), init=False)
+    #: It learns the classes: a set without them is refused before a run starts.
+    needs_classes: ClassVar[bool] = True
     max_iter: int = 100
     seed: int = 0
     batch_size: int = 256

@@ -44,6 +44,8 @@ class ZeroShotClassification:
     details: dict = field(default_factory=dict, init=False, repr=False)
     #: The evaluator's name in error messages.
     name: ClassVar[str] = NAME
+    #: Classes are what it classifies into: a set without them is refused before a run starts.
+    needs_classes: ClassVar[bool] = True
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
