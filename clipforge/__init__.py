@@ -8,12 +8,14 @@ from importlib import metadata as _metadata
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.components import (
+    Block,
     ChoosesHyperparameters,
     ClassificationDataset,
     ContrastiveLoss,
     CurationStep,
     Dataset,
     DecidesAgainstPool,
+    DecidesInPartitions,
     DeclaresInputSize,
     DeclaresPixels,
     EncoderBundle,
@@ -59,6 +61,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 __all__ = [
     "STAGES",
+    "Block",
     "Catalog",
     "ChoosesHyperparameters",
     "ClassificationDataset",
@@ -70,6 +73,7 @@ __all__ = [
     "CurationStep",
     "Dataset",
     "DecidesAgainstPool",
+    "DecidesInPartitions",
     "DeclaresInputSize",
     "DeclaresPixels",
     "DuplicateComponentError",
