@@ -173,19 +173,22 @@ class NearDuplicates(Groups):
     """Images whose embeddings have cosine >= threshold are linked; each connected group of links, of
     any size, keeps its first image in input order and drops the others, naming the one kept.
 
-    In partitions (:class:`clipforge.DecidesInPartitions`): k-means on a seeded sample gives one
-    centroid per partition; each row goes to its nearest centroid's partition (its home) and to every
-    other partition whose Voronoi cell lies within ``r`` of it, ``r`` the largest distance at which two
+    In partitions (:class:`clipforge.DecidesInPartitions`): k-means on a seeded sample gives about
+    sqrt(n) cells, grouped into partitions of about equal rows; each row goes to its nearest
+    centroid's cell (its home) and to every other cell whose Voronoi region lies within ``r`` of it
+    (by the distance to the bisector of the two centroids), ``r`` the largest distance at which two
     rows can still reach the threshold (``sqrt(2 m² - 2 t)``, ``m`` the largest norm). Each partition
-    compares every row it got with its home rows, exactly; the links of every partition then make the
-    groups at once. Exact: if ``x`` and ``y`` link, ``||x - y|| <= r``; the segment from ``x`` to ``y``
-    crosses the boundary of ``y``'s home cell, so that cell lies within ``r`` of ``x``, and ``x`` meets
-    ``y`` in ``y``'s home partition.
+    compares, cell by cell, every row that went to the cell with the cell's home rows, exactly; the
+    links of every partition then make the groups at once. Exact: if ``x`` and ``y`` link,
+    ``||x - y|| <= r``; the segment from ``x`` to ``y`` leaves ``x``'s region for ``y``'s home cell,
+    so that cell lies within ``r`` of ``x``, and ``x`` meets ``y`` there.
     """
 
     reason = "near duplicate"
-    #: Sample rows per centroid for the k-means of the partitions.
-    SAMPLE_PER_PARTITION = 64
+    #: The k-means of the partitions: cells of about sqrt(n) rows (at most this many cells, at least one
+    #: per partition), grouped into partitions of about equal rows; rows sampled per cell to train it.
+    MAX_CELLS = 16384
+    SAMPLE_PER_CELL = 40
 
     def __init__(
         self,
@@ -259,30 +262,36 @@ class NearDuplicates(Groups):
             norm = max((s["norm"] for s in surveys), default=0.0)
             # the farthest apart two rows can be and still reach the threshold, with room for float32 rounding
             radius = float(np.sqrt(max(0.0, 2 * norm * norm - 2 * self.threshold))) * (1 + 1e-3) + 1e-4
-            rate = min(1.0, self.SAMPLE_PER_PARTITION * partitions / max(n, 1))
-            return {**self._bounds(surveys), "radius": radius, "rate": rate}, False
+            cells = max(partitions, min(int(np.sqrt(n)), self.MAX_CELLS))
+            rate = min(1.0, self.SAMPLE_PER_CELL * cells / max(n, 1))
+            return {**self._bounds(surveys), "radius": radius, "rate": rate, "cells": cells}, False
         sample = np.concatenate([s["sample"] for s in surveys if len(s["sample"])] or [np.zeros((0, 1), np.float32)])
-        k = min(partitions, len(sample))
+        k = min(plan["cells"], len(sample))
         if k <= 1:
             centroids = sample[:1] if len(sample) else np.zeros((0, 1), np.float32)
+            assigned = np.zeros(len(centroids), dtype=np.int64)
         else:
             import faiss
 
             kmeans = faiss.Kmeans(sample.shape[1], k, niter=10, seed=0, min_points_per_centroid=1)
             kmeans.train(np.ascontiguousarray(sample))
             centroids = np.asarray(kmeans.centroids, dtype=np.float32)
-        return {**plan, "centroids": centroids}, True
+            _, home = kmeans.index.search(np.ascontiguousarray(sample), 1)
+            assigned = _grouped(centroids, np.bincount(home.ravel(), minlength=k), partitions)
+        return {**plan, "centroids": centroids, "partition_of_cell": assigned}, True
 
     def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
+        """Each row to the partition of its home cell and of every cell within the radius of it; with
+        the cells (of that partition) it goes to, so that each cell is searched on its own."""
         rows = self._rows(block)
         if not len(rows):
             return {}
         x = _vectors(block)[rows]
-        c = plan["centroids"]
+        c, partition_of = plan["centroids"], plan["partition_of_cell"]
         if len(c) <= 1:
-            return {0: _share(block.first + rows, x, np.ones(len(rows), dtype=bool))}
-        go: list[np.ndarray] = []
-        home_of: list[np.ndarray] = []
+            zeros = np.zeros(len(rows), dtype=np.int64)
+            return {0: _share(block.first + rows, x, zeros, np.arange(len(rows)), zeros)}
+        row_of, cell_of, homes = [], [], []
         cc = (c * c).sum(axis=1)
         for start in range(0, len(x), 4096):  # bounds the distance matrices' memory
             q = x[start : start + 4096]
@@ -292,29 +301,55 @@ class NearDuplicates(Groups):
             # the distance from q to the bisector of its home and c_j, within the radius: a linked row may live there
             near = (d - d[np.arange(len(q)), home][:, None]) <= 2 * plan["radius"] * gap + 1e-5
             near[np.arange(len(q)), home] = True
-            go.append(near)
-            home_of.append(home)
-        near, home = np.concatenate(go), np.concatenate(home_of)
-        return {int(p): _share(block.first + rows[near[:, p]], x[near[:, p]], home[near[:, p]] == p)
-                for p in np.flatnonzero(near.any(axis=0))}  # fmt: skip
+            r, cell = np.nonzero(near)
+            row_of.append(start + r)
+            cell_of.append(cell)
+            homes.append(home)
+        row, cell, home = np.concatenate(row_of), np.concatenate(cell_of), np.concatenate(homes)
+        partition = partition_of[cell]
+        shares = {}
+        for p in np.unique(partition).tolist():
+            pairs = partition == p
+            members, local = np.unique(row[pairs], return_inverse=True)
+            shares[int(p)] = _share(block.first + rows[members], x[members], home[members], local.ravel(), cell[pairs])
+        return shares
 
     def link(self, plan: Any, shares: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every link among the rows a partition got with at least one end at home here, found exactly;
-        identical rows are linked by their bytes (as :func:`near_groups` does) and searched once."""
+        """Every link between the rows routed to a cell of this partition and the rows at home in it,
+        found exactly; identical rows are linked by their bytes (as :func:`near_groups` does) and
+        searched once."""
+        offsets = np.cumsum([0] + [len(s["position"]) for s in shares])
         position = np.concatenate([s["position"] for s in shares]).astype(np.int64)
         x = np.concatenate([s["x"].astype(np.float32) for s in shares])
         home = np.concatenate([s["home"] for s in shares])
+        row = np.concatenate([s["row"] + o for s, o in zip(shares, offsets)])
+        cell = np.concatenate([s["cell"] for s in shares])
         order = np.argsort(position, kind="stable")
-        position, x, home = position[order], np.ascontiguousarray(x[order]), home[order]
-        rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
-        _, unique, inverse = np.unique(rows, return_index=True, return_inverse=True)
-        inverse = inverse.ravel()
-        copies = np.flatnonzero(unique[inverse] != np.arange(len(x)))
-        members = unique[home[unique]]
-        i, j, sims = _pairs_in(x, self.threshold, [(unique, members)])
-        a = np.concatenate([position[i], position[unique[inverse[copies]]]])
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))
+        position, x, home, row = position[order], np.ascontiguousarray(x[order]), home[order], where[row]
+        # the first of identical rows (by position) stands for them all: they go to the same cells
+        keyed = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+        _, unique, inverse = np.unique(keyed, return_index=True, return_inverse=True)
+        rep = unique[inverse.ravel()]
+        copies = np.flatnonzero(rep != np.arange(len(x)))
+        searched = rep[row] == row  # each cell's rows, their representatives only
+        row, cell = row[searched], cell[searched]
+        order = np.argsort(cell, kind="stable")
+        row, cell = row[order], cell[order]
+        reps = np.flatnonzero(rep == np.arange(len(x)))
+        home_order = reps[np.argsort(home[reps], kind="stable")]
+        home_cells = home[home_order]
+        blocks = []
+        for k in np.unique(cell).tolist():
+            queries = row[np.searchsorted(cell, k) : np.searchsorted(cell, k, side="right")]
+            members = home_order[np.searchsorted(home_cells, k) : np.searchsorted(home_cells, k, side="right")]
+            blocks.append((queries, members))
+        i, j, sims = _pairs_in(x, self.threshold, blocks)
+        a = np.concatenate([position[i], position[rep[copies]]])
         b = np.concatenate([position[j], position[copies]])
-        return a, b, np.concatenate([sims, np.ones(len(copies), dtype=np.float32)])
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        return low, high, np.concatenate([sims, np.ones(len(copies), dtype=np.float32)])
 
     def _scores(self, plan: Any, j: int) -> dict[str, float]:
         return {"similarity": float(plan["similarity"][j])}
@@ -327,11 +362,40 @@ def _vectors(block: Block) -> np.ndarray:
     return np.asarray(block.features, dtype=np.float32).reshape(len(block.keys), -1)
 
 
-def _share(position: np.ndarray, x: np.ndarray, home: np.ndarray) -> dict[str, Any]:
-    """A partition's share of a block: positions, vectors (float16 where that loses nothing), home flags."""
+def _share(position: np.ndarray, x: np.ndarray, home: np.ndarray, row: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
+    """A partition's share of a block: its rows (positions, vectors, float16 where that loses nothing,
+    home cells) and the cells each goes to (``row`` indexes the rows)."""
     half = x.astype(np.float16)
     exact = bool(np.array_equal(half.astype(np.float32), x, equal_nan=True))
-    return {"position": position.astype(np.int64), "x": half if exact else x, "home": home}
+    return {"position": position.astype(np.int64), "x": half if exact else x, "home": home.astype(np.int64),
+            "row": row.astype(np.int64), "cell": cell.astype(np.int64)}  # fmt: skip
+
+
+def _grouped(centroids: np.ndarray, sizes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition of each cell: neighbouring cells together (a row goes to the cells around its own,
+    and should find them in one partition), about equal rows in each. The cells are ordered by a
+    recursive bisection of their centroids (2-means), so that near cells are near in the order, then
+    cut into runs of equal rows."""
+    leaf = max(1, len(centroids) // (8 * partitions))
+    order = _bisected(np.ascontiguousarray(centroids), np.maximum(sizes, 1).astype(np.float32), np.arange(len(centroids)), leaf)
+    ends = np.cumsum(np.maximum(sizes[order], 1))
+    out = np.empty(len(sizes), dtype=np.int64)
+    out[order] = np.minimum((ends - 1) * partitions // ends[-1], partitions - 1)
+    return out
+
+
+def _bisected(c: np.ndarray, weights: np.ndarray, cells: np.ndarray, leaf: int) -> np.ndarray:
+    if len(cells) <= leaf:
+        return cells
+    import faiss
+
+    kmeans = faiss.Kmeans(c.shape[1], 2, niter=10, seed=0, min_points_per_centroid=1)
+    kmeans.train(c[cells], weights=weights[cells])
+    _, side = kmeans.index.search(c[cells], 1)
+    left = side.ravel() == 0
+    if left.all() or not left.any():
+        return cells
+    return np.concatenate([_bisected(c, weights, cells[left], leaf), _bisected(c, weights, cells[~left], leaf)])
 
 
 def _draws(positions: np.ndarray) -> np.ndarray:
