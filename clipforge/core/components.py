@@ -206,9 +206,10 @@ class DecidesInPartitions(Protocol):
        sample to cluster, a histogram refined where needed). Surveys are small.
     2. ``route(plan, block)`` for every block: the share of its rows each partition gets, as a mapping
        ``{partition: {name: numpy array}}`` (stored, never pickled); ``{}`` when nothing moves.
-    3. where anything was routed, ``link(plan, shares)`` for each partition, over the shares it got,
-       and ``settle(plan, links, name)`` over every partition's links (``name(position)`` names a row
-       as a verdict's detail does: its key, or ``"KEY in MANIFEST"`` for a pool's row).
+    3. ``link(plan, shares)`` for each partition that got rows, over the shares it got, then
+       ``settle(plan, links, name)`` once over every partition's links (none when nothing was
+       routed; ``name(position)`` names a row as a verdict's detail does: its key, or
+       ``"KEY in MANIFEST"`` for a pool's row).
     4. ``decide_block(plan, block)`` for every block of the new data: one :class:`Verdict` per row.
     """
 
