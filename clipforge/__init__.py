@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.components import (
+    Block,
     ChecksInputs,
     ChoosesHyperparameters,
     ClassificationDataset,
@@ -15,6 +16,7 @@ from clipforge.core.components import (
     CurationStep,
     Dataset,
     DecidesAgainstPool,
+    DecidesInPartitions,
     DeclaresInputSize,
     DeclaresPixels,
     EncoderBundle,
@@ -61,6 +63,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 __all__ = [
     "STAGES",
+    "Block",
     "Catalog",
     "ChecksInputs",
     "ChoosesHyperparameters",
@@ -73,6 +76,7 @@ __all__ = [
     "CurationStep",
     "Dataset",
     "DecidesAgainstPool",
+    "DecidesInPartitions",
     "DeclaresInputSize",
     "DeclaresPixels",
     "DuplicateComponentError",

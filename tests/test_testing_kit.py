@@ -378,3 +378,24 @@ def test_the_pytest_plugin_fixtures_work_in_a_plugin_authors_test_session(tmp_pa
     )  # fmt: skip
     assert "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
     assert "ConformanceError: loss: must be a torch.nn.Module" in proc.stdout
+
+
+def test_the_kit_holds_a_step_that_decides_in_partitions_to_its_one_decision():
+    from clipforge.plugins.curation.duplicates import ExactDuplicates
+
+    class Forgetful(ExactDuplicates):
+        """Forgets the links of every partition but the first: copies across partitions all survive."""
+
+        def settle(self, plan, links, name):
+            return super().settle(plan, links[:1], name)
+
+    check_curation_step(ExactDuplicates(), _copies())
+    with pytest.raises(ConformanceError, match="in 2 partitions, it gave other verdicts"):
+        check_curation_step(Forgetful(), _copies())
+
+
+def _copies() -> list[Sample]:
+    """Samples whose images repeat: groups for a deduplication to find, across any split."""
+    from PIL import Image
+
+    return [Sample(f"k{i}", Image.new("RGB", (8, 8), (i % 3 * 80, 0, 0)), f"caption {i}") for i in range(12)]

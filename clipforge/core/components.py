@@ -172,6 +172,60 @@ class DecidesAgainstPool(Protocol):
     def decide_against(self, keys: list[str], features: Any, pool: Pool) -> Sequence[Verdict]: ...
 
 
+@dataclass(frozen=True)
+class Block:
+    """A run of the rows a partitioned decision (:class:`DecidesInPartitions`) is over, in its order:
+    a part's survivors, or a pool curation's part. ``first`` is the position of its first row among
+    every row of the decision (the pool's rows come first, oldest curation first, then the new data's);
+    ``features`` are as ``decide`` gets them. For a pool's rows ``kept`` says which the pool kept,
+    ``origin`` names its manifest and ``statistics`` whether they count in whole-dataset statistics;
+    for the new data's rows ``kept`` is None."""
+
+    features: Any
+    first: int
+    keys: list[str]
+    kept: list[bool] | None = None
+    origin: str = ""
+    statistics: bool = True
+
+    @property
+    def pool(self) -> bool:
+        """Whether these are a pool's rows (decided before, never given verdicts)."""
+        return self.kept is not None
+
+
+@runtime_checkable
+class DecidesInPartitions(Protocol):
+    """A whole-dataset step whose decision splits into tasks of bounded memory, with the same verdicts as
+    ``decide`` (and ``decide_against``) over every row at once: how the reduce phase runs it when the
+    recipe's ``parallel.reduce_partitions`` is above 1. The host calls, each per-block or per-partition
+    call as a task on the recipe's runner and each other call in its own process:
+
+    1. ``survey(plan, block)`` for every :class:`Block`, then ``plan(plan, surveys, partitions)``, which
+       returns ``(plan, done)``; starting from ``plan = None``, again until ``done`` (a count pass, a
+       sample to cluster, a histogram refined where needed). Surveys are small.
+    2. ``route(plan, block)`` for every block: the share of its rows each partition gets, as a mapping
+       ``{partition: {name: numpy array}}`` (stored, never pickled); ``{}`` when nothing moves.
+    3. ``link(plan, shares)`` for each partition that got rows, over the shares it got, then
+       ``settle(plan, links, name)`` once over every partition's links (none when nothing was
+       routed; ``name(position)`` names a row as a verdict's detail does: its key, or
+       ``"KEY in MANIFEST"`` for a pool's row).
+    4. ``decide_block(plan, block)`` for every block of the new data: one :class:`Verdict` per row.
+    """
+
+    def survey(self, plan: Any, block: Block) -> Any: ...
+
+    def plan(self, plan: Any, surveys: list[Any], partitions: int) -> tuple[Any, bool]: ...
+
+    def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]: ...
+
+    def link(self, plan: Any, shares: list[dict[str, Any]]) -> Any: ...
+
+    def settle(self, plan: Any, links: list[Any], name: Callable[[int], str]) -> Any: ...
+
+    def decide_block(self, plan: Any, block: Block) -> Sequence[Verdict]: ...
+
+
 @runtime_checkable
 class ScopedParams(Protocol):
     """The params model of a curation step that is per-sample or whole-dataset depending on its

@@ -60,7 +60,7 @@ KINDS: dict[str, Kind] = {
             "curation step",
             "register_curation_steps",
             (c.CurationStep, c.WholeDatasetStep),
-            (c.DeclaresPixels, c.DecidesAgainstPool),
+            (c.DeclaresPixels, c.DecidesAgainstPool, c.DecidesInPartitions),
             "check_curation_step",
             ("curation.*",),
         ),

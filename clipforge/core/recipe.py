@@ -189,6 +189,11 @@ class ParallelConfig(_Strict):
         None, description="dask: a scheduler address; ray: a cluster address (else RAY_ADDRESS); none starts a local one"
     )
     shard_size: Annotated[int, Field(gt=0)] = Field(1000, description="pairs per curated shard")
+    reduce_partitions: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        1,
+        description="tasks each whole-dataset step decides in (the same verdicts for any number); 1: in one process; "
+        "auto: one per ~500,000 survivors",
+    )
 
     @pydantic.field_validator("runner")
     @classmethod

@@ -23,7 +23,10 @@ from clipforge.registry import tracking
 _TASKS: dict[Callable[[Any], Any], Task[Any, Any]] = {
     curation.curate_part: task(name="curate-part", retries=2, retry_delay_seconds=[2, 10])(curation.curate_part),
     curation.finalize_part: task(name="finalize-part", retries=2, retry_delay_seconds=[2, 10])(curation.finalize_part),
-}
+    # a partitioned reduce's calls: each reads its block or its partition's shares from the store
+    **{fn: task(name=f"reduce-{fn.__name__.replace('_', '-')}", retries=2, retry_delay_seconds=[2, 10])(fn)
+       for fn in curation.REDUCE_TASKS},
+}  # fmt: skip
 
 
 def task_runner(cfg: ParallelConfig) -> TaskRunner[Any]:
@@ -68,6 +71,10 @@ class FollowedMapper:
 
     def __call__(self, fn: Callable[[Any], Any], jobs: list[Any]) -> Iterator[Any]:
         from tqdm.auto import tqdm
+
+        if fn not in (curation.curate_part, curation.finalize_part):  # the reduce phase's tasks: no bar of their own
+            yield from self.inner(fn, jobs)
+            return
 
         phase, n = "parts" if fn is curation.curate_part else "shards", len(jobs)
         total = 2 * n  # each part is curated, then finalized

@@ -22,6 +22,7 @@ from clipforge.core.components import (
     ChoosesHyperparameters,
     CurationStep,
     DecidesAgainstPool,
+    DecidesInPartitions,
     EncoderBundle,
     PartitionedDataset,
     Pool,
@@ -345,7 +346,26 @@ def check_curation_step(step: Any, samples: Sequence[Sample] | None = None, *, n
         _check_without_pixels(step, samples, verdicts, name)
     if isinstance(step, DecidesAgainstPool):
         _check_against_pool(step, samples, verdicts, name)
+    if isinstance(step, DecidesInPartitions):
+        _check_in_partitions(step, samples, verdicts, name)
     return verdicts
+
+
+def _check_in_partitions(step: Any, samples: list[Sample], verdicts: list[Verdict], name: str) -> None:
+    """A step that decides in partitions gives the verdicts of its one decision, for any number of
+    partitions and blocks (an empty block among them)."""
+    from clipforge.engine.curation.partitioned import decide_in_partitions
+
+    features = step.features(samples)
+    if hasattr(features, "astype"):
+        features = features.astype("float32")
+    keys = [s.key for s in samples]
+    expected = [(v.keep, v.reason, v.detail) for v in verdicts]
+    half = len(samples) // 2
+    for partitions, sizes in ((1, [len(samples)]), (2, [half, 0, len(samples) - half]), (3, None)):
+        got = [(v.keep, v.reason, v.detail) for v in decide_in_partitions(step, keys, features, partitions, sizes=sizes)]
+        if got != expected:
+            raise _fail(name, f"decided in {partitions} partitions, it gave other verdicts than decide() over every sample")
 
 
 def _check_against_pool(step: Any, samples: list[Sample], verdicts: list[Verdict], name: str) -> None:

@@ -18,8 +18,6 @@ Three phases, each resumable from what it left on the store:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.recipe import Recipe
@@ -27,13 +25,12 @@ from clipforge.core.results import CurateResult
 from clipforge.core.storage import Store
 from clipforge.engine.curation.finalize import FinalizeJob, assemble, finalize_part
 from clipforge.engine.curation.layout import DECODE_STEP, SUMMARY
+from clipforge.engine.curation.partitioned import TASKS as REDUCE_TASKS
+from clipforge.engine.curation.partitioned import Mapper, decide_in_partitions
 from clipforge.engine.curation.parts import PartJob, PartResult, curate_part
 from clipforge.engine.curation.plan import build_steps, curation_key, input_size, parts_of
 from clipforge.engine.curation.pool import PoolChain, open_pool
 from clipforge.engine.curation.reduce import first_positions, reduce
-
-#: ``mapper(fn, jobs)`` gives ``fn(job)`` for each job, in order (the builtin ``map`` does).
-Mapper = Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]]
 
 
 def curate(
@@ -63,7 +60,7 @@ def curate(
     # disable=None: a bar on terminals only
     parts: list[PartResult] = list(tqdm(mapper(curate_part, jobs), total=len(jobs), desc="curate", unit="part",
                                         disable=None if progress else True))  # fmt: skip
-    reduced = reduce(steps, store, out, parts, pool)
+    reduced = reduce(steps, store, out, parts, pool, recipe=recipe, mapper=mapper)
     firsts = first_positions(parts)
     finals = [
         FinalizeJob(recipe=recipe, store=store.url, out=out, index=i, first=firsts[i], drops=reduced.of_part(firsts[i], p.kept))
@@ -85,11 +82,13 @@ def pool_of(recipe: Recipe, champion_manifest: str | None = None) -> PoolChain |
 
 __all__ = [
     "DECODE_STEP",
+    "REDUCE_TASKS",
     "Mapper",
     "PoolChain",
     "curate",
     "curate_part",
     "curation_key",
+    "decide_in_partitions",
     "finalize_part",
     "input_size",
     "open_pool",

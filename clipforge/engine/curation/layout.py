@@ -108,13 +108,15 @@ def load_features(store: Store, rel: str) -> Any:
 
 def survivor_keys(store: Store, out: str, n_parts: int) -> list[str]:
     """The keys of every part's survivors, part after part: the order the whole-dataset steps decide in."""
+    return [k for i in range(n_parts) for k in part_survivor_keys(store, out, i)]
+
+
+def part_survivor_keys(store: Store, out: str, index: int) -> list[str]:
+    """The keys of part ``index``'s survivors, in order."""
     import pyarrow.parquet as pq
 
-    keys: list[str] = []
-    for i in range(n_parts):
-        table = pq.read_table(store.open(f"{part_dir(out, i)}/{PART_MANIFEST}"), columns=["key", "kept"])
-        keys += [k for k, kept in zip(table.column("key").to_pylist(), table.column("kept").to_pylist()) if kept]
-    return keys
+    table = pq.read_table(store.open(f"{part_dir(out, index)}/{PART_MANIFEST}"), columns=["key", "kept"])
+    return [k for k, kept in zip(table.column("key").to_pylist(), table.column("kept").to_pylist()) if kept]
 
 
 def survivor_features(store: Store, out: str, n_parts: int, label: str, index: np.ndarray) -> Any:

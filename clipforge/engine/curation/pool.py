@@ -65,15 +65,7 @@ class PoolChain:
         features: list[Any] = []
         ends: list[int] = []
         for c in self.curations:
-            label = next((s["label"] for s in c.index["steps"] if s["type"] == step_type and s["signature"] == signature), None)
-            if label is None:
-                done = [f"{s['type']} {s['signature']}" for s in c.index["steps"] if s["signature"] is not None]
-                raise ConfigError(
-                    f"curation_pool: {c.manifest} holds no features of a {step_type!r} step with {signature}, "
-                    f"so its samples cannot be compared without recomputing them (it has: {'; '.join(done) or 'none'}); "
-                    f"curate against a pool made with the same step, or leave curation_pool out"
-                )
-            k, f, kp = _seen_by(c, label)
+            k, f, kp = _seen_by(c, label_in(c, step_type, signature))
             keys += k
             kept += kp
             features.append(f)
@@ -86,12 +78,31 @@ class PoolChain:
         )  # fmt: skip
 
 
+def label_in(c: PoolCuration, step_type: str, signature: dict[str, Any]) -> str:
+    """The label of curation ``c``'s step of this type and features signature, or a clear error."""
+    label = next((s["label"] for s in c.index["steps"] if s["type"] == step_type and s["signature"] == signature), None)
+    if label is None:
+        done = [f"{s['type']} {s['signature']}" for s in c.index["steps"] if s["signature"] is not None]
+        raise ConfigError(
+            f"curation_pool: {c.manifest} holds no features of a {step_type!r} step with {signature}, "
+            f"so its samples cannot be compared without recomputing them (it has: {'; '.join(done) or 'none'}); "
+            f"curate against a pool made with the same step, or leave curation_pool out"
+        )
+    return str(label)
+
+
+def stopped_at(c: PoolCuration) -> tuple[list[str], dict[int, int]]:
+    """Curation ``c``'s funnel order (decode, then its whole-dataset steps) and, for each survivor of its
+    parts that a whole-dataset step dropped, by position, where in that order it stopped."""
+    order = [DECODE_STEP, *[s["label"] for s in c.index["steps"]]]
+    reduced = c.store.read_json(f"{c.out}/{REDUCED}")
+    return order, {d["position"]: order.index(d["step"]) for d in reduced["drops"]}
+
+
 def _seen_by(c: PoolCuration, label: str) -> tuple[list[str], Any, list[bool]]:
     """The samples step ``label`` of curation ``c`` saw, its features of them, and which of them the curation kept."""
     keys = survivor_keys(c.store, c.out, c.index["parts"])
-    order = [DECODE_STEP, *[s["label"] for s in c.index["steps"]]]
-    reduced = c.store.read_json(f"{c.out}/{REDUCED}")
-    stopped = {d["position"]: order.index(d["step"]) for d in reduced["drops"]}
+    order, stopped = stopped_at(c)
     at = order.index(label)
     seen = np.array([stopped.get(p, len(order)) >= at for p in range(len(keys))], dtype=bool)
     index = np.flatnonzero(seen)

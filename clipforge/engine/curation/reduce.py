@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel
 
-from clipforge.core.components import DecidesAgainstPool
+from clipforge.core.components import DecidesAgainstPool, DecidesInPartitions, Verdict
 from clipforge.core.errors import StageError
+from clipforge.core.recipe import Recipe
 from clipforge.core.results import StepCounts
 from clipforge.core.storage import Store
 from clipforge.engine.curation.layout import DECODE_STEP, REDUCED, SCORES, survivor_features, survivor_keys, write_table
+from clipforge.engine.curation.partitioned import Mapper, decide_partitioned, partitions_for
 from clipforge.engine.curation.parts import PartResult
 from clipforge.engine.curation.plan import Steps
 
@@ -48,11 +50,24 @@ def first_positions(parts: list[PartResult]) -> list[int]:
     return [int(x) for x in np.cumsum([0] + [p.kept for p in parts[:-1]])]
 
 
-def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: PoolChain | None = None) -> Reduced:
+def reduce(
+    steps: Steps,
+    store: Store,
+    out: str,
+    parts: list[PartResult],
+    pool: PoolChain | None = None,
+    *,
+    recipe: Recipe | None = None,
+    mapper: Mapper = map,
+) -> Reduced:
     """The whole-dataset steps over every part's survivors, in order (a key in two parts: the later goes).
 
     With a ``pool``, a step that can decide against one (:class:`~clipforge.core.components.DecidesAgainstPool`)
     gets the pool's stored features for it; the others decide over the new data alone.
+
+    With the ``recipe``'s ``parallel.reduce_partitions`` above 1, a step that decides in partitions
+    (:class:`~clipforge.core.components.DecidesInPartitions`) does so as tasks of ``mapper``, reading the
+    features from the store; the verdicts are the same.
     """
     if store.exists(f"{out}/{REDUCED}"):
         return Reduced.model_validate(store.read_json(f"{out}/{REDUCED}"))
@@ -67,14 +82,15 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
     alive[list(drops)] = False
     funnel = {}
     scores: dict[str, np.ndarray] = {}
+    partitions = partitions_for(recipe.parallel.reduce_partitions, len(keys)) if recipe is not None else 1
     for label, step in steps.whole:
         index = np.flatnonzero(alive)
-        chosen = [keys[j] for j in index]
-        features = survivor_features(store, out, len(parts), label, index)
-        if pool is not None and isinstance(step, DecidesAgainstPool):
-            verdicts = list(step.decide_against(chosen, features, pool.view(steps.types[label], step)))
+        if partitions > 1 and recipe is not None and isinstance(step, DecidesInPartitions):
+            sizes = [p.kept for p in parts]
+            verdicts = decide_partitioned(step, label, steps.types[label], recipe, store, out, sizes, keys, alive, partitions,
+                                          mapper, pool)  # fmt: skip
         else:
-            verdicts = list(step.decide(chosen, features))
+            verdicts = _decide_at_once(step, label, steps, store, out, len(parts), [keys[j] for j in index], index, pool)
         if len(verdicts) != len(index):
             raise StageError(f"curation step {label!r} returned {len(verdicts)} verdicts for {len(index)} samples")
         reasons: Counter[str] = Counter()
@@ -92,6 +108,15 @@ def reduce(steps: Steps, store: Store, out: str, parts: list[PartResult], pool: 
     reduced = Reduced(drops=[drops[p] for p in sorted(drops)], funnel=funnel, kept=int(alive.sum()))
     store.write_json(f"{out}/{REDUCED}", reduced.model_dump(mode="json"))  # last: marks the phase complete
     return reduced
+
+
+def _decide_at_once(step: Any, label: str, steps: Steps, store: Store, out: str, n_parts: int, chosen: list[str],
+                    index: np.ndarray, pool: PoolChain | None) -> list[Verdict]:  # fmt: skip
+    """One decision over every survivor's features, in this process."""
+    features = survivor_features(store, out, n_parts, label, index)
+    if pool is not None and isinstance(step, DecidesAgainstPool):
+        return list(step.decide_against(chosen, features, pool.view(steps.types[label], step)))
+    return list(step.decide(chosen, features))
 
 
 def _write_scores(store: Store, rel: str, keys: list[str], scores: dict[str, np.ndarray]) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import clipforge
-from clipforge import ConfigError, Pool, Sample, Verdict
+from clipforge import Block, ConfigError, Pool, Sample, Verdict
 
 #: Code point ranges of the scripts written without spaces between words: an entry of them matches as a substring.
 NO_SPACE_SCRIPTS = (
@@ -201,6 +201,9 @@ class Matcher:
 
 
 class Balance:
+    """MetaCLIP's balancing; in partitions, a count pass over every block, then each block's own draws
+    (a function of the seed, the pair's key and the entry alone: :func:`_uniform`)."""
+
     def __init__(self, entries: list[str] | None = None, t: int = 20_000, seed: int = 0, keep_unmatched: bool = False,
                  entries_file: str | None = None, storage_options: dict[str, Any] | None = None):  # fmt: skip
         if entries is None:
@@ -238,12 +241,47 @@ class Balance:
             held += np.bincount(np.asarray(flat, dtype=np.int64), minlength=len(self.entries))
         return self._decide(keys, matches, held)
 
-    def _decide(self, keys: list[str], matches: list[list[int]], held: np.ndarray) -> list[Verdict]:
-        """Each (pair, entry) is kept with probability ``(t - held) / count``; a pair is kept if any of its entries keeps it."""
+    # -- in partitions (clipforge.DecidesInPartitions): a count pass, then each block samples alone --------
+
+    def survey(self, plan: Any, block: Block) -> tuple[str, np.ndarray]:
+        """The block's matches per entry: the new data's, or a pool's kept pairs' (when they count)."""
+        if block.pool and not block.statistics:
+            return "held", np.zeros(len(self.entries), dtype=np.int64)
+        rows = block.features if block.kept is None else [m for m, kept in zip(block.features, block.kept) if kept]
+        flat = np.fromiter((e for m in rows for e in m), dtype=np.int64)
+        return ("held" if block.pool else "new"), np.bincount(flat, minlength=len(self.entries))
+
+    def plan(self, plan: Any, surveys: list[Any], partitions: int) -> tuple[Any, bool]:
+        held = np.zeros(len(self.entries), dtype=np.int64)
+        new = np.zeros(len(self.entries), dtype=np.int64)
+        for kind, counts in surveys:
+            (held if kind == "held" else new)[:] += counts
+        return {"held": held, "total": held + new}, True
+
+    def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
+        return {}
+
+    def link(self, plan: Any, shares: list[dict[str, Any]]) -> None:
+        return None
+
+    def settle(self, plan: Any, links: list[Any], name: Any) -> Any:
+        return plan
+
+    def decide_block(self, plan: Any, block: Block) -> list[Verdict]:
+        return self._decide(block.keys, block.features, plan["held"], plan["total"])
+
+    def _decide(
+        self, keys: list[str], matches: list[list[int]], held: np.ndarray, total: np.ndarray | None = None
+    ) -> list[Verdict]:
+        """Each (pair, entry) is kept with probability ``(t - held) / count``; a pair is kept if any of its entries keeps it.
+
+        ``total``: each entry's pairs, the pool's and the new ones (by default counted in ``matches``).
+        """
         sizes = np.array([len(m) for m in matches], dtype=np.int64)
         entry = np.fromiter((e for m in matches for e in m), dtype=np.int64, count=int(sizes.sum()))
         owner = np.repeat(np.arange(len(matches)), sizes)
-        total = held + np.bincount(entry, minlength=len(self.entries))  # the pool's and the new pairs of each entry
+        if total is None:
+            total = held + np.bincount(entry, minlength=len(self.entries))  # the pool's and the new pairs of each entry
         chance = (self.t - held[entry]) / (total - held)[entry]
         kept = np.zeros(len(matches), dtype=bool)
         np.logical_or.at(kept, owner, _uniform(self.seed, keys, owner, entry) < chance)

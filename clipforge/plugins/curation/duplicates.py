@@ -9,18 +9,82 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge import Pool, Sample, Verdict, resolve_model
+from clipforge import Block, Pool, Sample, Verdict, resolve_model
 from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
 
 #: The reason of a sample dropped because the pool curated against holds a copy of it.
 POOL_DUPLICATE = "duplicate of pool"
+
+
+class Groups:
+    """The partitioned decision both duplicate steps share: links ``(a, b)`` between positions found
+    per partition, settled globally into groups (connected components), each of which keeps its first
+    position; a row whose group starts in the pool is a duplicate of the pool."""
+
+    reason = "exact duplicate"
+
+    def survey(self, plan: Any, block: Block) -> Any:
+        return {"pool": block.pool, "first": block.first, "end": block.first + len(block.keys), **self._survey(plan, block)}
+
+    def _survey(self, plan: Any, block: Block) -> dict[str, Any]:
+        return {}
+
+    def _bounds(self, surveys: list[Any]) -> dict[str, int]:
+        """Where the new data's positions start, and how many positions there are."""
+        end = max((s["end"] for s in surveys), default=0)
+        return {"new_start": min((s["first"] for s in surveys if not s["pool"]), default=end), "end": end}
+
+    def _rows(self, block: Block) -> np.ndarray:
+        """The block's rows that can be a group's: a pool's kept ones, every one of the new data."""
+        return np.arange(len(block.keys)) if block.kept is None else np.flatnonzero(np.asarray(block.kept, dtype=bool))
+
+    def settle(self, plan: Any, links: list[Any], name: Callable[[int], str]) -> Any:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        a = np.concatenate([np.zeros(0, dtype=np.int64), *(x[0] for x in links)])
+        b = np.concatenate([np.zeros(0, dtype=np.int64), *(x[1] for x in links)])
+        s = np.concatenate([np.zeros(0, dtype=np.float32), *(x[2] for x in links)])
+        nodes = np.unique(np.concatenate([a, b]))
+        ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (ia, ib)), shape=(len(nodes), len(nodes)))
+        _, component = connected_components(graph, directed=False) if len(nodes) else (0, np.zeros(0, dtype=np.int64))
+        first = np.full(int(component.max()) + 1 if len(nodes) else 0, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(first, component, nodes)
+        similarity = np.zeros(len(nodes), dtype=np.float32)
+        np.maximum.at(similarity, ia, s)  # a pair found in two partitions counts once: the highest product
+        np.maximum.at(similarity, ib, s)
+        firsts = first[component]
+        names = {int(f): name(int(f)) for f in np.unique(firsts[firsts != nodes])}
+        return {**plan, "nodes": nodes, "firsts": firsts, "similarity": similarity, "names": names}
+
+    def decide_block(self, plan: Any, block: Block) -> list[Verdict]:
+        positions = block.first + np.arange(len(block.keys))
+        nodes, firsts = plan["nodes"], plan["firsts"]
+        at = np.minimum(np.searchsorted(nodes, positions), max(len(nodes) - 1, 0))
+        out = []
+        for i, position in enumerate(positions.tolist()):
+            j = int(at[i])
+            if not len(nodes) or nodes[j] != position or firsts[j] == position:
+                out.append(Verdict.kept())
+                continue
+            first = int(firsts[j])
+            scores = self._scores(plan, j)
+            if first < plan["new_start"]:
+                out.append(Verdict.dropped(POOL_DUPLICATE, detail=f"duplicate of {plan['names'][first]}", **scores))
+            else:
+                out.append(Verdict.dropped(self.reason, detail=f"of {plan['names'][first]}", **scores))
+        return out
+
+    def _scores(self, plan: Any, j: int) -> dict[str, float]:
+        return {}
 
 
 class ExactParams(BaseModel):
@@ -28,8 +92,12 @@ class ExactParams(BaseModel):
     by: Literal["image", "image+caption"] = Field("image", description="same pixels, or same pixels and same caption")
 
 
-class ExactDuplicates:
-    """Same image (decoded pixels), or same image with the same normalised caption."""
+class ExactDuplicates(Groups):
+    """Same image (decoded pixels), or same image with the same normalised caption.
+
+    In partitions (:class:`clipforge.DecidesInPartitions`): each digest goes to one partition, by its
+    value; a partition links each copy to the first of its digest, so every group is whole in one.
+    """
 
     def __init__(self, by: str = "image"):
         self.by = by
@@ -69,6 +137,25 @@ class ExactDuplicates:
                 out.append(Verdict.kept())
         return out
 
+    def plan(self, plan: Any, surveys: list[Any], partitions: int) -> tuple[Any, bool]:
+        return {"partitions": partitions, **self._bounds(surveys)}, True
+
+    def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
+        rows = self._rows(block)
+        digests = np.array([block.features[i] for i in rows], dtype="S32")
+        home = np.array([int(d[:8], 16) % plan["partitions"] for d in digests], dtype=np.int64)
+        return {int(p): {"position": block.first + rows[home == p], "digest": digests[home == p]} for p in np.unique(home)}
+
+    def link(self, plan: Any, shares: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        position = np.concatenate([s["position"] for s in shares]).astype(np.int64)
+        digest = np.concatenate([s["digest"] for s in shares])
+        order = np.lexsort((position, digest))
+        position, digest = position[order], digest[order]
+        starts = np.flatnonzero(np.r_[True, digest[1:] != digest[:-1]])
+        first = position[starts][np.cumsum(np.r_[True, digest[1:] != digest[:-1]]) - 1]
+        copy = position != first
+        return first[copy], position[copy], np.ones(int(copy.sum()), dtype=np.float32)
+
 
 class NearParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -82,9 +169,26 @@ class NearParams(BaseModel):
     device: str = "cpu"
 
 
-class NearDuplicates:
+class NearDuplicates(Groups):
     """Images whose embeddings have cosine >= threshold are linked; each connected group of links, of
-    any size, keeps its first image in input order and drops the others, naming the one kept."""
+    any size, keeps its first image in input order and drops the others, naming the one kept.
+
+    In partitions (:class:`clipforge.DecidesInPartitions`): k-means on a seeded sample gives about
+    sqrt(n) cells, grouped into partitions of about equal rows; each row goes to its nearest
+    centroid's cell (its home) and to every other cell whose Voronoi region lies within ``r`` of it
+    (by the distance to the bisector of the two centroids), ``r`` the largest distance at which two
+    rows can still reach the threshold (``sqrt(2 m² - 2 t)``, ``m`` the largest norm). Each partition
+    compares, cell by cell, every row that went to the cell with the cell's home rows, exactly; the
+    links of every partition then make the groups at once. Exact: if ``x`` and ``y`` link,
+    ``||x - y|| <= r``; the segment from ``x`` to ``y`` leaves ``x``'s region for ``y``'s home cell,
+    so that cell lies within ``r`` of ``x``, and ``x`` meets ``y`` there.
+    """
+
+    reason = "near duplicate"
+    #: The k-means of the partitions: cells of about sqrt(n) rows (at most this many cells, at least one
+    #: per partition), grouped into partitions of about equal rows; rows sampled per cell to train it.
+    MAX_CELLS = 16384
+    SAMPLE_PER_CELL = 40
 
     def __init__(
         self,
@@ -142,6 +246,165 @@ class NearDuplicates:
             else:
                 out.append(Verdict.dropped("near duplicate", detail=f"of {keys[root - p]}", similarity=float(similarity[i])))
         return out
+
+    # -- in partitions ------------------------------------------------------------------------
+
+    def _survey(self, plan: Any, block: Block) -> dict[str, Any]:
+        rows = self._rows(block)
+        x = _vectors(block)[rows]
+        if plan is None:
+            return {"n": len(x), "norm": float(np.sqrt((x * x).sum(axis=1)).max()) if len(x) else 0.0}
+        return {"sample": x[_draws(block.first + rows) < plan["rate"]]}
+
+    def plan(self, plan: Any, surveys: list[Any], partitions: int) -> tuple[Any, bool]:
+        if plan is None:
+            n = sum(s["n"] for s in surveys)
+            norm = max((s["norm"] for s in surveys), default=0.0)
+            # the farthest apart two rows can be and still reach the threshold, with room for float32 rounding
+            radius = float(np.sqrt(max(0.0, 2 * norm * norm - 2 * self.threshold))) * (1 + 1e-3) + 1e-4
+            cells = max(partitions, min(int(np.sqrt(n)), self.MAX_CELLS))
+            rate = min(1.0, self.SAMPLE_PER_CELL * cells / max(n, 1))
+            return {**self._bounds(surveys), "radius": radius, "rate": rate, "cells": cells}, False
+        sample = np.concatenate([s["sample"] for s in surveys if len(s["sample"])] or [np.zeros((0, 1), np.float32)])
+        k = min(plan["cells"], len(sample))
+        if k <= 1:
+            centroids = sample[:1] if len(sample) else np.zeros((0, 1), np.float32)
+            assigned = np.zeros(len(centroids), dtype=np.int64)
+        else:
+            import faiss
+
+            kmeans = faiss.Kmeans(sample.shape[1], k, niter=10, seed=0, min_points_per_centroid=1)
+            kmeans.train(np.ascontiguousarray(sample))
+            centroids = np.asarray(kmeans.centroids, dtype=np.float32)
+            _, home = kmeans.index.search(np.ascontiguousarray(sample), 1)
+            assigned = _grouped(centroids, np.bincount(home.ravel(), minlength=k), partitions)
+        return {**plan, "centroids": centroids, "partition_of_cell": assigned}, True
+
+    def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
+        """Each row to the partition of its home cell and of every cell within the radius of it; with
+        the cells (of that partition) it goes to, so that each cell is searched on its own."""
+        rows = self._rows(block)
+        if not len(rows):
+            return {}
+        x = _vectors(block)[rows]
+        c, partition_of = plan["centroids"], plan["partition_of_cell"]
+        if len(c) <= 1:
+            zeros = np.zeros(len(rows), dtype=np.int64)
+            return {0: _share(block.first + rows, x, zeros, np.arange(len(rows)), zeros)}
+        row_of, cell_of, homes = [], [], []
+        cc = (c * c).sum(axis=1)
+        for start in range(0, len(x), 4096):  # bounds the distance matrices' memory
+            q = x[start : start + 4096]
+            d = (q * q).sum(axis=1)[:, None] - 2 * q @ c.T + cc[None, :]
+            home = d.argmin(axis=1)
+            gap = np.sqrt(np.maximum(cc[home][:, None] + cc[None, :] - 2 * c[home] @ c.T, 0))  # ||c_home - c_j||
+            # the distance from q to the bisector of its home and c_j, within the radius: a linked row may live there
+            near = (d - d[np.arange(len(q)), home][:, None]) <= 2 * plan["radius"] * gap + 1e-5
+            near[np.arange(len(q)), home] = True
+            r, cell = np.nonzero(near)
+            row_of.append(start + r)
+            cell_of.append(cell)
+            homes.append(home)
+        row, cell, home = np.concatenate(row_of), np.concatenate(cell_of), np.concatenate(homes)
+        partition = partition_of[cell]
+        shares = {}
+        for p in np.unique(partition).tolist():
+            pairs = partition == p
+            members, local = np.unique(row[pairs], return_inverse=True)
+            shares[int(p)] = _share(block.first + rows[members], x[members], home[members], local.ravel(), cell[pairs])
+        return shares
+
+    def link(self, plan: Any, shares: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every link between the rows routed to a cell of this partition and the rows at home in it,
+        found exactly; identical rows are linked by their bytes (as :func:`near_groups` does) and
+        searched once."""
+        offsets = np.cumsum([0] + [len(s["position"]) for s in shares])
+        position = np.concatenate([s["position"] for s in shares]).astype(np.int64)
+        x = np.concatenate([s["x"].astype(np.float32) for s in shares])
+        home = np.concatenate([s["home"] for s in shares])
+        row = np.concatenate([s["row"] + o for s, o in zip(shares, offsets)])
+        cell = np.concatenate([s["cell"] for s in shares])
+        order = np.argsort(position, kind="stable")
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order))
+        position, x, home, row = position[order], np.ascontiguousarray(x[order]), home[order], where[row]
+        # the first of identical rows (by position) stands for them all: they go to the same cells
+        keyed = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+        _, unique, inverse = np.unique(keyed, return_index=True, return_inverse=True)
+        rep = unique[inverse.ravel()]
+        copies = np.flatnonzero(rep != np.arange(len(x)))
+        searched = rep[row] == row  # each cell's rows, their representatives only
+        row, cell = row[searched], cell[searched]
+        order = np.argsort(cell, kind="stable")
+        row, cell = row[order], cell[order]
+        reps = np.flatnonzero(rep == np.arange(len(x)))
+        home_order = reps[np.argsort(home[reps], kind="stable")]
+        home_cells = home[home_order]
+        blocks = []
+        for k in np.unique(cell).tolist():
+            queries = row[np.searchsorted(cell, k) : np.searchsorted(cell, k, side="right")]
+            members = home_order[np.searchsorted(home_cells, k) : np.searchsorted(home_cells, k, side="right")]
+            blocks.append((queries, members))
+        i, j, sims = _pairs_in(x, self.threshold, blocks)
+        a = np.concatenate([position[i], position[rep[copies]]])
+        b = np.concatenate([position[j], position[copies]])
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        return low, high, np.concatenate([sims, np.ones(len(copies), dtype=np.float32)])
+
+    def _scores(self, plan: Any, j: int) -> dict[str, float]:
+        return {"similarity": float(plan["similarity"][j])}
+
+
+def _vectors(block: Block) -> np.ndarray:
+    """The block's features as float32 rows (an empty block's as no rows)."""
+    if not len(block.keys):
+        return np.zeros((0, 1), dtype=np.float32)
+    return np.asarray(block.features, dtype=np.float32).reshape(len(block.keys), -1)
+
+
+def _share(position: np.ndarray, x: np.ndarray, home: np.ndarray, row: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
+    """A partition's share of a block: its rows (positions, vectors, float16 where that loses nothing,
+    home cells) and the cells each goes to (``row`` indexes the rows)."""
+    half = x.astype(np.float16)
+    exact = bool(np.array_equal(half.astype(np.float32), x, equal_nan=True))
+    return {"position": position.astype(np.int64), "x": half if exact else x, "home": home.astype(np.int64),
+            "row": row.astype(np.int64), "cell": cell.astype(np.int64)}  # fmt: skip
+
+
+def _grouped(centroids: np.ndarray, sizes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition of each cell: neighbouring cells together (a row goes to the cells around its own,
+    and should find them in one partition), about equal rows in each. The cells are ordered by a
+    recursive bisection of their centroids (2-means), so that near cells are near in the order, then
+    cut into runs of equal rows."""
+    leaf = max(1, len(centroids) // (8 * partitions))
+    order = _bisected(np.ascontiguousarray(centroids), np.maximum(sizes, 1).astype(np.float32), np.arange(len(centroids)), leaf)
+    ends = np.cumsum(np.maximum(sizes[order], 1))
+    out = np.empty(len(sizes), dtype=np.int64)
+    out[order] = np.minimum((ends - 1) * partitions // ends[-1], partitions - 1)
+    return out
+
+
+def _bisected(c: np.ndarray, weights: np.ndarray, cells: np.ndarray, leaf: int) -> np.ndarray:
+    if len(cells) <= leaf:
+        return cells
+    import faiss
+
+    kmeans = faiss.Kmeans(c.shape[1], 2, niter=10, seed=0, min_points_per_centroid=1)
+    kmeans.train(c[cells], weights=weights[cells])
+    _, side = kmeans.index.search(c[cells], 1)
+    left = side.ravel() == 0
+    if left.all() or not left.any():
+        return cells
+    return np.concatenate([_bisected(c, weights, cells[left], leaf), _bisected(c, weights, cells[~left], leaf)])
+
+
+def _draws(positions: np.ndarray) -> np.ndarray:
+    """A uniform draw in [0, 1) per position, fixed by the position alone: a sample that does not depend on the blocks."""
+    x = positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 #: Below this many vectors every pair is compared exactly (a flat index), above an inverted-file index is searched.

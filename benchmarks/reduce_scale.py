@@ -1,0 +1,137 @@
+"""The reduce phase in partitions: time and peak memory per task against the number of partitions.
+
+    python benchmarks/reduce_scale.py [--sizes 1000000 2000000 4000000] [--partitions 1 4 16 64]
+                                      [--part-rows 100000] [--threshold 0.97]
+
+For each size N: N synthetic 256-d float16 features (clustered as image embeddings are: 1 cluster per
+2,000 rows, rows at cosine ~0.8 of their centre, 5 % of them near copies of another row at cosine
+~0.99) written to a store as curation's parts leave them (``--part-rows`` survivors a part), then
+the ``near-duplicates`` step's reduce phase run with ``parallel.reduce_partitions`` = each of
+``--partitions`` (1: the one-process decision). Every task runs in this process, one after the
+other, under ``tracemalloc``: its wall time and its peak of traced memory (numpy's arrays included)
+are what a worker of a cluster would need. Prints, per (N, partitions): the kept count (the same for
+every number of partitions), the total time, and the largest time and peak memory of one task (and
+its kind), against the features' size divided by the partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import clipforge
+from clipforge.core.storage import Store
+from clipforge.engine.curation.layout import PART_MANIFEST, features_of, part_dir
+from clipforge.engine.curation.parts import PartResult
+from clipforge.engine.curation.plan import build_steps
+from clipforge.engine.curation.reduce import reduce
+
+DIM = 256
+
+
+def features(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 2000), DIM), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((n, DIM), dtype=np.float16)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        rows = centres[rng.integers(0, len(centres), m)] + 0.75 * rng.standard_normal((m, DIM), dtype=np.float32) / np.sqrt(DIM)
+        copies = rng.random(m) < 0.05
+        source = rng.integers(0, m, int(copies.sum()))
+        rows[copies] = rows[source] + 0.1 * rng.standard_normal((len(source), DIM), dtype=np.float32) / np.sqrt(DIM)
+        x[start : start + m] = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+    return x
+
+
+def write_parts(store: Store, out: str, x: np.ndarray, part_rows: int) -> list[PartResult]:
+    parts = []
+    for i, start in enumerate(range(0, len(x), part_rows)):
+        chunk = x[start : start + part_rows]
+        keys = [f"k{start + j:010d}" for j in range(len(chunk))]
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"key": keys, "kept": [True] * len(keys)}), buf)
+        store.write_bytes(f"{part_dir(out, i)}/{PART_MANIFEST}", buf.getvalue())
+        buf = io.BytesIO()
+        np.save(buf, chunk, allow_pickle=False)
+        store.write_bytes(f"{features_of(out, i, 'near-duplicates')}.npy", buf.getvalue())
+        parts.append(PartResult(index=i, input=len(chunk), kept=len(chunk), funnel={}, seconds=0.0))
+    return parts
+
+
+class Measured:
+    """The builtin map, each call timed and its traced memory peak taken."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+
+    def __call__(self, fn, jobs):
+        for job in jobs:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            start = time.perf_counter()
+            result = fn(job)
+            self.tasks[fn.__name__].append((time.perf_counter() - start, tracemalloc.get_traced_memory()[1] - base))
+            yield result
+
+
+def run(n: int, partitions: int, part_rows: int, threshold: float, x: np.ndarray, folder: str) -> dict:
+    recipe = clipforge.load_recipe({
+        "name": "bench", "storage": {"root": folder},
+        "data": {"train": {"type": "webdataset", "urls": "unused-{0..1}.tar"}},
+        "curation": [{"type": "near-duplicates", "threshold": threshold}],
+        "model": {"type": "open-clip", "arch": "RN50"},
+        "parallel": {"reduce_partitions": partitions},
+    })  # fmt: skip
+    store = Store(folder)
+    out = f"p{partitions}"
+    parts = write_parts(store, out, x, part_rows)
+    steps = build_steps(recipe, clipforge.get_plugin_manager().catalog)
+    mapper = Measured()
+    tracemalloc.start()
+    start = time.perf_counter()
+    reduced = reduce(steps, store, out, parts, recipe=recipe, mapper=mapper)
+    total = time.perf_counter() - start
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"kept": reduced.kept, "seconds": total, "peak": whole_peak, "tasks": dict(mapper.tasks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
+    parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--part-rows", type=int, default=100_000)
+    parser.add_argument("--threshold", type=float, default=0.97)
+    args = parser.parse_args()
+    mib = 1 << 20
+    print(
+        "| pairs | partitions | kept | total s | largest task s (kind) | largest task peak MiB (kind) | data / partitions MiB |"
+    )
+    print("|---:|---:|---:|---:|---|---|---:|")
+    for n in args.sizes:
+        x = features(n)
+        for p in args.partitions:
+            with tempfile.TemporaryDirectory() as folder:
+                r = run(n, p, args.part_rows, args.threshold, x, folder)
+            if p == 1:
+                print(f"| {n:,} | 1 | {r['kept']:,} | {r['seconds']:.1f} | {r['seconds']:.1f} (one process) | "
+                      f"{r['peak'] / mib:.0f} (one process) | {x.nbytes / mib:.0f} |", flush=True)  # fmt: skip
+                continue
+            times = {k: max(t for t, _ in v) for k, v in r["tasks"].items()}
+            peaks = {k: max(m for _, m in v) for k, v in r["tasks"].items()}
+            tk, pk = max(times, key=times.get), max(peaks, key=peaks.get)
+            print(f"| {n:,} | {p} | {r['kept']:,} | {r['seconds']:.1f} | {times[tk]:.1f} ({tk}) | "
+                  f"{peaks[pk] / mib:.0f} ({pk}) | {x.nbytes / p / mib:.0f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

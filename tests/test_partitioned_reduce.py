@@ -1,0 +1,186 @@
+"""The reduce phase in partitions: for any number of partitions and any split into blocks, every
+whole-dataset step gives the verdicts of its one-process decision, against a pool too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import clipforge
+from clipforge.core.components import Pool
+from clipforge.engine.curation import decide_in_partitions
+from clipforge.engine.curation.partitioned import partitions_for
+from clipforge.plugins.curation.balance import Balance
+from clipforge.plugins.curation.clip_score import ClipScoreTop
+from clipforge.plugins.curation.duplicates import ExactDuplicates, NearDuplicates
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def same(partitioned: list[clipforge.Verdict], at_once: list[clipforge.Verdict]) -> None:
+    assert len(partitioned) == len(at_once)
+    for i, (p, o) in enumerate(zip(partitioned, at_once)):
+        assert (p.keep, p.reason, p.detail) == (o.keep, o.reason, o.detail), (i, p, o)
+        assert p.scores.keys() == o.scores.keys(), (i, p, o)
+        for name in o.scores:
+            assert p.scores[name] == pytest.approx(o.scores[name], abs=1e-6, nan_ok=True), (i, name)
+
+
+def blocks(draw, n: int) -> list[int]:
+    """A split of n rows into blocks of any sizes, empty ones included."""
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    return list(np.diff([0, *cuts, n]))
+
+
+def planted(rng: np.random.Generator, groups: list[int], singles: int, dim: int, spread: float) -> np.ndarray:
+    """Groups of near and identical copies around random centres plus unique rows, shuffled (so a group
+    straddles blocks and partitions); unit rows, float16 as the parts store them."""
+    rows = []
+    for size in groups:
+        centre = rng.standard_normal(dim)
+        centre /= np.linalg.norm(centre)
+        for m in range(size):
+            rows.append(rows[-1] if m and m % 3 == 0 else centre + spread * rng.standard_normal(dim))
+    rows += list(rng.standard_normal((singles, dim)))
+    x = np.array(rows).reshape(-1, dim)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x[rng.permutation(len(x))].astype(np.float16).astype(np.float32)
+
+
+@st.composite
+def near_cases(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    groups = draw(st.lists(st.integers(1, 12), max_size=12))
+    x = planted(
+        rng, groups, draw(st.integers(0, 60)), draw(st.sampled_from([4, 8, 32])), draw(st.sampled_from([0.01, 0.05, 0.2]))
+    )
+    return x, draw(st.sampled_from([0.8, 0.9, 0.97, 0.995, 1.0])), draw(st.integers(1, 9)), blocks(draw, len(x))
+
+
+@SETTINGS
+@given(case=near_cases())
+def test_near_duplicates_in_partitions_are_the_one_process_decision(case):
+    x, threshold, partitions, sizes = case
+    step = NearDuplicates(threshold=threshold)
+    keys = [f"k{i}" for i in range(len(x))]
+    same(decide_in_partitions(step, keys, x, partitions, sizes=sizes), step.decide(keys, x))
+
+
+def test_a_group_whose_links_cross_every_partition_is_one_group():
+    """A chain of rows, each linked only to the next, wound around the sphere: its links cross the
+    partitions' boundaries; the chain stays one group, its first row kept."""
+    angles = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    x = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], axis=1).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    x = np.concatenate([x[order], np.eye(3, dtype=np.float32)[2:]])  # and one row apart from it
+    step = NearDuplicates(threshold=float(np.cos(2 * np.pi / 400 * 1.5)))
+    keys = [f"k{i}" for i in range(len(x))]
+    verdicts = decide_in_partitions(step, keys, x, 8)
+    assert [v.keep for v in verdicts].count(True) == 2 and verdicts[0].keep and verdicts[-1].keep
+    same(verdicts, step.decide(keys, x))
+
+
+@st.composite
+def exact_cases(draw):
+    n = draw(st.integers(0, 300))
+    digests = [f"{d:032x}" for d in draw(st.lists(st.integers(0, draw(st.integers(0, 2**40))), min_size=n, max_size=n))]
+    return digests, draw(st.integers(1, 9)), blocks(draw, n)
+
+
+@SETTINGS
+@given(case=exact_cases())
+def test_exact_duplicates_in_partitions_are_the_one_process_decision(case):
+    digests, partitions, sizes = case
+    step = ExactDuplicates()
+    keys = [f"k{i}" for i in range(len(digests))]
+    same(decide_in_partitions(step, keys, digests, partitions, sizes=sizes), step.decide(keys, digests))
+
+
+@st.composite
+def balance_cases(draw):
+    entries = draw(st.integers(1, 8))
+    n = draw(st.integers(0, 400))
+    matches = [sorted(set(m)) for m in draw(st.lists(st.lists(st.integers(0, entries - 1), max_size=3), min_size=n, max_size=n))]
+    words = ["cat", "dog", "猫", "chat", "Hund", "แมว", "red car", "ice"][:entries]
+    step = Balance(entries=words, t=draw(st.integers(1, 60)), seed=draw(st.integers(0, 5)), keep_unmatched=draw(st.booleans()))
+    return step, matches, draw(st.integers(1, 9)), blocks(draw, n)
+
+
+@SETTINGS
+@given(case=balance_cases())
+def test_balancing_in_partitions_is_the_one_process_decision(case):
+    step, matches, partitions, sizes = case
+    keys = [f"k{i}" for i in range(len(matches))]
+    same(decide_in_partitions(step, keys, matches, partitions, sizes=sizes), step.decide(keys, matches))
+
+
+def top_step(fraction: float) -> ClipScoreTop:
+    """The top-fraction step without its scoring model: the decision reads only the scores."""
+    step = object.__new__(ClipScoreTop)
+    step.model, step.fraction = "models:/scorer@champion", fraction
+    return step
+
+
+@st.composite
+def top_cases(draw):
+    n = draw(st.integers(0, 400))
+    values = draw(st.sampled_from([
+        st.floats(-1, 1, allow_nan=False),
+        st.sampled_from([0.3, 0.25, 0.0, -0.0, 0.31, 1e-300, -1e-300]),  # ties, and keys that share their high bits
+        st.floats(allow_nan=True, allow_infinity=True),
+    ]))  # fmt: skip
+    scores = draw(st.lists(values, min_size=n, max_size=n))
+    return top_step(draw(st.floats(0.01, 1.0))), scores, draw(st.integers(1, 9)), blocks(draw, n)
+
+
+@SETTINGS
+@given(case=top_cases())
+def test_a_top_fraction_in_partitions_is_the_one_process_decision(case):
+    step, scores, partitions, sizes = case
+    keys = [f"k{i}" for i in range(len(scores))]
+    same(decide_in_partitions(step, keys, scores, partitions, sizes=sizes), step.decide(keys, scores))
+
+
+def pool_of(features, kept: list[bool], statistics: bool, curations: int = 2) -> Pool:
+    n = len(kept)
+    ends = sorted({n, *np.linspace(0, n, curations + 1).astype(int)[1:]})
+    return Pool(keys=[f"p{i}" for i in range(n)], features=features, kept=kept,
+                manifests=[f"s3://b/curated/w{c}/manifest.parquet" for c in range(len(ends))], ends=ends,
+                statistics=statistics)  # fmt: skip
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(0, 2**32 - 1), statistics=st.booleans(), partitions=st.integers(1, 6))
+def test_every_step_against_a_pool_in_partitions_is_the_one_process_decision(data, seed, statistics, partitions):
+    """The pool's rows come first and straddle the new data's partitions: copies of pool rows, entries
+    capped by the pool's pairs, a top fraction among the pool's scores."""
+    rng = np.random.default_rng(seed)
+    x = planted(rng, list(rng.integers(1, 8, 10)), 40, 8, 0.05)
+    n_pool = int(rng.integers(0, len(x)))
+    kept = list(rng.random(n_pool) < 0.7)
+    keys = [f"k{i}" for i in range(len(x) - n_pool)]
+    sizes = blocks(data.draw, len(keys))
+    digests = [f"{d:032x}" for d in rng.integers(0, 30, len(x))]
+    matches = [sorted(set(rng.integers(0, 4, rng.integers(0, 3)).tolist())) for _ in range(len(x))]
+    scores = [float(s) for s in rng.choice([0.2, 0.3, 0.25, 0.31], len(x))]
+    cases = [
+        (NearDuplicates(threshold=0.95), x[:n_pool], x[n_pool:]),
+        (ExactDuplicates(), digests[:n_pool], digests[n_pool:]),
+        (Balance(entries=["a", "b", "c", "d"], t=int(rng.integers(1, 20))), matches[:n_pool], matches[n_pool:]),
+        (top_step(float(rng.uniform(0.05, 1))), scores[:n_pool], scores[n_pool:]),
+    ]
+    for step, in_pool, new in cases:
+        pool = pool_of(in_pool, kept, statistics)
+        same(decide_in_partitions(step, keys, new, partitions, sizes=sizes, pool=pool), step.decide_against(keys, new, pool))
+
+
+def test_every_built_in_whole_dataset_step_declares_it_decides_in_partitions():
+    for step in (NearDuplicates(), ExactDuplicates(), Balance(entries=["a"]), top_step(0.3)):
+        assert isinstance(step, clipforge.DecidesInPartitions)
+
+
+def test_the_number_of_partitions_follows_the_setting():
+    assert partitions_for(1, 10**9) == 1 and partitions_for(7, 10) == 7
+    assert partitions_for("auto", 0) == 1 and partitions_for("auto", 1_000_001) == 3
