@@ -63,6 +63,29 @@ def candidates(model: Any) -> dict[str, str]:
     return found
 
 
+def _merges_in_forward(module: Any) -> bool:
+    """peft's LoRA of ``nn.MultiheadAttention`` adds its update to the base weights for each forward and
+    subtracts it after, which leaves float rounding in the frozen weights."""
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    return isinstance(module, MultiheadAttention)
+
+
+def _restore_base(module: Any) -> Any:
+    """A forward hook putting the frozen base weights back bit for bit after each forward."""
+    import torch
+
+    saved = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" not in n}
+
+    def hook(mod: Any, args: Any, output: Any) -> None:
+        with torch.no_grad():
+            for n, p in mod.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+    return hook
+
+
 class Lora:
     """peft's LoRA injected into the open_clip model in place (``LoraModel``), merged back with
     ``merge_and_unload``; saved in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
@@ -71,6 +94,7 @@ class Lora:
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.towers, self.targets = list(towers), list(targets)
         self._tuner: Any = None
+        self._hooks: list[Any] = []
         self._config: Any = None
 
     def target_modules(self, model: Any) -> list[str]:
@@ -106,10 +130,13 @@ class Lora:
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules(model), bias="none"
         )
         self._tuner = LoraModel(model, self._config, "default")  # injects in place, freezes every other weight
+        self._hooks = [m.register_forward_hook(_restore_base(m)) for m in model.modules() if _merges_in_forward(m)]
 
     def merge(self, model: Any) -> None:
         if self._tuner is None or self._tuner.model is not model:
             raise clipforge.ConfigError("lora: merge() of a model this adapter was not applied to")
+        for hook in self._hooks:
+            hook.remove()
         self._tuner.merge_and_unload()
         self._tuner = None
 
