@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import random
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_the_adapter_check_catches_an_adapter_that_trains_everything():
             pass
 
         def save(self, model, folder):
-            open(f"{folder}/x", "w").write("x")
+            (Path(folder) / "x").write_text("x")
 
     with pytest.raises(clipforge.testing.ConformanceError, match="froze no base weight"):
         check_adapter(FullFineTune())
@@ -150,7 +151,9 @@ def test_lora_training_keeps_the_base_and_exports_a_plain_merged_model(tiny_reci
         if torch.equal(w, base[k]):
             continue
         moved += 1
-        assert w.ndim == 2 and torch.linalg.matrix_rank(delta.double(), rtol=1e-2) <= r, k  # float32 rounding of the merge: tiny singular values
+        assert w.ndim == 2 and torch.linalg.matrix_rank(delta.double(), rtol=1e-2) <= r, (
+            k
+        )  # float32 rounding of the merge: tiny singular values
     assert moved > 0
     # the exported folder loads in plain open_clip and embeds as the adapted model does
     import open_clip
@@ -211,10 +214,8 @@ def test_adapters_and_ema_off_leave_training_unchanged(tiny_recipe):
 @pytest.mark.slow
 def test_lora_with_ema_killed_at_a_random_step_resumes_to_identical_weights(tiny_recipe, tmp_path):
     tiny_recipe["model"]["config"] = VIT
-    tiny_recipe["train"].update(
-        epochs=2, batch_size=16, checkpoint_every=3, adapter={"type": "lora", "r": 4}, ema={"decay": 0.9}
-    )
-    recipe, store, shards = _curated(tiny_recipe)
+    tiny_recipe["train"].update(epochs=2, batch_size=16, checkpoint_every=3, adapter={"type": "lora", "r": 4}, ema={"decay": 0.9})
+    _recipe, store, shards = _curated(tiny_recipe)
     (tmp_path / "recipe.json").write_text(json.dumps(tiny_recipe))
     (tmp_path / "shards.json").write_text(json.dumps([s.model_dump() for s in shards]))
     (tmp_path / "trainer.py").write_text(KILLABLE_TRAINER)
@@ -245,7 +246,7 @@ def test_lora_under_two_torchrun_processes_trains_like_one(tiny_recipe, tmp_path
     tiny_recipe["model"]["config"] = VIT
     tiny_recipe["loss"] = {"type": "clip", "gather_with_grad": True, "local_loss": True}
     tiny_recipe["train"].update(epochs=1, batch_size=16, lr=1e-3, warmup_steps=0, adapter={"type": "lora", "r": 4})
-    recipe, store, shards = _curated(tiny_recipe)
+    _recipe, store, shards = _curated(tiny_recipe)
     (tmp_path / "recipe.json").write_text(json.dumps(tiny_recipe))
     (tmp_path / "shards.json").write_text(json.dumps([s.model_dump() for s in shards]))
     (tmp_path / "trainer.py").write_text(TORCHRUN_TRAINER)

@@ -93,7 +93,10 @@ def test_a_hub_model_as_the_recipe_model_trains_and_is_pinned(hub, tiny_recipe):
     assert result.base_model == "hf-hub:org/tiny@" + "c" * 40
     assert json.loads(store.read_bytes("hub/train/adapter/base_model.json"))["base_model"] == result.base_model
     # the hub weights were the start: the text tower's weights outside the adapter are the hub's, bit for bit
-    start, exported = load_file(model / "open_clip_model.safetensors"), load_file(store.path(result.model) / "open_clip_model.safetensors")
+    start, exported = (
+        load_file(model / "open_clip_model.safetensors"),
+        load_file(store.path(result.model) / "open_clip_model.safetensors"),
+    )
     assert torch.equal(start["token_embedding.weight"], exported["token_embedding.weight"])
 
 
@@ -110,7 +113,11 @@ def test_init_from_a_missing_model_does_what_if_missing_says(tiny_recipe, tmp_pa
         return
     result = train(recipe, catalog, store, "m/train", shards, progress=False)
     assert result.init_from is None
-    assert store.read_json("m/train/init.json") == {"init_from": None, "requested": str(tmp_path / "no-such-model"), "missing": if_missing}
+    assert store.read_json("m/train/init.json") == {
+        "init_from": None,
+        "requested": str(tmp_path / "no-such-model"),
+        "missing": if_missing,
+    }
 
 
 def test_the_plain_string_init_from_still_fails_when_missing(tiny_recipe, tmp_path):

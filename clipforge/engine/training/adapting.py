@@ -28,7 +28,9 @@ def apply_adapter(adapter: Adapter, model: torch.nn.Module, unlock: list[str]) -
         matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
         if not matched:
             tops = sorted({n.split(".", 1)[0] for n in before})
-            raise ConfigError(f"train.adapter.unlock.{i}: {prefix!r} names no parameter of the model; its parts: {', '.join(tops)}")
+            raise ConfigError(
+                f"train.adapter.unlock.{i}: {prefix!r} names no parameter of the model; its parts: {', '.join(tops)}"
+            )
         for n in matched:
             names[n].requires_grad_(True)
 

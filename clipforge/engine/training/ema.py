@@ -39,7 +39,9 @@ class WeightEma:
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
         if state.keys() != self.shadow.keys():
-            raise ValueError(f"the checkpoint's EMA holds other weights ({len(state)} tensors, the model trains {len(self.shadow)})")
+            raise ValueError(
+                f"the checkpoint's EMA holds other weights ({len(state)} tensors, the model trains {len(self.shadow)})"
+            )
         with torch.no_grad():
             for n, t in state.items():
                 self.shadow[n].copy_(t)

@@ -21,13 +21,13 @@ from clipforge.core.recipe import Recipe, TrainConfig
 from clipforge.core.results import Shard, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.data import EpochPlan, ShardBatches
+from clipforge.engine.training.adapting import ADAPTER_DIR, apply_adapter, save_adapter
 from clipforge.engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from clipforge.engine.training.ema import WeightEma
 from clipforge.engine.training.optim import create_optimizer, lr_at, set_lr
 from clipforge.engine.training.runtime import Runtime, cores_for_loader
 from clipforge.engine.training.state import TrainState
 from clipforge.engine.training.step import forward_backward
-from clipforge.engine.training.adapting import ADAPTER_DIR, apply_adapter, save_adapter
-from clipforge.engine.training.ema import WeightEma
 from clipforge.engine.training.warm_start import (
     pinned_model_entry,
     starts_missing,

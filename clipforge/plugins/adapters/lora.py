@@ -26,9 +26,9 @@ _READ_DIRECTLY = ("attnpool",)
 class LoraParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: Annotated[int, Field(gt=0)] = Field(8, description="the rank of every update")
-    alpha: Annotated[float, Field(gt=0)] = Field(16, description="the update is scaled by alpha / r")
+    alpha: Annotated[int, Field(gt=0)] = Field(16, description="the update is scaled by alpha / r")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="dropout on the adapter's input")
-    towers: list[Tower] = Field(default_factory=lambda: ["image", "text"], min_length=1)
+    towers: list[Tower] = Field(default_factory=lambda: list[Tower](["image", "text"]), min_length=1)
     targets: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=lambda: ["attention", "mlp"],
         min_length=1,
@@ -90,7 +90,7 @@ class Lora:
     """peft's LoRA injected into the open_clip model in place (``LoraModel``), merged back with
     ``merge_and_unload``; saved in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)."""
 
-    def __init__(self, r: int = 8, alpha: float = 16, dropout: float = 0.0, towers=("image", "text"), targets=GROUPS):
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, towers=("image", "text"), targets=GROUPS):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.towers, self.targets = list(towers), list(targets)
         self._tuner: Any = None

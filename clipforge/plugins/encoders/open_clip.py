@@ -48,7 +48,8 @@ class OpenClipParams(BaseModel):
     # Two fields rather than one union, so that a bad inline config is reported at its own path
     # (model.config.vision_cfg.width) and not once per union member.
     arch: str | None = Field(
-        None, description="an open_clip config name (ViT-B-32), 'local-dir:PATH' or 'hf-hub:ORG/NAME[@REVISION]' (with its weights)"
+        None,
+        description="an open_clip config name (ViT-B-32), 'local-dir:PATH' or 'hf-hub:ORG/NAME[@REVISION]' (with its weights)",
     )
     config: ModelCfg | None = Field(None, description="an inline open_clip model config (model_cfg)")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file (name archs only)")
@@ -113,7 +114,7 @@ def create_open_clip(
         elif arch is not None and arch.startswith("hf-hub:"):
             # through the resolver, not open_clip's own hf-hub: loader: a revision, the cache as the environment names it
             hub = clipforge.resolve_model(arch)
-            name, model_cfg = f"local-dir:{hub.folder}", hub.config
+            name, model_cfg = f"local-dir:{hub.folder}", hub.config or {}
         else:
             assert arch is not None  # OpenClipParams asks for exactly one of arch and config
             name, model_cfg = arch, open_clip.get_model_config(arch)
