@@ -221,7 +221,7 @@ def test_lora_with_ema_killed_at_a_random_step_resumes_to_identical_weights(tiny
     (tmp_path / "trainer.py").write_text(KILLABLE_TRAINER)
     args = [sys.executable, str(tmp_path / "trainer.py"), str(tmp_path / "recipe.json"), str(tmp_path / "shards.json")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    full = subprocess.run([*args, "full/train"], capture_output=True, text=True, env=env, timeout=120)
+    full = subprocess.run([*args, "full/train"], capture_output=True, text=True, env=env, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     total = store.read_json("full/train/result.json")["steps"]
     kill_at = random.Random().randrange(4, total)
@@ -233,7 +233,7 @@ def test_lora_with_ema_killed_at_a_random_step_resumes_to_identical_weights(tiny
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert store.read_json("cut/train/result.json")["resumed_from"]
     for name in ("model/open_clip_model.safetensors", "adapter/adapter_model.safetensors"):
@@ -266,3 +266,42 @@ def test_lora_under_two_torchrun_processes_trains_like_one(tiny_recipe, tmp_path
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (name, k, (a[k] - b[k]).abs().max().item())
+
+
+class BitFit:
+    """A third-party adapter (BitFit, Ben Zaken et al. 2022): only the towers' biases train; nothing to merge."""
+
+    def apply(self, model):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith(".bias"))
+
+    def merge(self, model):
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def save(self, model, folder):
+        from safetensors.torch import save_file
+
+        save_file(
+            {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, f"{folder}/biases.safetensors"
+        )
+
+
+class _BitFitPlugin:
+    @clipforge.hookimpl
+    def register_adapters(self, register):
+        register("bitfit", BitFit, description="train the biases only")
+
+
+def test_a_third_party_adapter_registers_conforms_and_trains(fresh_plugins, tiny_recipe):
+    fresh_plugins().add_plugin(_BitFitPlugin(), "bitfit")
+    check_component("adapters", "bitfit")
+    tiny_recipe["train"].update(epochs=1, adapter={"type": "bitfit"})
+    recipe, store, shards = _curated(tiny_recipe)
+    result = train(recipe, _catalog(), store, "bitfit/train", shards, progress=False)
+    trained = load_file(store.path(f"{result.checkpoint}/trainable.safetensors"))
+    assert trained and all(k.endswith(".bias") for k in trained)
+    assert store.exists("bitfit/train/adapter/biases.safetensors")
+    tiny_recipe["train"]["adapter"] = {"type": "prefix"}
+    with pytest.raises(clipforge.RecipeError, match="unknown adapter 'prefix'; available: bitfit, lora"):
+        load_recipe(tiny_recipe)

@@ -95,7 +95,7 @@ def test_a_hub_model_as_the_recipe_model_trains_and_is_pinned(hub, tiny_recipe):
     # the hub weights were the start: the text tower's weights outside the adapter are the hub's, bit for bit
     start, exported = (
         load_file(model / "open_clip_model.safetensors"),
-        load_file(store.path(result.model) / "open_clip_model.safetensors"),
+        load_file(Path(store.path(result.model)) / "open_clip_model.safetensors"),
     )
     assert torch.equal(start["token_embedding.weight"], exported["token_embedding.weight"])
 

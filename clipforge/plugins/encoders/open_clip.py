@@ -77,7 +77,14 @@ class OpenClipParams(BaseModel):
             return self.config.vision_cfg.image_size
         import open_clip
 
-        size = (open_clip.get_model_config(self.arch) or {}).get("vision_cfg", {}).get("image_size")
+        assert self.arch is not None
+        # a hub model's config is in its snapshot, found as the resolver finds it (the cache, a revision)
+        cfg = (
+            clipforge.resolve_model(self.arch).config
+            if self.arch.startswith("hf-hub:")
+            else open_clip.get_model_config(self.arch)
+        )
+        size = (cfg or {}).get("vision_cfg", {}).get("image_size")
         return size if isinstance(size, int) else (max(size) if isinstance(size, (list, tuple)) else None)
 
 
