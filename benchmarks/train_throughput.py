@@ -67,11 +67,20 @@ def steady_rate(step_seconds: list[float], batch: int, skip: int) -> float:
 
 def _open_clip_train_wrapper(folder: Path) -> Path:
     """A script that runs ``open_clip_train.main.main`` on the arguments in the JSON file it is given, as
-    ``python -m open_clip_train.main`` does (its return value ignored: the log tells how it went)."""
+    ``python -m open_clip_train.main`` does (its return value ignored: the log tells how it went), with
+    DDP on the CPU made possible."""
     script = folder / "open_clip_train_main.py"
+    # open_clip_train 3.3 passes device_ids=[device] to DDP, which torch refuses for a CPU module:
+    # the wrapper drops them there (what DDP on the CPU takes), nothing else of its training changes
     script.write_text(
-        "import json\nimport sys\n"
-        "from open_clip_train.main import main\n"
+        "import json\nimport sys\n\nimport torch\n"
+        "from open_clip_train.main import main\n\n"
+        "_ddp = torch.nn.parallel.DistributedDataParallel.__init__\n\n\n"
+        "def _init(self, module, device_ids=None, *args, **kwargs):\n"
+        "    if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):\n"
+        "        device_ids = None\n"
+        "    _ddp(self, module, device_ids, *args, **kwargs)\n\n\n"
+        "torch.nn.parallel.DistributedDataParallel.__init__ = _init\n"
         "main(json.load(open(sys.argv[1])))\n"
     )
     return script
