@@ -10,8 +10,11 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from clipforge.cli import main
+from tests import test_hub_models
 from tests.conftest import write_yaml
-from tests.test_hub_models import fill_hub_cache, hub  # noqa: F401  (the fixture)
+from tests.test_hub_models import fill_hub_cache
+
+hub = test_hub_models.hub  # the fixture: a Hugging Face cache of this test's own
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +24,7 @@ def test_a_lora_retrain_of_a_hub_model_runs_first_without_a_champion_and_registe
     tracking,
     prefect_server,
     hub,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     home, start = hub
     fill_hub_cache(home, "org/tiny", start, "d" * 40)

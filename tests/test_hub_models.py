@@ -49,7 +49,7 @@ def hub(tmp_path, monkeypatch):
     return home, tmp_path / "model"
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(commit=st.text("0123456789abcdef", min_size=40, max_size=40), org=st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True))
 def test_a_hub_model_resolves_from_the_cache_pinned_to_its_commit(hub, commit, org):
     home, model = hub

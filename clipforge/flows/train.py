@@ -20,7 +20,7 @@ from clipforge.registry import tracking
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
     """What a training's result depends on: the curated data's content, the model, the loss, the train settings."""
-    spec = {
+    spec: dict[str, Any] = {
         "data": curated.content_hash,
         "model": {k: _pinned(v) for k, v in recipe.model.entry().items()},
         "loss": recipe.loss.entry(),
