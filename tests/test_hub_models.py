@@ -69,6 +69,8 @@ def test_a_revision_names_its_commit_and_a_missing_one_lists_what_the_cache_hold
     fill_hub_cache(home, "org/m", model, "b" * 40, ref="v2")
     assert clipforge.resolve_model("hf-hub:org/m@v2").pinned == "hf-hub:org/m@" + "b" * 40
     assert clipforge.resolve_model("hf-hub:org/m").pinned == "hf-hub:org/m@" + "a" * 40
+    bundle = clipforge.resolve_model("hf-hub:org/m@v2").load()  # what clipforge evaluate, teachers and scorers load
+    assert bundle.arch["embed_dim"] == TINY_ENCODER_CONFIG["embed_dim"]
     with pytest.raises(clipforge.ConfigError, match=r"no revision 'v3'.*refs: main, v2"):
         clipforge.resolve_model("hf-hub:org/m@v3")
 
