@@ -16,7 +16,11 @@ Policies (``docs/continual.md``):
 - ``distill``: warm start, plus distillation from the champion (frozen teacher);
 - ``wise-ft``: warm start, then the weights averaged with the champion's (WiSE-FT);
 - ``replay``: warm start, the new domain plus a seeded replay of what the champion trained on;
-- ``replay+distill``: both.
+- ``replay+distill``: both;
+- ``lora``: warm start, the new domain only, through a LoRA adapter (``--lora-r``; the logit scale
+  unlocked) merged into the champion's weights; the ResNet image tower of this benchmark's model has
+  no attention or MLP layer LoRA adapts, so only the text tower (and the logit scale) moves;
+- ``lora+replay``: LoRA and the replay.
 
 Printed and logged to MLflow (experiment ``continual-benchmark``, a run per policy): the matrix
 and its figure, average forgetting (Chaudhry et al.: the mean over earlier domains of the best
@@ -54,7 +58,7 @@ DOMAINS: dict[str, dict[str, Any]] = {
     },
     "D": {"type": "digits"},
 }  # fmt: skip
-POLICIES = ["scratch", "finetune", "distill", "wise-ft", "replay", "replay+distill"]
+POLICIES = ["scratch", "finetune", "distill", "wise-ft", "replay", "replay+distill", "lora", "lora+replay"]
 MODEL: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
@@ -108,6 +112,8 @@ def recipe(policy: str, step: int, domains: list[str], root: Path, args: argpars
         r["loss"] = {"type": "distill", "teacher": champion, "weight": args.distill_weight}
     if warm and policy == "wise-ft":
         r["train"]["weight_average"] = {"alpha": args.wise_alpha}
+    if warm and "lora" in policy:
+        r["train"]["adapter"] = {"type": "lora", "r": args.lora_r, "alpha": 2 * args.lora_r, "unlock": ["logit_scale"]}
     if warm and "replay" in policy:
         r["data"]["replay"] = {"from": "champion", "fraction": args.replay_fraction, "seed": 0}
     if policy == "scratch" and step > 0:  # everything so far: all the champion's pairs beside the new ones
@@ -210,6 +216,7 @@ def main() -> None:
     parser.add_argument("--replay-fraction", type=float, default=0.5)
     parser.add_argument("--distill-weight", type=float, default=1.0)
     parser.add_argument("--wise-alpha", type=float, default=0.5)
+    parser.add_argument("--lora-r", type=int, default=8, help="the rank of the lora policies' adapters")
     parser.add_argument("--max-drop", type=float, default=0.01, help="the guarded gate's budget per earlier domain")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--tracking-uri", default=None, help="default: SQLite in the workdir")

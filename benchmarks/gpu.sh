@@ -36,5 +36,7 @@ python benchmarks/train_throughput.py "${common[@]}" --workers 8 2>&1 | tee "$ou
 if [ "$gpus" -gt 1 ]; then
   python benchmarks/train_throughput.py "${common[@]}" --workers 4 --nproc "$gpus" 2>&1 | tee "$out/train_${gpus}gpu.txt"
 fi
+python benchmarks/adapters.py --model ViT-B-32 --device cuda --image-size 224 --size 4000 --batch-size 128 \
+  2>&1 | tee "$out/adapters.txt"
 python benchmarks/retrieval.py --images 20000 --captions-per-image 5 --dim 512 2>&1 | tee "$out/retrieval.txt"
 echo "figures in $out"

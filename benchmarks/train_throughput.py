@@ -65,6 +65,27 @@ def steady_rate(step_seconds: list[float], batch: int, skip: int) -> float:
     return batch * len(times) / sum(times)
 
 
+def _open_clip_train_wrapper(folder: Path) -> Path:
+    """A script that runs ``open_clip_train.main.main`` on the arguments in the JSON file it is given, as
+    ``python -m open_clip_train.main`` does (its return value ignored: the log tells how it went), with
+    DDP on the CPU made possible."""
+    script = folder / "open_clip_train_main.py"
+    # open_clip_train 3.3 passes device_ids=[device] to DDP, which torch refuses for a CPU module:
+    # the wrapper drops them there (what DDP on the CPU takes), nothing else of its training changes
+    script.write_text(
+        "import json\nimport sys\n\nimport torch\n"
+        "from open_clip_train.main import main\n\n"
+        "_ddp = torch.nn.parallel.DistributedDataParallel.__init__\n\n\n"
+        "def _init(self, module, device_ids=None, *args, **kwargs):\n"
+        "    if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):\n"
+        "        device_ids = None\n"
+        "    _ddp(self, module, device_ids, *args, **kwargs)\n\n\n"
+        "torch.nn.parallel.DistributedDataParallel.__init__ = _init\n"
+        "main(json.load(open(sys.argv[1])))\n"
+    )
+    return script
+
+
 def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
     name = f"bench-{uuid.uuid4().hex[:8]}"  # a reused name makes open_clip_train skip training
     precision = {"fp32": "fp32", "bf16": "amp_bf16"}[args.precision]
@@ -73,8 +94,7 @@ def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
         if args.nproc > 1
         else [sys.executable]
     )
-    cmd = [
-        *launch, "-m", "open_clip_train.main",
+    argv = [
         "--train-data", str(table), "--dataset-type", "csv", "--csv-separator", ",",
         "--csv-img-key", "filepath", "--csv-caption-key", "title",
         "--model", model, "--precision", precision, "--workers", str(args.workers),
@@ -82,6 +102,10 @@ def run_open_clip_train(args, table: Path, model: str, logs: Path) -> float:
         "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(logs), "--name", name,
         "--device", args.device, "--seed", "0",
     ]  # fmt: skip
+    # torchrun would read open_clip_train's --logs as its own (ambiguous) --logs-specs, wherever it stands:
+    # the arguments go to a small wrapper in a file instead
+    (logs.parent / f"{name}.json").write_text(json.dumps(argv))
+    cmd = [*launch, str(_open_clip_train_wrapper(logs.parent)), str(logs.parent / f"{name}.json")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     log = (logs / name / "out.log").read_text() if (logs / name / "out.log").exists() else done.stdout + done.stderr
     times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", log)]

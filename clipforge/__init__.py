@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 from clipforge.core.catalog import Catalog, Component, RegisterFn
 from clipforge.core.checkpoint import model_cfg_of
 from clipforge.core.components import (
+    Adapter,
     Block,
     ChecksInputs,
     ChoosesHyperparameters,
@@ -63,6 +64,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 
 __all__ = [
     "STAGES",
+    "Adapter",
     "Block",
     "Catalog",
     "ChecksInputs",

@@ -250,6 +250,26 @@ class Launcher(Protocol):
     def launch(self, job: Callable[[], object], device: str) -> None: ...
 
 
+@runtime_checkable
+class Adapter(Protocol):
+    """``register_adapters``: parameter-efficient training of a model's towers.
+
+    ``apply(model)`` wraps the model in place before training, so that only the adapter's own
+    parameters require gradients (the host unlocks what the recipe's ``unlock`` names on top);
+    the base weights stay as they are. The host checkpoints every parameter that requires
+    gradients, so a resumed run rebuilds the base, applies the adapter and loads them back.
+    ``merge(model)`` folds the trained update into the base weights in place, after which the
+    model is a plain model again (its ``state_dict`` keys those it had before ``apply``);
+    ``save(model, folder)`` writes the adapter alone, in its own format, before the merge.
+    """
+
+    def apply(self, model: torch.nn.Module) -> None: ...
+
+    def merge(self, model: torch.nn.Module) -> None: ...
+
+    def save(self, model: torch.nn.Module, folder: str) -> None: ...
+
+
 # -- optional capabilities: what a component may declare beyond its protocol ---------------------
 
 

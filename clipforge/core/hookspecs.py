@@ -99,6 +99,17 @@ def register_launchers(register: RegisterFn) -> None:
     """
 
 
+@hookspec
+def register_adapters(register: RegisterFn) -> None:
+    """Register parameter-efficient ways to train a model (LoRA, prompt tuning, ...).
+
+    Runs once, when the catalogs are first built. Each factory returns an
+    :class:`~clipforge.Adapter`: ``apply(model)`` before training (only its parameters train),
+    ``save(model, folder)`` writes it in its own format, ``merge(model)`` folds it into the base
+    weights for the exported model.
+    """
+
+
 # -- lifecycle ------------------------------------------------------------------------------
 
 

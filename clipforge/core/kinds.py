@@ -65,6 +65,7 @@ KINDS: dict[str, Kind] = {
             ("curation.*",),
         ),
         Kind("launchers", "launcher", "register_launchers", (c.Launcher,), (), "check_launcher", ("train.launcher",)),
+        Kind("adapters", "adapter", "register_adapters", (c.Adapter,), (), "check_adapter", ("train.adapter",), ("unlock",)),
     )
 }
 

@@ -139,6 +139,32 @@ class WeightAverage(_Strict):
     )
 
 
+class AdapterRef(ComponentRef):
+    """A parameter-efficient adapter (``register_adapters``); ``unlock`` names parameters of the model
+    that train besides the adapter's own (``logit_scale``, ``logit_bias``: by name or dotted prefix)."""
+
+    unlock: list[str] = Field(default_factory=list, description="more parameters to train: names or dotted prefixes")
+
+
+class EmaConfig(_Strict):
+    """An exponential moving average of the trained weights (timm's ModelEmaV3), exported instead of them."""
+
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(0.999, description="theta_ema <- decay * theta_ema + (1 - decay) * theta")
+    every: Annotated[int, Field(gt=0)] = Field(1, description="optimizer steps between updates")
+    warmup: bool = Field(False, description="timm's warmup: decay = min(decay, (1 + n) / (10 + n)) at the n-th update")
+
+
+class InitFrom(_Strict):
+    """A warm start that may find nothing yet (a scheduled recipe's first run before any champion)."""
+
+    model: str = Field(min_length=1, description="the model to start from (every scheme resolve_model knows)")
+    if_missing: Literal["scratch", "pretrained", "fail"] = Field(
+        "fail",
+        description="when the model does not exist: scratch (fresh random weights), pretrained (the weights model: "
+        "brings, hub or pretrained tag), fail",
+    )
+
+
 class TrainConfig(_Strict):
     epochs: Annotated[int, Field(gt=0)] = 1
     batch_size: Annotated[int, Field(gt=1)] = 64
@@ -164,10 +190,16 @@ class TrainConfig(_Strict):
     )
     grad_checkpointing: bool = False
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU)")
-    init_from: str | None = Field(
-        None, description="warm start: models:/NAME@champion, models:/NAME/VERSION, an open_clip folder or a checkpoint"
+    init_from: str | InitFrom | None = Field(
+        None,
+        description="warm start: models:/NAME@champion, models:/NAME/VERSION, hf-hub:ORG/NAME[@REVISION], an open_clip "
+        "folder or a checkpoint; {model, if_missing} to say what a missing one means",
     )
-    weight_average: WeightAverage | None = Field(None, description="WiSE-FT with the init_from weights after training")
+    weight_average: WeightAverage | None = Field(
+        None, description="WiSE-FT with the starting weights after training (with an adapter: scales its merged update)"
+    )
+    adapter: AdapterRef | None = Field(None, description="parameter-efficient training: {type: lora, r: 8, ...}")
+    ema: EmaConfig | None = Field(None, description="keep an EMA of the trained weights and export it")
     launcher: ComponentRef = Field(
         default_factory=lambda: ComponentRef(type="local"),
         description="how training runs: {type: local} in this process, {type: torchrun, nproc_per_node: N}, {type: ray, num_workers: N}",
@@ -175,9 +207,19 @@ class TrainConfig(_Strict):
 
     @pydantic.model_validator(mode="after")
     def _averaging_needs_a_start(self) -> TrainConfig:
-        if self.weight_average is not None and self.init_from is None:
-            raise ValueError("weight_average averages with the initial weights: set train.init_from")
+        if self.weight_average is not None and self.init_from is None and self.adapter is None:
+            raise ValueError("weight_average averages with the initial weights: set train.init_from (or train.adapter)")
         return self
+
+    @property
+    def init_model(self) -> str | None:
+        """The model ``init_from`` names, in either form."""
+        return self.init_from.model if isinstance(self.init_from, InitFrom) else self.init_from
+
+    @property
+    def if_missing(self) -> Literal["scratch", "pretrained", "fail"]:
+        """What a missing ``init_from`` model means; the plain string form fails."""
+        return self.init_from.if_missing if isinstance(self.init_from, InitFrom) else "fail"
 
 
 class ParallelConfig(_Strict):

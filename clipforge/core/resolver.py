@@ -7,6 +7,7 @@ What open_clip's ``parse_model_name`` is to its schemes, :func:`resolve_model` i
 ``models:/NAME/VERSION``     a registered model version
 ``models:/m-<id>``           a logged model (MLflow 3)
 ``runs:/RUN_ID/PATH``        a run's artifact holding a model
+``hf-hub:ORG/NAME[@REV]``    open_clip's scheme for a Hugging Face hub model, pinned to its commit
 ``local-dir:PATH``           open_clip's scheme for an exported folder
 ``PATH``, ``s3://...``       an exported folder or a training checkpoint, on the disk or a store
 ``ViT-B-32``                 an open_clip config name: an architecture, without weights
@@ -17,7 +18,8 @@ training checkpoint (``.../checkpoints/step-N``) holds ``model.safetensors`` and
 version, the config in its ``state.json``. Every caller (warm starts, distillation teachers, scoring models of
 curation steps, ``clipforge evaluate``) goes through here, so each accepts every scheme.
 Downloads are made once per process and removed when it exits; weights are read with
-safetensors only.
+safetensors only. Hub models come through huggingface_hub's own cache (``HF_HOME``, ``HF_HUB_CACHE``);
+with ``HF_HUB_OFFLINE=1`` only from it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_STATE = "state.json"
 MLFLOW_SCHEMES = ("models:/", "runs:/")
-ModelKind = Literal["registered", "logged", "run", "folder", "checkpoint", "config"]
+HF_HUB = "hf-hub:"
+ModelKind = Literal["registered", "logged", "run", "hub", "folder", "checkpoint", "config"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ def resolve_model(ref: str, storage_options: dict[str, Any] | None = None) -> Re
     """
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"{ref!r} is not a model reference")
+    if ref.startswith(HF_HUB):
+        pinned, snapshot = _hub_snapshot(ref)
+        return _described(ref, pinned, "hub", snapshot)
     pinned = pin_model(ref)
     if pinned.startswith(MLFLOW_SCHEMES):
         kind: ModelKind = "run" if pinned.startswith("runs:/") else "logged" if pinned.startswith("models:/m-") else "registered"
@@ -118,7 +124,10 @@ def resolve_model(ref: str, storage_options: dict[str, Any] | None = None) -> Re
 
 
 def pin_model(ref: str) -> str:
-    """``models:/NAME@ALIAS`` as ``models:/NAME/VERSION`` (the version it points at now); any other reference as it is."""
+    """``models:/NAME@ALIAS`` as ``models:/NAME/VERSION`` (the version it points at now), ``hf-hub:ORG/NAME[@REV]``
+    as ``hf-hub:ORG/NAME@COMMIT``; any other reference as it is."""
+    if ref.startswith(HF_HUB):
+        return _hub_snapshot(ref)[0]
     if not ref.startswith("models:/") or "@" not in ref:
         return ref
     from mlflow import MlflowClient
@@ -129,6 +138,62 @@ def pin_model(ref: str) -> str:
     except Exception as e:  # MLflow raises RestException or MlflowException, by store
         raise ConfigError(f"{ref}: no such registered model alias ({e})") from None
     return f"models:/{name}/{version}"
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache, as the environment names it now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_snapshot(ref: str) -> tuple[str, Path]:
+    """``hf-hub:ORG/NAME[@REVISION]`` as (its pinned form ``hf-hub:ORG/NAME@COMMIT``, the snapshot folder),
+    found by huggingface_hub in its cache (and, unless offline, on the hub)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, revision = ref.removeprefix(HF_HUB).partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ConfigError(f"{ref}: a hub model is hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    cache, offline = hub_cache(), _hub_offline()
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, cache_dir=cache, local_files_only=offline))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        cached = cache / f"models--{repo.replace('/', '--')}"
+        if cached.is_dir():
+            refs = sorted(p.name for p in (cached / "refs").glob("*")) if (cached / "refs").is_dir() else []
+            commits = sorted(p.name for p in (cached / "snapshots").glob("*")) if (cached / "snapshots").is_dir() else []
+            raise ConfigError(
+                f"{ref}: no revision {revision or 'main'!r} of {repo} in the Hugging Face cache {cache} "
+                f"(it holds refs: {', '.join(refs) or 'none'}; commits: {', '.join(commits) or 'none'})"
+            ) from None
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise ConfigError(
+            f"{ref}: {repo} is not in the Hugging Face cache {cache} and {why}; fill the cache where the hub is "
+            f"reachable (HF_HOME=... hf download {repo}{f' --revision {revision}' if revision else ''}) and copy it here"
+        ) from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{ref}: {repo} has no revision {revision!r} on the hub") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{ref}: no model {repo} on the hub (or it is private: set HF_TOKEN)") from None
+    except HfHubHTTPError as e:
+        raise ConfigError(f"{ref}: the hub refused {repo}: {e}") from None
+    if not (folder / CONFIG_NAME).is_file():
+        raise ConfigError(f"{ref}: {repo} is not an open_clip model (its snapshot has no {CONFIG_NAME})")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"{ref}: {repo} has no {WEIGHTS_NAME} (clipforge reads weights with safetensors only, no pickles)")
+    return f"{HF_HUB}{repo}@{folder.name}", folder
 
 
 def _described(ref: str, pinned: str, kind: ModelKind, folder: Path) -> ResolvedModel:

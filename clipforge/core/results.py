@@ -81,6 +81,10 @@ class TrainResult(_Result):
     device: str
     precision: str
     reused: bool = Field(False, description="an identical earlier training was reused")
+    base_model: str | None = Field(None, description="the hub model the recipe's model names, pinned to its commit")
+    adapter: str | None = Field(None, description="the trained adapter alone, in its own format (merged into model)")
+    adapter_uri: str | None = None
+    ema_decay: float | None = Field(None, description="the exported weights are this EMA of the trained ones")
     key: str = Field("", description="what the training depends on (data, model, loss, settings)")
 
 

@@ -31,6 +31,10 @@ def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None
         "clipforge.replay_uri": curated.replay.uri if curated and curated.replay else "",
         "clipforge.parent_version": parent or "",
         "clipforge.checkpoint_uri": ctx.store.uri(trained.checkpoint),
+        "clipforge.init_from": trained.init_from or "",
+        "clipforge.base_model": trained.base_model or "",
+        "clipforge.adapter_uri": ctx.store.uri(trained.adapter) if trained.adapter else "",
+        "clipforge.ema_decay": "" if trained.ema_decay is None else str(trained.ema_decay),
         "mlflow.source.run_id": run,
     }
     if "prefect.flow_run_id" in (tags := tracking.run_tags(run)):
@@ -63,6 +67,9 @@ def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResu
             replay=replayed.model_dump(mode="json") if replayed else None,
         )  # fmt: skip
         info = tracking.log_model(run, model_dir, card, step=trained.steps)
+        if trained.adapter:  # the adapter alone (peft's format) beside the merged model, with the base it belongs to
+            adapter_dir = ctx.store.get_dir(trained.adapter, Path(tmp) / "adapter")
+            tracking.log_artifacts(run, adapter_dir, "adapter")
     if info.model_id:
         tracking.log_model_metrics(run, info.model_id, r, metrics)
     # a version carries the metrics its promotion is decided on; the run holds them all

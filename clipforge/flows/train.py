@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from clipforge.core.context import RunContext
+from clipforge.core.errors import ConfigError
 from clipforge.core.hashing import content_hash
 from clipforge.core.recipe import Recipe
+from clipforge.core.resolver import HF_HUB, pin_model
 from clipforge.core.results import CurateResult, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training.job import TrainJob
@@ -18,16 +20,30 @@ from clipforge.registry import tracking
 
 def training_key(recipe: Recipe, curated: CurateResult) -> str:
     """What a training's result depends on: the curated data's content, the model, the loss, the train settings."""
-    spec = {
+    spec: dict[str, Any] = {
         "data": curated.content_hash,
-        "model": recipe.model.entry(),
+        "model": {k: _pinned(v) for k, v in recipe.model.entry().items()},
         "loss": recipe.loss.entry(),
         # how often it logs and how many loader workers it has change nothing of what it trains
         "train": recipe.train.model_dump(mode="json", exclude={"log_every", "workers"}),
     }
+    if (
+        pinned := _pinned(recipe.train.init_model)
+    ) != recipe.train.init_model:  # an alias that moved, a hub revision that moved: another start, another training
+        spec["init_from"] = pinned
     if curated.replay:
         spec["replay"] = curated.replay.content_hash
     return content_hash(spec, 16)
+
+
+def _pinned(value: object) -> object:
+    """A model reference as the weights it names now (a missing one as missing); anything else as it is."""
+    if not (isinstance(value, str) and value.startswith(("models:/", HF_HUB))):
+        return value
+    try:
+        return pin_model(value)
+    except ConfigError:
+        return {"missing": value}
 
 
 def finished_training(store: Store, key: str) -> TrainResult | None:

@@ -22,4 +22,5 @@ BUILTINS = (
     "clipforge.plugins.launchers.local",
     "clipforge.plugins.launchers.torchrun",
     "clipforge.plugins.launchers.ray",
+    "clipforge.plugins.adapters.lora",
 )

@@ -394,6 +394,12 @@ def log_text(run_id: str, text: str, path: str) -> None:
 
 
 @tracked
+def log_artifacts(run_id: str, folder: Path, path: str) -> None:
+    """A local folder as the run's artifacts under ``path`` (the trained adapter, in its own format)."""
+    mlflow_client().log_artifacts(run_id, str(folder), path)
+
+
+@tracked
 def log_figure(run_id: str, fig: Figure, path: str) -> None:
     """Log a matplotlib figure as a PNG artifact."""
     mlflow_client().log_figure(run_id, fig, path)

@@ -16,6 +16,7 @@ returns what it computed (the loss, the embeddings, the samples, the metrics, th
 from clipforge.testing.checks import (
     CHECKS,
     ConformanceError,
+    check_adapter,
     check_component,
     check_curation_step,
     check_dataset,
@@ -39,6 +40,7 @@ __all__ = [
     "TINY_ENCODER_CONFIG",
     "ConformanceError",
     "Features",
+    "check_adapter",
     "check_component",
     "check_curation_step",
     "check_dataset",

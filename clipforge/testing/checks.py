@@ -479,6 +479,61 @@ def check_launcher(launcher: Any, *, device: str = "cpu", name: str = "launcher"
     return int(world)
 
 
+# -- adapters ---------------------------------------------------------------------------------
+
+
+def check_adapter(adapter: Any, bundle: EncoderBundle | None = None, *, name: str = "adapter") -> dict[str, Any]:
+    """An adapter wraps the model so that only its own parameters require gradients; an optimizer step
+    leaves every base weight bit-identical; ``save`` writes files; ``merge`` gives back a plain model
+    (the keys it had before ``apply``) whose embeddings equal the adapted model's to 1e-5.
+    Returns the merged model's state dict."""
+    import torch
+
+    from clipforge.core.components import Adapter
+
+    if not isinstance(adapter, Adapter):
+        raise _fail(name, f"must have apply(model), merge(model) and save(model, folder), got {type(adapter).__name__}")
+    bundle = bundle or tiny_encoder_bundle()
+    model = bundle.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    adapter.apply(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise _fail(name, "apply() left no parameter that requires gradients")
+    images, texts = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), bundle.tokenizer(["a", "b", "c", "d"])
+    model.train()
+    out = model(images, texts)
+    loss = out["image_features"].sum() + out["text_features"].sum()
+    loss.backward()
+    if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()):
+        raise _fail(name, "no gradient reaches the adapter's parameters")
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.01 * torch.randn_like(p))  # a nonzero update, as training makes
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save(model, tmp)
+        if not any(Path(tmp).iterdir()):
+            raise _fail(name, "save(model, folder) wrote nothing")
+    model.eval()
+    with torch.no_grad():
+        adapted = model(images, texts)
+    adapter.merge(model)
+    merged = model.state_dict()
+    if set(merged) != set(before):
+        extra, missing = sorted(set(merged) - set(before)), sorted(set(before) - set(merged))
+        raise _fail(name, f"merge() left a model with other keys: extra {extra[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        plain = model(images, texts)
+    for key in ("image_features", "text_features"):
+        gap = float((plain[key] - adapted[key]).abs().max())
+        if gap > 1e-5:
+            raise _fail(name, f"the merged model's {key} differ from the adapted model's by {gap:.2e} (> 1e-5)")
+    if not frozen:
+        raise _fail(name, "apply() froze no base weight: that is full fine-tuning, not an adapter")
+    return dict(merged)
+
+
 # -- by name, through the catalog ----------------------------------------------------------
 
 #: The check of each kind, by kind name (the table of kinds names them).

@@ -15,18 +15,26 @@ import torch
 
 from clipforge.core.catalog import Catalog
 from clipforge.core.checkpoint import open_clip_config, save_open_clip_dir
-from clipforge.core.components import EncoderBundle, Preparable
+from clipforge.core.components import Adapter, EncoderBundle, Preparable
 from clipforge.core.errors import StageError
 from clipforge.core.recipe import Recipe, TrainConfig
 from clipforge.core.results import Shard, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.data import EpochPlan, ShardBatches
+from clipforge.engine.training.adapting import ADAPTER_DIR, apply_adapter, save_adapter
 from clipforge.engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from clipforge.engine.training.ema import WeightEma
 from clipforge.engine.training.optim import create_optimizer, lr_at, set_lr
 from clipforge.engine.training.runtime import Runtime, cores_for_loader
 from clipforge.engine.training.state import TrainState
 from clipforge.engine.training.step import forward_backward
-from clipforge.engine.training.warm_start import warm_start, weight_average
+from clipforge.engine.training.warm_start import (
+    pinned_model_entry,
+    starts_missing,
+    warm_start,
+    weight_average,
+    without_weights,
+)
 
 #: Called on rank 0 after every optimizer step with its metrics (``loss``, ``lr``, ``samples_per_s``, ...).
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -111,27 +119,40 @@ class Trainer:
     init_from: str | None
     initial: dict[str, torch.Tensor] | None  # the starting weights, kept for WiSE-FT
     resumed_from: str | None
+    base_model: str | None = None  # a hub model the recipe's model entry names, pinned to its commit
+    adapter: Adapter | None = None
+    ema: WeightEma | None = None
     clock: float = 0.0  # when the last step ended
     reported: float = 0.0  # when progress.json was last written
 
     @classmethod
     def build(cls, recipe: Recipe, catalog: Catalog, store: Store, out: str, shards: list[Shard], runtime: Runtime) -> Trainer:
-        cfg = recipe.train
+        cfg, options = recipe.train, recipe.storage.options
         torch.manual_seed(cfg.seed)
-        bundle = catalog.create("encoders", recipe.model.entry())
+        entry, base_model = pinned_model_entry(recipe.model.entry(), store, out, lead=runtime.lead)
+        if cfg.if_missing == "scratch" and starts_missing(cfg, store, out, options):
+            entry = without_weights(entry, options)
+        bundle = catalog.create("encoders", entry)
         model = bundle.model.to(runtime.device)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        loss_fn = catalog.create("losses", recipe.loss.entry(), recipe.storage.options).to(runtime.device)
+        loss_fn = catalog.create("losses", recipe.loss.entry(), options).to(runtime.device)
         if isinstance(loss_fn, Preparable):
             loss_fn.prepare(bundle)
         plan = plan_steps(shards, cfg, runtime.world)
+        init_from, initial = warm_start(model, cfg, store, out, options, lead=runtime.lead)
+        adapter = None
+        if cfg.adapter is not None:
+            if cfg.weight_average is not None and initial is None:  # WiSE-FT of the adapter: scale its merged update
+                initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            adapter = catalog.create("adapters", cfg.adapter.entry())
+            apply_adapter(adapter, model, cfg.adapter.unlock)
         optimizer = create_optimizer(model, cfg, runtime.device)
-        init_from, initial = warm_start(model, cfg, store, out, recipe.storage.options, lead=runtime.lead)
+        ema = WeightEma(model, cfg.ema) if cfg.ema is not None else None
         resumed_from = latest_checkpoint(store, out)
-        state = load_checkpoint(store, resumed_from, model, optimizer, runtime.scaler) if resumed_from else TrainState()
+        state = load_checkpoint(store, resumed_from, model, optimizer, runtime.scaler, ema) if resumed_from else TrainState()
         return cls(recipe, store, out, shards, runtime, bundle, runtime.parallel(model), loss_fn, optimizer, plan, state,
-                   init_from, initial, resumed_from)  # fmt: skip
+                   init_from, initial, resumed_from, base_model, adapter, ema)  # fmt: skip
 
     @property
     def model(self) -> Any:  # the open_clip model itself (encode_image, logit_scale), never the DDP wrapper
@@ -233,6 +254,8 @@ class Trainer:
             self.model.logit_scale.clamp_(0, math.log(100))
         n = cfg.batch_size * runtime.world * cfg.accum_steps
         state.step, state.epoch, state.samples = state.step + 1, epoch, state.samples + n
+        if self.ema is not None:
+            self.ema.after_step(state.step)
         metrics = {
             "loss": losses["loss"].item(),
             **{k: v.item() for k, v in losses.items() if k != "loss"},
@@ -255,7 +278,8 @@ class Trainer:
         rel = None
         if self.runtime.lead:
             rel = save_checkpoint(self.store, self.out, self.state, self.model, self.optimizer, self.runtime.scaler,
-                                  open_clip_config(self.bundle))  # fmt: skip
+                                  open_clip_config(self.bundle), trainable_only=self.adapter is not None,
+                                  ema=self.ema)  # fmt: skip
         self.runtime.barrier()
         return rel
 
@@ -267,9 +291,17 @@ class Trainer:
         cfg, state, store = self.recipe.train, self.state, self.store
         state.epoch = cfg.epochs - 1
         final = save_checkpoint(
-            store, self.out, state, self.model, self.optimizer, self.runtime.scaler, open_clip_config(self.bundle)
-        )
+            store, self.out, state, self.model, self.optimizer, self.runtime.scaler, open_clip_config(self.bundle),
+            trainable_only=self.adapter is not None, ema=self.ema,
+        )  # fmt: skip
         self.model.eval()
+        if self.ema is not None:  # the average is what is exported; the raw weights stay in the checkpoint
+            self.ema.copy_to(self.model)
+        adapter_uri = None
+        if self.adapter is not None:
+            adapter_uri = save_adapter(self.adapter, self.model, store, f"{self.out}/{ADAPTER_DIR}",
+                                       base=self.base_model or self.init_from)  # fmt: skip
+            self.adapter.merge(self.model)
         if self.initial is not None and cfg.weight_average is not None:
             weight_average(self.model, self.initial, cfg.weight_average.alpha)
         with tempfile.TemporaryDirectory() as tmp:
@@ -283,7 +315,9 @@ class Trainer:
             resumed_from=self.resumed_from, init_from=self.init_from,
             weight_average_alpha=cfg.weight_average.alpha if cfg.weight_average else None, world_size=self.runtime.world,
             checkpoint=final, model=f"{self.out}/model", model_uri=model_uri, device=str(self.runtime.device),
-            precision=self.runtime.precision,
+            precision=self.runtime.precision, base_model=self.base_model,
+            adapter=f"{self.out}/{ADAPTER_DIR}" if adapter_uri else None, adapter_uri=adapter_uri,
+            ema_decay=cfg.ema.decay if cfg.ema else None,
         )  # fmt: skip
         store.write_bytes(f"{self.out}/history.json", json.dumps(state.history).encode())
         store.write_json(f"{self.out}/result.json", result.model_dump(mode="json"))

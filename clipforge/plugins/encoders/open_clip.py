@@ -1,4 +1,4 @@
-"""``open-clip``: any open_clip model, by config name, ``local-dir:`` folder or inline config."""
+"""``open-clip``: any open_clip model, by config name, ``local-dir:`` folder, ``hf-hub:`` model or inline config."""
 
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ class OpenClipParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Two fields rather than one union, so that a bad inline config is reported at its own path
     # (model.config.vision_cfg.width) and not once per union member.
-    arch: str | None = Field(None, description="an open_clip config name (ViT-B-32) or 'local-dir:PATH'")
+    arch: str | None = Field(
+        None,
+        description="an open_clip config name (ViT-B-32), 'local-dir:PATH' or 'hf-hub:ORG/NAME[@REVISION]' (with its weights)",
+    )
     config: ModelCfg | None = Field(None, description="an inline open_clip model config (model_cfg)")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file (name archs only)")
     image_mean: tuple[float, float, float] | None = None
@@ -74,7 +77,14 @@ class OpenClipParams(BaseModel):
             return self.config.vision_cfg.image_size
         import open_clip
 
-        size = (open_clip.get_model_config(self.arch) or {}).get("vision_cfg", {}).get("image_size")
+        assert self.arch is not None
+        # a hub model's config is in its snapshot, found as the resolver finds it (the cache, a revision)
+        cfg = (
+            clipforge.resolve_model(self.arch).config
+            if self.arch.startswith("hf-hub:")
+            else open_clip.get_model_config(self.arch)
+        )
+        size = (cfg or {}).get("vision_cfg", {}).get("image_size")
         return size if isinstance(size, int) else (max(size) if isinstance(size, (list, tuple)) else None)
 
 
@@ -108,6 +118,10 @@ def create_open_clip(
 
                 AutoTokenizer.from_pretrained(hf_tokenizer).save_pretrained(tmp)
             name, model_cfg = f"local-dir:{tmp}", config
+        elif arch is not None and arch.startswith("hf-hub:"):
+            # through the resolver, not open_clip's own hf-hub: loader: a revision, the cache as the environment names it
+            hub = clipforge.resolve_model(arch)
+            name, model_cfg = f"local-dir:{hub.folder}", hub.config or {}
         else:
             assert arch is not None  # OpenClipParams asks for exactly one of arch and config
             name, model_cfg = arch, open_clip.get_model_config(arch)
