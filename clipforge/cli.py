@@ -65,12 +65,16 @@ def _tracking(workdir: Path) -> tuple[str, str | None]:
     return uri, artifact_root
 
 
-def _reading_registry(workdir: str | None) -> str:
-    """Point this process at the registry a reading command uses (never creating one); its URI."""
+def _reading_registry(workdir: str | None, model: str | None = None) -> str:
+    """Point this process at the registry a reading command uses (never creating one); its URI.
+    Where there is none, the error names the ``model`` the command was after."""
     from clipforge.registry import use_tracking_uri
-    from clipforge.registry.location import find_tracking
+    from clipforge.registry.location import RegistryNotFoundError, find_tracking
 
-    location = find_tracking(workdir)
+    try:
+        location = find_tracking(workdir)
+    except RegistryNotFoundError as e:
+        raise RegistryNotFoundError(f"model {model!r}: {e}" if model else str(e)) from None
     use_tracking_uri(location.uri)
     return location.uri
 
@@ -285,7 +289,7 @@ def cmd_data_arrived(args) -> int:
 def cmd_promote(args) -> int:
     from clipforge.registry import set_champion
 
-    _reading_registry(args.workdir)
+    _reading_registry(args.workdir, args.model)
     previous = set_champion(args.model, args.version, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion -> version {args.version} (was {previous or 'none'})")
     return 0
@@ -294,7 +298,7 @@ def cmd_promote(args) -> int:
 def cmd_rollback(args) -> int:
     from clipforge.registry import rollback
 
-    _reading_registry(args.workdir)
+    _reading_registry(args.workdir, args.model)
     version = rollback(args.model, reason=args.reason, user=args.user)
     console.print(f"{args.model}: champion rolled back to version {version}")
     return 0
