@@ -116,10 +116,43 @@ class ReplayConfig(_EarlierData):
     seed: int = Field(0, description="picks the replayed pairs")
 
 
+class EvalSuiteConfig(_Strict):
+    """CLIP_benchmark webdataset folders under ``root``, one per task: each becomes the named evaluation
+    set ``<task>`` with the evaluator its ``dataset_type`` needs, and DataComp's aggregates ``suite/...``
+    are logged (:mod:`clipforge.core.suites`)."""
+
+    root: str = Field(min_length=1, description="a local folder or s3://bucket/prefix holding one folder per task")
+    tasks: Literal["all"] | Annotated[list[SetName], Field(min_length=1)] = Field(
+        "all", description="the task folders to evaluate on, or all those under root"
+    )
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$", description="the split folder of every task")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for root (endpoint_url, ...)")
+    batch_size: Annotated[int, Field(gt=0)] = Field(256, description="images or texts per forward pass")
+    ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1, description="recall@k of retrieval tasks")
+
+    @pydantic.field_validator("tasks")
+    @classmethod
+    def _no_reserved_task(cls, tasks: Any) -> Any:
+        if isinstance(tasks, list):
+            if "suite" in tasks:
+                raise ValueError("'suite' names the suite's aggregates (eval/suite/...), not a task")
+            if len(set(tasks)) != len(tasks):
+                raise ValueError("a task is listed twice")
+        return tasks
+
+    @pydantic.field_validator("storage_options")
+    @classmethod
+    def _no_clear_text_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return StorageConfig._no_clear_text_credentials(options)
+
+
 class DataConfig(_Strict):
     train: ComponentRef
     eval: EvalData | None = Field(
         None, description="the evaluation data: one dataset entry, or named sets {NAME: entry, ...} (metrics eval/NAME/...)"
+    )
+    eval_suite: EvalSuiteConfig | None = Field(
+        None, description="CLIP_benchmark task folders under a root: one named evaluation set per task, and suite/ aggregates"
     )
     replay: ReplayConfig | None = None
 

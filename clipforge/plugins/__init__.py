@@ -8,6 +8,7 @@ BUILTINS = (
     "clipforge.plugins.datasets.webdataset",
     "clipforge.plugins.datasets.tables",
     "clipforge.plugins.datasets.digits",
+    "clipforge.plugins.datasets.clip_benchmark",
     "clipforge.plugins.curation.caption_length",
     "clipforge.plugins.curation.image_size",
     "clipforge.plugins.curation.duplicates",
