@@ -71,7 +71,7 @@ def ours(folders, kind: str, evaluator: dict, **dataset) -> dict[str, float]:
             },
             "evaluation": [evaluator],
             "registry": {},
-        }  # fmt: skip
+        }
     )
     return evaluate(recipe, PluginManager(load_entry_points=False).catalog, str(folders["model"]), device="cpu").metrics
 
@@ -185,7 +185,7 @@ def test_an_image_that_does_not_decode_is_skipped_counted_and_named(folders, tmp
             "data": {"train": TINY_RECIPE["data"]["train"], "eval": {"type": "clip-benchmark", "root": str(task)}},
             "evaluation": [{"type": "zero-shot-classification"}],
             "registry": {},
-        }  # fmt: skip
+        }
     )
     evaluation = evaluate(recipe, PluginManager(load_entry_points=False).catalog, str(folders["model"]), device="cpu")
     assert evaluation.metrics["eval/clip-benchmark/skipped"] == 2

@@ -332,8 +332,10 @@ def _check_per_sample(per_sample: Any, metrics: Mapping[str, float], name: str) 
         if not isinstance(record, PerSample):
             raise _fail(name, f"per_sample[{metric!r}] is a {type(record).__name__}, not a clipforge.PerSample")
         n = len(record.keys)
-        if len(set(record.keys)) != n or len(record.values) != n or any(
-            x is not None and len(x) != n for x in (record.weights, record.groups)
+        if (
+            len(set(record.keys)) != n
+            or len(record.values) != n
+            or any(x is not None and len(x) != n for x in (record.weights, record.groups))
         ):
             raise _fail(name, f"per_sample[{metric!r}] needs unique keys and one value (weight, group) per key")
         if not math.isclose(metric_value(record), float(metrics[metric]), rel_tol=1e-6, abs_tol=1e-9):

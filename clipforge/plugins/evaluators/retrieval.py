@@ -63,9 +63,7 @@ class Retrieval:
         owner = torch.repeat_interleave(torch.tensor([len(cs) for cs in captions]))
 
         metrics, ranks = retrieval_metrics(images.to(device), texts.to(device), owner.to(device), self.ks)
-        self.per_sample = per_image(
-            [s.key for s in samples], ranks, owner, [len(cs) for cs in captions], self.ks
-        )
+        self.per_sample = per_image([s.key for s in samples], ranks, owner, [len(cs) for cs in captions], self.ks)
         # for the figures: recall@k for every k up to the largest, and the first images' similarities
         n = min(FIGURE_PAIRS, len(samples))
         first = torch.tensor([0, *torch.cumsum(torch.tensor([len(cs) for cs in captions]), 0)[:-1].tolist()])[:n]
