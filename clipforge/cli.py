@@ -144,13 +144,17 @@ def cmd_evaluate(args) -> int:
     workdir = Path(args.workdir).resolve()
     recipe = _recipe(args.recipe, args.set, workdir)
     use_tracking_uri(_tracking(workdir)[0])
-    metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
+    evaluation = evaluate_uri(recipe, args.model_uri, device=args.device)
+    metrics = evaluation.metrics
     table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     console.print(table)
+    for where, skipped in evaluation.skipped.items():
+        shown = ", ".join(f"{key} ({why})" for key, why in list(skipped.items())[:5])
+        console.print(f"[yellow]{where}: {len(skipped)} samples skipped, not measured: {shown}{' ...' if len(skipped) > 5 else ''}")
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
         console.print(f"metrics written to {args.output}")

@@ -55,6 +55,6 @@ def evaluation_markdown(run_id: str, evaluation: Evaluation) -> str:
 def evaluate_uri(recipe: Recipe, model_uri: str, *, device: str | None = None) -> Evaluation:
     """Run the recipe's evaluators on any model reference (a registered model, a logged one, a folder,
     a checkpoint; see :func:`~clipforge.core.resolver.resolve_model`); nothing is trained or logged."""
-    if not recipe.evaluation:
-        raise ConfigError("the recipe has no evaluation: section; nothing to evaluate")
+    if not recipe.evaluation and recipe.data.eval_suite is None:
+        raise ConfigError("the recipe has no evaluation: section and no data.eval_suite; nothing to evaluate")
     return evaluate(recipe, get_plugin_manager().catalog, model_uri, device=device or recipe.train.device)
