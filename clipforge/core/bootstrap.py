@@ -68,8 +68,8 @@ def paired_interval(a: PerSample, b: PerSample, confidence: float, *, resamples:
     if not common:
         raise ValueError("the two models' per-sample results share no sample key")
     ia, ib = (np.array(x) for x in zip(*common, strict=True))
-    va, wa, ga = (x[ia] if x is not None else None for x in _arrays(a))
-    vb, wb, gb = (x[ib] if x is not None else None for x in _arrays(b))
+    va, wa, ga = _take(_arrays(a), ia)
+    vb, wb, gb = _take(_arrays(b), ib)
     n = len(ia)
     full = np.ones((1, n))
     delta = float(_metric(full, vb, wb, gb)[0] - _metric(full, va, wa, ga)[0])
@@ -90,6 +90,13 @@ def _arrays(record: PerSample) -> tuple[np.ndarray, np.ndarray | None, np.ndarra
     weights = None if record.weights is None else np.asarray(record.weights, dtype=np.float64)
     groups = None if record.groups is None else np.asarray(record.groups, dtype=np.int64)
     return values, weights, groups
+
+
+def _take(
+    arrays: tuple[np.ndarray, np.ndarray | None, np.ndarray | None], index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    values, weights, groups = arrays
+    return values[index], None if weights is None else weights[index], None if groups is None else groups[index]
 
 
 def _metric(counts: np.ndarray, values: np.ndarray, weights: np.ndarray | None, groups: np.ndarray | None) -> np.ndarray:

@@ -248,6 +248,9 @@ class Guard(_Strict):
     max_drop: Annotated[float, Field(ge=0)] = Field(
         description="how much worse it may get (lower, or higher where lower is better)"
     )
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="refuse when the upper bound of the drop's paired-bootstrap interval at this confidence passes max_drop"
+    )
 
 
 class PromoteConfig(_Strict):
@@ -257,6 +260,23 @@ class PromoteConfig(_Strict):
     mode: Literal["max", "min"] = "max"
     min_delta: Annotated[float, Field(ge=0)] = 0.0
     guards: list[Guard] = Field(default_factory=list, description="metrics the challenger may not lose more than their budget of")
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="promote only when the lower bound of a paired bootstrap of (challenger - champion) on the metric, "
+        "at this confidence, is above min_delta",
+    )
+    resamples: Annotated[int, Field(ge=100)] = Field(2000, description="bootstrap resamples")
+    seed: int = Field(0, description="seeds the bootstrap's resamples")
+    approval: bool = Field(
+        False, description="a person approves before champion moves (Prefect UI, or clipforge approve MODEL VERSION)"
+    )
+    approval_timeout_s: Annotated[int, Field(gt=0)] = Field(
+        86400, description="how long the register flow waits for the approval before it fails"
+    )
+
+    def gates_on_samples(self) -> bool:
+        """Whether the decision needs per-sample results (a confidence on the metric or on a guard)."""
+        return self.confidence is not None or any(g.confidence is not None for g in self.guards)
 
 
 class RegistryConfig(_Strict):

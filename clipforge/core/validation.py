@@ -15,8 +15,8 @@ from clipforge.core.metrics import EVAL_PREFIX
 from clipforge.core.overrides import apply_overrides
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import EvalSuiteConfig, Recipe, component_entries
-from clipforge.core.suites import GROUPS, RETRIEVAL, SUITE, ZERO_SHOT
 from clipforge.core.recipe_yaml import read_yaml
+from clipforge.core.suites import GROUPS, RETRIEVAL, SUITE, ZERO_SHOT
 
 
 def load_recipe(
@@ -95,7 +95,9 @@ def _suite_metric(suite: EvalSuiteConfig, parts: list[str]) -> str | bool:
     """Whether ``parts`` name a metric of the suite: False if not its form, "" if it is, else what is wrong."""
     if parts[0] == SUITE:
         aggregates = ["average", *GROUPS, "tasks", "missing"]
-        return "" if len(parts) == 2 and parts[1] in aggregates else f"the suite's aggregates are suite/{{{','.join(aggregates)}}}"
+        return (
+            "" if len(parts) == 2 and parts[1] in aggregates else f"the suite's aggregates are suite/{{{','.join(aggregates)}}}"
+        )
     if len(parts) < 3 or parts[1] not in (ZERO_SHOT, RETRIEVAL):
         return False
     if suite.tasks != "all" and parts[0] not in suite.tasks:

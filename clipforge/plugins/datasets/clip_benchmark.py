@@ -182,7 +182,8 @@ def read_dataset_type(store: Any) -> str:
 
 def _grouped(items: Iterator[Any]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """The members of each key (webdataset's rule: the name before its first dot), in order."""
-    key, members = None, {}
+    key: str | None = None
+    members: dict[str, bytes] = {}
     for item in items:
         if not isinstance(item, TarMember):
             raise clipforge.ConfigError(f"{NAME}: damaged shard: {item.describe()}")
