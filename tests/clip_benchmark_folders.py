@@ -48,7 +48,8 @@ class _Images(torch.utils.data.Dataset):
             return buf.getvalue(), np.array([int(j == y) for j in range(10)] + [int(y % 2 == 0), int(y > 4)])
         if self.kind == "retrieval":
             # captions unique to the scan: equal captions would tie, and ties break by position
-            return buf.getvalue(), [f"{t.format(c=NAMES[y])} scan {i}" for t in TEMPLATES]
+            captions = [f"{t.format(c=NAMES[y])} scan {i}" for t in TEMPLATES]
+            return buf.getvalue(), captions[i % 2 :] + captions[: i % 2]  # which caption comes first varies
         return buf.getvalue(), y
 
 

@@ -221,3 +221,39 @@ def test_the_three_layouts_on_s3_give_the_local_numbers(folders, tmp_path, monke
             ("retrieval", {"type": "retrieval"}),
         ):
             assert ours(remote, kind, evaluator, **options) == pytest.approx(ours(folders, kind, evaluator), abs=1e-9), kind
+
+
+def test_image_caption_selection_equals_clip_benchmark(folders):
+    """SugarCrepe's test on a folder of captions (the first true, the others false), as CLIP_benchmark scores it."""
+    import open_clip
+    from clip_benchmark.datasets.builder import build_wds_dataset, image_captions_collate_fn
+    from clip_benchmark.metrics import image_caption_selection
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folders['model']}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folders['model']}")
+    dataset = build_wds_dataset("wds/x", transform=preprocess, split="test", data_dir=str(folders["retrieval"]))
+    loader = torch.utils.data.DataLoader(dataset.batched(8), batch_size=None)
+    batches = [image_captions_collate_fn(list(zip(*b))) for b in loader]
+    expected = image_caption_selection.evaluate(model.eval(), batches, tokenizer, "cpu", amp=False)
+    got = ours(folders, "retrieval", {"type": "image-caption-selection", "batch_size": 5})
+    assert got["eval/image-caption-selection/acc"] == pytest.approx(expected["text_acc"], abs=1e-6)
+    assert 0 < expected["text_acc"] < 1  # the test can tell a right answer from a wrong one
+
+
+def test_image_caption_selection_scores_each_category(catalog):
+    from clipforge import Sample
+    from clipforge.plugins.evaluators.caption_selection import ImageCaptionSelection
+    from tests.test_evaluators import onehot, picture, table_bundle
+
+    texts = {"t0": onehot(0, 3), "f0": onehot(1, 3), "t1": onehot(2, 3), "f1": onehot(1, 3)}
+    bundle = table_bundle([onehot(0, 3), onehot(1, 3)], texts)
+    samples = [
+        Sample("a", picture(0), ["t0", "f0"], meta={"category": "swap-obj"}),  # true caption closer: right
+        Sample("b", picture(1), ["t1", "f1"], meta={"category": "replace-att"}),  # false caption closer: wrong
+    ]
+    evaluator = ImageCaptionSelection()
+    metrics = evaluator.evaluate(bundle, samples, "cpu")
+    assert metrics == {"acc": 0.5, "swap-obj/acc": 1.0, "replace-att/acc": 0.0}
+    assert evaluator.per_sample["acc"].values == [1.0, 0.0]
+    with pytest.raises(clipforge.ConfigError, match="the true one first and at least one false one"):
+        evaluator.evaluate(bundle, [Sample("c", picture(0), "t0")], "cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -110,6 +111,12 @@ _SLOW = {"torchrun", "ray"}
 )
 def test_every_builtin_component_conforms(kind, name):
     inputs = {"features": tiny_features(logit_bias=True)} if name == "siglip" else {}  # SigLIP learns a bias
+    if name == "image-caption-selection":  # a true caption and a false one per image
+        inputs = {
+            "dataset": [
+                dataclasses.replace(s, caption=[s.caption, f"not {s.caption}"]) for s in clipforge.testing.tiny_dataset(6)
+            ]
+        }
     check_component(kind, name, TINY_FIELDS.get(name), **inputs)
 
 

@@ -8,7 +8,9 @@ evaluation runs (``tasks: all`` lists it then), never at validation, which does 
 
 DataComp (``datacomp/tasklist.yml``, ``aggregate_scores.py``) scores each task by one main metric
 (acc1 for most, mean per-class recall for some, mean recall@1 for retrieval); ``suite/average`` is
-the mean over the tasks evaluated, and ``suite/<group>`` the mean over a group's tasks. A task asked
+the mean over the tasks evaluated, and ``suite/<group>`` the mean over a group's tasks. SugarCrepe's
+tasks (``sugar_crepe_*`` folders of captions, the true one first) run ``image-caption-selection``;
+they make ``suite/compositionality``, outside DataComp's average. A task asked
 for but missing under the root is listed in ``Suite.missing`` and never averaged in silently.
 """
 
@@ -29,13 +31,14 @@ log = logging.getLogger(__name__)
 
 #: The namespace of the aggregates: ``eval/suite/average``, ``eval/suite/imagenet``, ...
 SUITE = "suite"
-ZERO_SHOT, RETRIEVAL = "zero-shot-classification", "retrieval"
+ZERO_SHOT, RETRIEVAL, SELECTION = "zero-shot-classification", "retrieval", "image-caption-selection"
 #: DataComp's groups (its paper's table): each aggregate's name and what it averages.
 GROUPS = {
     "imagenet": "ImageNet",
     "imagenet_shifts": "ImageNet distribution shifts",
     "vtab": "VTAB",
     "retrieval": "retrieval",
+    "compositionality": "SugarCrepe (image-caption selection; not in DataComp's average)",
 }
 _PER_CLASS = "mean_per_class_recall"
 _SHIFTS = ("imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "objectnet")
@@ -57,9 +60,16 @@ def canonical_task(name: str) -> str:
     return name
 
 
+def selects_captions(task: str) -> bool:
+    """SugarCrepe's tasks (CLIP_benchmark's ``sugar_crepe/...``): captions, the true one first, the false after."""
+    return canonical_task(task).startswith("sugar_crepe")
+
+
 def group_of(task: str, dataset_type: str) -> str | None:
     """The DataComp group a task counts in (None: only the average)."""
     name = canonical_task(task)
+    if selects_captions(task):
+        return "compositionality"
     if dataset_type == "retrieval":
         return "retrieval"
     if name == "imagenet1k":
@@ -73,6 +83,8 @@ def group_of(task: str, dataset_type: str) -> str | None:
 
 def main_metric(task: str, dataset_type: str) -> str:
     """DataComp's main metric of a task, as ``<evaluator>/<metric>``."""
+    if selects_captions(task):
+        return f"{SELECTION}/acc"
     if dataset_type == "retrieval":
         return f"{RETRIEVAL}/mean_recall@1"
     if dataset_type == "multilabel":
@@ -90,6 +102,8 @@ class Task:
 
     @property
     def evaluator(self) -> str:
+        if selects_captions(self.name):
+            return SELECTION
         return RETRIEVAL if self.dataset_type == "retrieval" else ZERO_SHOT
 
     @property
@@ -130,8 +144,9 @@ class Suite:
             if name in metrics:
                 scores[task.name] = metrics[name]
         found = {f"{SUITE}/tasks": float(len(scores)), f"{SUITE}/missing": float(len(self.missing))}
-        if scores:
-            found[f"{SUITE}/average"] = sum(scores.values()) / len(scores)
+        averaged = [v for t in self.tasks if not selects_captions(t.name) and (v := scores.get(t.name)) is not None]
+        if averaged:
+            found[f"{SUITE}/average"] = sum(averaged) / len(averaged)
         for group in GROUPS:
             members = [v for t in self.tasks if t.group == group and (v := scores.get(t.name)) is not None]
             if members:

@@ -16,7 +16,7 @@ from clipforge.core.overrides import apply_overrides
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import EvalSuiteConfig, Recipe, component_entries
 from clipforge.core.recipe_yaml import read_yaml
-from clipforge.core.suites import GROUPS, RETRIEVAL, SUITE, ZERO_SHOT
+from clipforge.core.suites import GROUPS, RETRIEVAL, SELECTION, SUITE, ZERO_SHOT
 
 
 def load_recipe(
@@ -98,7 +98,7 @@ def _suite_metric(suite: EvalSuiteConfig, parts: list[str]) -> str | bool:
         return (
             "" if len(parts) == 2 and parts[1] in aggregates else f"the suite's aggregates are suite/{{{','.join(aggregates)}}}"
         )
-    if len(parts) < 3 or parts[1] not in (ZERO_SHOT, RETRIEVAL):
+    if len(parts) < 3 or parts[1] not in (ZERO_SHOT, RETRIEVAL, SELECTION):
         return False
     if suite.tasks != "all" and parts[0] not in suite.tasks:
         return f"{parts[0]!r} is not one of data.eval_suite.tasks ({', '.join(suite.tasks)})"

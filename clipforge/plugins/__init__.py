@@ -19,6 +19,7 @@ BUILTINS = (
     "clipforge.plugins.evaluators.linear_probe",
     "clipforge.plugins.evaluators.geometry",
     "clipforge.plugins.evaluators.compositionality",
+    "clipforge.plugins.evaluators.caption_selection",
     "clipforge.plugins.evaluators.digits",
     "clipforge.plugins.launchers.local",
     "clipforge.plugins.launchers.torchrun",
