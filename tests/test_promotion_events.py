@@ -94,3 +94,13 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     assert promoted and promoted[0].payload["version"] == "2"
     assert promoted[0].payload["metric"] == "eval/retrieval/mean_recall@1"
     assert promoted[0].resource.id == f"clipforge.model.{model}" and promoted[0].resource["clipforge.model.version"] == "2"
+
+    # the same model again, gated at a confidence: a delta of nothing is noise, refused with its interval
+    tiny_recipe["registry"]["promote"].update(approval=False, confidence=0.95)
+    from clipforge.flows import retrain_flow
+
+    again = retrain_flow(tiny_recipe, tracking_uri=tracking).register
+    assert not again.promoted and "the gain may be noise" in again.reason
+    assert again.interval is not None and again.interval["delta"] == 0 and again.interval["n"] == 24
+    refused = [e for e in _events(model, MODEL_REFUSED) if e.payload["version"] == "3"]
+    assert refused and refused[0].payload["interval"]["confidence"] == 0.95
