@@ -104,3 +104,28 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     assert again.interval is not None and again.interval["delta"] == 0 and again.interval["n"] == 24
     refused = [e for e in _events(model, MODEL_REFUSED) if e.payload["version"] == "3"]
     assert refused and refused[0].payload["interval"]["confidence"] == 0.95
+
+
+def test_the_deployment_triggered_by_a_promotion_evaluates_the_promoted_version():
+    """deployments/prefect.yaml's shapes-champion-suite: its trigger matches what the register stage emits
+    for the weekly recipe's model, and hands the promoted version to the flow it runs."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    from clipforge.core.validation import load_recipe
+    from clipforge.flows.events import model_resource
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())
+    deployment = next(d for d in config["deployments"] if d["name"] == "shapes-champion-suite")
+    (trigger,) = deployment["triggers"]
+    assert trigger["expect"] == [MODEL_PROMOTED]
+    weekly = load_recipe(root / "deployments" / "recipes" / "shapes-weekly.yaml")
+    assert trigger["match"] == {"prefect.resource.id": model_resource(weekly.model_name, "1")["prefect.resource.id"]}
+    assert trigger["parameters"]["model"] == "models:/{{ event.payload.model }}/{{ event.payload.version }}"
+    flow = load_flow_from_entrypoint(str(root / deployment["entrypoint"]))
+    assert set(deployment["parameters"]) | {"model"} <= set(inspect.signature(flow.fn).parameters)
+    load_recipe(root / deployment["parameters"]["recipe_path"])

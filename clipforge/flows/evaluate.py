@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prefect import flow
+
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
 from clipforge.core.evaluations import runs
@@ -77,3 +79,16 @@ def evaluate_uri(recipe: Recipe, model_uri: str, *, device: str | None = None) -
     if not recipe.evaluation and recipe.data.eval_suite is None:
         raise ConfigError("the recipe has no evaluation: section and no data.eval_suite; nothing to evaluate")
     return evaluate(recipe, get_plugin_manager().catalog, model_uri, device=device or recipe.train.device)
+
+
+@flow(name="evaluate-model", log_prints=True)
+def evaluate_model(recipe_path: str, model: str, overrides: list[str] | None = None) -> dict[str, float]:
+    """Evaluate any model reference (``models:/NAME/VERSION``, a folder, ...) on a recipe's evaluators
+    and suite; the metrics are published as the flow run's artifact. What a deployment triggered by
+    ``clipforge.model.promoted`` runs: the new champion measured on the full benchmark suite."""
+    from clipforge.core.validation import load_recipe
+
+    evaluation = evaluate_uri(load_recipe(recipe_path, list(overrides or [])), model)
+    publish("markdown", "model-evaluation", f"{model} on {recipe_path}", markdown=evaluation_markdown(model, evaluation))
+    say(f"evaluate-model: {model}: {len(evaluation.metrics)} metrics on {recipe_path}")
+    return evaluation.metrics
