@@ -257,3 +257,17 @@ def test_image_caption_selection_scores_each_category(catalog):
     assert evaluator.per_sample["acc"].values == [1.0, 0.0]
     with pytest.raises(clipforge.ConfigError, match="the true one first and at least one false one"):
         evaluator.evaluate(bundle, [Sample("c", picture(0), "t0")], "cpu")
+
+
+def test_the_data_hash_follows_the_folders_bytes_and_the_classes_used(folders, tmp_path, catalog):
+    task = copy_task(folders, tmp_path)
+    entry = {"type": "clip-benchmark", "root": str(task)}
+    first = catalog.create("datasets", entry).content_digest()
+    assert catalog.create("datasets", entry).content_digest() == first
+    assert catalog.create("datasets", {**entry, "classes": [f"digit {n}" for n in NAMES]}).content_digest() != first
+
+    def touch(name, data):
+        return data + b"\0" if name.endswith(".cls") and name.startswith("s0000001") else data
+
+    _rewrite(task / "test" / "0.tar", touch)
+    assert catalog.create("datasets", entry).content_digest() != first

@@ -287,6 +287,15 @@ class SkipsSamples(Protocol):
     skipped: dict[str, str]
 
 
+@runtime_checkable
+class DigestsContent(Protocol):
+    """A dataset that names its content without being iterated: ``content_digest()`` is a hex digest
+    of everything its samples are made of (a folder's shards and metadata files, byte for byte). The
+    evaluation's data hash uses it instead of reading every sample a second time."""
+
+    def content_digest(self) -> str: ...
+
+
 @dataclass
 class PerSample:
     """One metric's per-sample results, keyed by sample: what a paired bootstrap resamples.

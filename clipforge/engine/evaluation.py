@@ -27,6 +27,7 @@ from typing import Any
 from clipforge.core.catalog import Catalog
 from clipforge.core.components import (
     ChoosesHyperparameters,
+    DigestsContent,
     EncoderBundle,
     PerSample,
     ReportsDetails,
@@ -144,6 +145,9 @@ def data_hash(recipe: Recipe, catalog: Catalog, datasets: dict[str, Any] | None 
             datasets[key] = catalog.create("datasets", entry.entry())
     for key in sorted(datasets):
         digest.update(key.encode())
+        if isinstance(datasets[key], DigestsContent):  # its content, named without decoding it again
+            digest.update(datasets[key].content_digest().encode())
+            continue
         for sample in datasets[key]:
             _update(digest, sample)
     return digest.hexdigest()

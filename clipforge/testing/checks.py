@@ -22,6 +22,7 @@ from clipforge.core.components import (
     ChoosesHyperparameters,
     CurationStep,
     DecidesAgainstPool,
+    DigestsContent,
     EncoderBundle,
     MultilabelDataset,
     PartitionedDataset,
@@ -246,6 +247,10 @@ def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> li
                 check_template(t)
             except ValueError as e:
                 raise _fail(name, str(e)) from None
+    if isinstance(dataset, DigestsContent):
+        first = dataset.content_digest()
+        if not (isinstance(first, str) and first) or dataset.content_digest() != first:
+            raise _fail(name, f"content_digest() must return the same non-empty string each time, got {first!r}")
     if isinstance(dataset, PartitionedDataset):
         _check_parts(dataset, [s.key for s in samples], name)
     return samples

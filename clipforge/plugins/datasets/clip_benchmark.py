@@ -17,7 +17,9 @@ never silently: the evaluate stage reports the count with the set's metrics.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import posixpath
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -112,6 +114,19 @@ class ClipBenchmark:
             except ValueError as e:
                 raise clipforge.ConfigError(f"{NAME}: {self._file(TEMPLATES_FILE)} line {n}: {e}") from None
         return lines
+
+    def content_digest(self) -> str:
+        """sha256 of the folder's metadata files and its split's shards, byte for byte, with the classes and
+        templates used (the recipe may override the folder's)."""
+        digest = hashlib.sha256(json.dumps([self.dataset_type, self.classes, self.templates]).encode())
+        for rel in (f"{self.split}/{NSHARDS_FILE}", *self.shards()):
+            if not self.store.exists(rel):
+                raise clipforge.ConfigError(f"{NAME}: {self._file(rel)} is missing; {self.nshards} shards were announced")
+            digest.update(rel.encode())
+            with self.store.open(rel) as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def shards(self) -> list[str]:
         return [f"{self.split}/{i}.tar" for i in range(self.nshards)]
