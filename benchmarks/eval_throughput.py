@@ -76,7 +76,9 @@ def ours(model_dir: Path, data: dict, batch_size: int, device: str) -> dict[str,
 
 def best(fn, repeats: int) -> dict[str, float]:
     """The run of ``fn()`` that took the least ``seconds``."""
-    return min((fn() for _ in range(repeats)), key=lambda m: m["seconds"])
+    runs = [fn() for _ in range(repeats)]
+    print("  seconds:", [round(m["seconds"], 2) for m in runs], flush=True)
+    return min(runs, key=lambda m: m["seconds"])
 
 
 def main() -> None:
