@@ -1,4 +1,4 @@
-"""``clipforge``: demo, run, evaluate, validate, plugins, schedule, data-arrived, promote, rollback, schema.
+"""``clipforge``: demo, run, evaluate, validate, plugins, schedule, data-arrived, promote, approve, rollback, schema.
 
 Exit codes: 0 success, 1 a failed run, 2 bad input. Errors print as one message; ``--debug``
 shows the traceback.
@@ -204,13 +204,19 @@ def cmd_evaluate(args) -> int:
         if args.model_uri.startswith(MLFLOW_SCHEMES):
             raise
         # a folder or store URI needs no registry (and none is created)
-    metrics = evaluate_uri(recipe, args.model_uri, device=args.device).metrics
+    evaluation = evaluate_uri(recipe, args.model_uri, device=args.device)
+    metrics = evaluation.metrics
     table = Table(title=f"{args.model_uri} on {args.recipe}", show_edge=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     console.print(table)
+    for where, skipped in evaluation.skipped.items():
+        shown = ", ".join(f"{key} ({why})" for key, why in list(skipped.items())[:5])
+        console.print(
+            f"[yellow]{where}: {len(skipped)} samples skipped, not measured: {shown}{' ...' if len(skipped) > 5 else ''}"
+        )
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
         console.print(f"metrics written to {args.output}")
@@ -313,6 +319,29 @@ def cmd_tracking_uri(args) -> int:
     return 0
 
 
+def cmd_approve(args) -> int:
+    import getpass
+    import socket
+
+    from prefect.settings import PREFECT_API_URL
+
+    from clipforge.flows.approval import FLOW_RUN_TAG, STATE_TAG, Approval, answer
+    from clipforge.registry import tracking
+
+    _reading_registry(args.workdir, args.model)
+    tags = tracking.version_tags(args.model, args.version)
+    if tags.get(STATE_TAG) != "pending" or not tags.get(FLOW_RUN_TAG):
+        state = tags.get(STATE_TAG) or "never asked for"
+        raise ConfigError(f"{args.model} version {args.version} is not waiting for approval (approval: {state})")
+    if not PREFECT_API_URL.value():
+        raise ConfigError("PREFECT_API_URL is not set: point it at the Prefect server the register flow is paused on")
+    user = args.user or f"{getpass.getuser()}@{socket.gethostname()}"
+    answer(tags[FLOW_RUN_TAG], Approval(approve=not args.reject, reason=args.reason or "", user=user))
+    verb = "rejected" if args.reject else "approved"
+    console.print(f"{args.model} version {args.version}: {verb}; the register flow run {tags[FLOW_RUN_TAG]} goes on")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipforge import __version__
     from clipforge.core.stages import STAGES
@@ -390,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("version")
     sp.add_argument("--reason", default="manual promotion", help="recorded in the version's tag promotion_reason")
     sp.add_argument("--user", help="recorded in the version's tag promoted_by (default: USER@HOST)")
+    registry_workdir(sp)
+    sp = add("approve", cmd_approve, "answer a promotion waiting for approval (registry.promote.approval)")
+    sp.add_argument("model")
+    sp.add_argument("version")
+    sp.add_argument("--reject", action="store_true", help="refuse it: the champion stays, the version is tagged rejected")
+    sp.add_argument("--reason", help="recorded in the version's tags")
+    sp.add_argument("--user", help="who answers (default: USER@HOST)")
     registry_workdir(sp)
     sp = add("rollback", cmd_rollback, "move the champion alias back to the previous champion")
     sp.add_argument("model")

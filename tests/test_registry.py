@@ -500,7 +500,8 @@ def test_the_verdict_is_the_rule_and_every_guard(ours, theirs, min_delta, guarde
     candidate = {"eval/new/retrieval/m": ours} | {n: g[0] for n, g in zip(names, guarded)}
     incumbent = {"eval/new/retrieval/m": theirs} | {n: g[1] for n, g in zip(names, guarded)}
     guards = [(n, g[2]) for n, g in zip(names, guarded)]
-    better, reason = _verdict("eval/new/retrieval/m", candidate, "1", incumbent, mode, min_delta, guards)
+    judged = _verdict("eval/new/retrieval/m", candidate, "1", incumbent, mode, min_delta, guards)
+    better, reason = judged.better, judged.reason
     wins = (ours - theirs if mode == "max" else theirs - ours) > min_delta
     drops = [(c - i if n.endswith("alignment") else i - c) for n, (c, i, _) in zip(names, guarded)]
     kept = all(d <= budget for d, (_, _, budget) in zip(drops, guarded))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -56,6 +57,21 @@ def _input_files() -> dict[str, str]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    # a CLIP_benchmark task folder: classnames, templates, test/nshards.txt and one shard of png + cls
+    task = folder / "cb"
+    (task / "test").mkdir(parents=True)
+    classes = sorted({s.caption for s in tiny_dataset(6)})
+    (task / "classnames.txt").write_text("\n".join(classes) + "\n")
+    (task / "zeroshot_classification_templates.txt").write_text("a photo of {c}.\n")
+    (task / "test" / "nshards.txt").write_text("1\n")
+    with tarfile.open(task / "test" / "0.tar", "w") as tar:
+        for i, s in enumerate(tiny_dataset(6)):
+            buf = io.BytesIO()
+            s.image.save(buf, format="PNG")
+            for name, data in ((f"s{i:07d}.png", buf.getvalue()), (f"s{i:07d}.cls", str(classes.index(s.caption)).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     table = pa.table({"filepath": paths, "caption": captions})
     pyarrow.csv.write_csv(table, str(folder / "pairs.csv"))
     pyarrow.parquet.write_table(table, str(folder / "pairs.parquet"))
@@ -71,6 +87,7 @@ TINY_FIELDS = {
     "synthetic-shapes": {"size": 24, "image_size": 32},
     "webdataset": {"urls": f"{_FILES}/shard.tar"},
     "csv": {"path": f"{_FILES}/pairs.csv", "caption_column": "caption"},
+    "clip-benchmark": {"root": f"{_FILES}/cb"},
     "parquet": {"path": f"{_FILES}/pairs.parquet"},
     "caption-length": {"min_words": 2},
     "clip-score": {"model": f"{_FILES}/scorer", "threshold": -1.0},
@@ -94,6 +111,12 @@ _SLOW = {"torchrun", "ray"}
 )
 def test_every_builtin_component_conforms(kind, name):
     inputs = {"features": tiny_features(logit_bias=True)} if name == "siglip" else {}  # SigLIP learns a bias
+    if name == "image-caption-selection":  # a true caption and a false one per image
+        inputs = {
+            "dataset": [
+                dataclasses.replace(s, caption=[s.caption, f"not {s.caption}"]) for s in clipforge.testing.tiny_dataset(6)
+            ]
+        }
     check_component(kind, name, TINY_FIELDS.get(name), **inputs)
 
 

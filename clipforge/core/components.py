@@ -8,6 +8,7 @@ probing attribute names, so that what a plugin may offer is written down in one 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -341,6 +342,58 @@ class ReportsDetails(Protocol):
     ``confusion`` with ``classes``. The evaluate stage draws and logs them."""
 
     details: dict[str, Any]
+
+
+@runtime_checkable
+class MultilabelDataset(Protocol):
+    """A classification dataset whose samples may have several classes (CLIP_benchmark's ``multilabel``
+    folders): with ``multilabel = True`` each sample's ``meta["targets"]`` is a 0/1 list over ``classes``,
+    and zero-shot classification reports mean average precision."""
+
+    multilabel: bool
+
+
+@runtime_checkable
+class SkipsSamples(Protocol):
+    """A dataset that leaves out samples it cannot read (an image that does not decode): after a pass,
+    ``skipped`` maps each left-out key to its reason. The evaluate stage counts them with the set's metrics."""
+
+    skipped: dict[str, str]
+
+
+@runtime_checkable
+class DigestsContent(Protocol):
+    """A dataset that names its content without being iterated: ``content_digest()`` is a hex digest
+    of everything its samples are made of (a folder's shards and metadata files, byte for byte). The
+    evaluation's data hash uses it instead of reading every sample a second time."""
+
+    def content_digest(self) -> str: ...
+
+
+@dataclass
+class PerSample:
+    """One metric's per-sample results, keyed by sample: what a paired bootstrap resamples.
+
+    The metric is the mean of ``values`` (weighted by ``weights`` when given); with ``groups`` (a
+    class per sample) it is the mean over the groups present of each group's mean, as mean per-class
+    recall is. Resampling the keys and recomputing gives the metric's spread.
+    """
+
+    keys: list[str]
+    values: list[float]
+    weights: list[float] | None = None
+    groups: list[int] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@runtime_checkable
+class ReportsPerSample(Protocol):
+    """An evaluator that leaves per-sample results in ``per_sample`` after ``evaluate``: metric name ->
+    :class:`PerSample`. Promotion with ``registry.promote.confidence`` needs them for the metrics it gates on."""
+
+    per_sample: dict[str, PerSample]
 
 
 def reads_pixels(step: Any) -> bool:

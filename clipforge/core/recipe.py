@@ -116,10 +116,43 @@ class ReplayConfig(_EarlierData):
     seed: int = Field(0, description="picks the replayed pairs")
 
 
+class EvalSuiteConfig(_Strict):
+    """CLIP_benchmark webdataset folders under ``root``, one per task: each becomes the named evaluation
+    set ``<task>`` with the evaluator its ``dataset_type`` needs, and DataComp's aggregates ``suite/...``
+    are logged (:mod:`clipforge.core.suites`)."""
+
+    root: str = Field(min_length=1, description="a local folder or s3://bucket/prefix holding one folder per task")
+    tasks: Literal["all"] | Annotated[list[SetName], Field(min_length=1)] = Field(
+        "all", description="the task folders to evaluate on, or all those under root"
+    )
+    split: str = Field("test", pattern=r"^[A-Za-z0-9_.-]+$", description="the split folder of every task")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for root (endpoint_url, ...)")
+    batch_size: Annotated[int, Field(gt=0)] = Field(256, description="images or texts per forward pass")
+    ks: list[Annotated[int, Field(gt=0)]] = Field([1, 5, 10], min_length=1, description="recall@k of retrieval tasks")
+
+    @pydantic.field_validator("tasks")
+    @classmethod
+    def _no_reserved_task(cls, tasks: Any) -> Any:
+        if isinstance(tasks, list):
+            if "suite" in tasks:
+                raise ValueError("'suite' names the suite's aggregates (eval/suite/...), not a task")
+            if len(set(tasks)) != len(tasks):
+                raise ValueError("a task is listed twice")
+        return tasks
+
+    @pydantic.field_validator("storage_options")
+    @classmethod
+    def _no_clear_text_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return StorageConfig._no_clear_text_credentials(options)
+
+
 class DataConfig(_Strict):
     train: ComponentRef
     eval: EvalData | None = Field(
         None, description="the evaluation data: one dataset entry, or named sets {NAME: entry, ...} (metrics eval/NAME/...)"
+    )
+    eval_suite: EvalSuiteConfig | None = Field(
+        None, description="CLIP_benchmark task folders under a root: one named evaluation set per task, and suite/ aggregates"
     )
     replay: ReplayConfig | None = None
 
@@ -262,6 +295,9 @@ class Guard(_Strict):
     max_drop: Annotated[float, Field(ge=0)] = Field(
         description="how much worse it may get (lower, or higher where lower is better)"
     )
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="refuse when the upper bound of the drop's paired-bootstrap interval at this confidence passes max_drop"
+    )
 
 
 class PromoteConfig(_Strict):
@@ -271,6 +307,23 @@ class PromoteConfig(_Strict):
     mode: Literal["max", "min"] = "max"
     min_delta: Annotated[float, Field(ge=0)] = 0.0
     guards: list[Guard] = Field(default_factory=list, description="metrics the challenger may not lose more than their budget of")
+    confidence: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="promote only when the lower bound of a paired bootstrap of (challenger - champion) on the metric, "
+        "at this confidence, is above min_delta",
+    )
+    resamples: Annotated[int, Field(ge=100)] = Field(2000, description="bootstrap resamples")
+    seed: int = Field(0, description="seeds the bootstrap's resamples")
+    approval: bool = Field(
+        False, description="a person approves before champion moves (Prefect UI, or clipforge approve MODEL VERSION)"
+    )
+    approval_timeout_s: Annotated[int, Field(gt=0)] = Field(
+        86400, description="how long the register flow waits for the approval before it fails"
+    )
+
+    def gates_on_samples(self) -> bool:
+        """Whether the decision needs per-sample results (a confidence on the metric or on a guard)."""
+        return self.confidence is not None or any(g.confidence is not None for g in self.guards)
 
 
 class RegistryConfig(_Strict):

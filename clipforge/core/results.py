@@ -97,6 +97,7 @@ class EvaluateResult(_Result):
     params: dict[str, float] = Field(
         default_factory=dict, description="settings evaluators chose (a linear probe's weight_decay)"
     )
+    per_sample_uri: str = Field("", description="the per-sample results of the metrics that have them (per_sample.json)")
 
 
 class RegisterResult(_Result):
@@ -110,4 +111,7 @@ class RegisterResult(_Result):
     metric: str | None
     value: float | None
     reason: str
+    interval: dict[str, float] | None = Field(
+        None, description="with registry.promote.confidence: the paired-bootstrap interval of the metric's delta"
+    )
     champion_report: dict[str, int] = Field(default_factory=dict, description="wins per side over every metric")

@@ -14,8 +14,9 @@ from clipforge.core.errors import RecipeError, UnknownComponentError
 from clipforge.core.metrics import EVAL_PREFIX
 from clipforge.core.overrides import apply_overrides
 from clipforge.core.plugins import get_plugin_manager
-from clipforge.core.recipe import Recipe, component_entries
+from clipforge.core.recipe import EvalSuiteConfig, Recipe, component_entries
 from clipforge.core.recipe_yaml import read_yaml
+from clipforge.core.suites import GROUPS, RETRIEVAL, SELECTION, SUITE, ZERO_SHOT
 
 
 def load_recipe(
@@ -64,7 +65,10 @@ def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
     ]
     for path, metric in named:
         parts = metric.removeprefix(EVAL_PREFIX).split("/")
-        if sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
+        if recipe.data.eval_suite is not None and (problem := _suite_metric(recipe.data.eval_suite, parts)) is not False:
+            if problem:
+                errors.append((path, f"{metric!r}: {problem}"))
+        elif sets and not (len(parts) >= 3 and parts[0] in sets and parts[1] in labels):
             errors.append(
                 (
                     path,
@@ -85,6 +89,20 @@ def _check_promotion(recipe: Recipe) -> list[tuple[str, str]]:
                 )
             )
     return errors
+
+
+def _suite_metric(suite: EvalSuiteConfig, parts: list[str]) -> str | bool:
+    """Whether ``parts`` name a metric of the suite: False if not its form, "" if it is, else what is wrong."""
+    if parts[0] == SUITE:
+        aggregates = ["average", *GROUPS, "tasks", "missing"]
+        return (
+            "" if len(parts) == 2 and parts[1] in aggregates else f"the suite's aggregates are suite/{{{','.join(aggregates)}}}"
+        )
+    if len(parts) < 3 or parts[1] not in (ZERO_SHOT, RETRIEVAL, SELECTION):
+        return False
+    if suite.tasks != "all" and parts[0] not in suite.tasks:
+        return f"{parts[0]!r} is not one of data.eval_suite.tasks ({', '.join(suite.tasks)})"
+    return ""
 
 
 def check_components_of(data: dict[str, Any], catalog: Catalog) -> list[tuple[str, str]]:

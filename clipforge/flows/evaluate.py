@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from prefect import flow
+
 from clipforge.core.context import RunContext
 from clipforge.core.errors import ConfigError
 from clipforge.core.evaluations import runs
@@ -16,6 +18,8 @@ from clipforge.registry import tracking
 
 #: On runs and registered versions: the evaluation data their metrics were measured on (:attr:`EvaluateResult.data_hash`).
 EVAL_HASH_TAG = "clipforge.eval_hash"
+#: Next to metrics.json: the per-sample results a promotion with a confidence resamples.
+PER_SAMPLE_FILE = "per_sample.json"
 
 
 @stage_flow("evaluate")
@@ -33,6 +37,11 @@ def evaluate_flow(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     progress.finish()
     metrics = evaluation.metrics
     uri = ctx.store.write_json(f"{ctx.run_dir}/evaluate/metrics.json", metrics)
+    per_sample_uri = (
+        ctx.store.write_json(f"{ctx.run_dir}/evaluate/{PER_SAMPLE_FILE}", per_sample_json(evaluation))
+        if evaluation.per_sample
+        else ""
+    )
     run = tracking.mlflow_run(ctx)
     tracking.log_metrics(run, metrics)
     tracking.log_params(run, {k: repr(v) for k, v in evaluation.params.items()})
@@ -43,18 +52,43 @@ def evaluate_flow(ctx: RunContext, trained: TrainResult) -> EvaluateResult:
     ctx.plugins.hook.after_evaluation(context=ctx, metrics=metrics)
     publish("markdown", "evaluation", f"Evaluation of run {ctx.run_id}", markdown=evaluation_markdown(ctx.run_id, evaluation))
     say(f"evaluate: {len(metrics)} metrics from {len(ctx.recipe.evaluation)} evaluators; {uri}")
-    return EvaluateResult(metrics=metrics, metrics_uri=uri, data_hash=evaluation.data_hash, params=evaluation.params)
+    return EvaluateResult(
+        metrics=metrics, metrics_uri=uri, data_hash=evaluation.data_hash, params=evaluation.params, per_sample_uri=per_sample_uri
+    )
+
+
+def per_sample_json(evaluation: Evaluation) -> dict[str, dict]:
+    """The evaluation's per-sample results as JSON, by metric name (what ``per_sample.json`` holds)."""
+    return {metric: record.as_dict() for metric, record in evaluation.per_sample.items()}
 
 
 def evaluation_markdown(run_id: str, evaluation: Evaluation) -> str:
     rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(evaluation.metrics.items()))
     chosen = "".join(f"\n| `{k}` (chosen) | {v:g} |" for k, v in sorted(evaluation.params.items()))
-    return f"# Evaluation of run {run_id}\n\n| metric | value |\n|---|---|\n{rows}{chosen}\n"
+    skipped = "".join(
+        f"\n\n{where}: {len(keys)} samples skipped, not measured: "
+        + ", ".join(f"`{k}` ({why})" for k, why in list(keys.items())[:10])
+        for where, keys in evaluation.skipped.items()
+    )
+    return f"# Evaluation of run {run_id}\n\n| metric | value |\n|---|---|\n{rows}{chosen}{skipped}\n"
 
 
 def evaluate_uri(recipe: Recipe, model_uri: str, *, device: str | None = None) -> Evaluation:
     """Run the recipe's evaluators on any model reference (a registered model, a logged one, a folder,
     a checkpoint; see :func:`~clipforge.core.resolver.resolve_model`); nothing is trained or logged."""
-    if not recipe.evaluation:
-        raise ConfigError("the recipe has no evaluation: section; nothing to evaluate")
+    if not recipe.evaluation and recipe.data.eval_suite is None:
+        raise ConfigError("the recipe has no evaluation: section and no data.eval_suite; nothing to evaluate")
     return evaluate(recipe, get_plugin_manager().catalog, model_uri, device=device or recipe.train.device)
+
+
+@flow(name="evaluate-model", log_prints=True)
+def evaluate_model(recipe_path: str, model: str, overrides: list[str] | None = None) -> dict[str, float]:
+    """Evaluate any model reference (``models:/NAME/VERSION``, a folder, ...) on a recipe's evaluators
+    and suite; the metrics are published as the flow run's artifact. What a deployment triggered by
+    ``clipforge.model.promoted`` runs: the new champion measured on the full benchmark suite."""
+    from clipforge.core.validation import load_recipe
+
+    evaluation = evaluate_uri(load_recipe(recipe_path, list(overrides or [])), model)
+    publish("markdown", "model-evaluation", f"{model} on {recipe_path}", markdown=evaluation_markdown(model, evaluation))
+    say(f"evaluate-model: {model}: {len(evaluation.metrics)} metrics on {recipe_path}")
+    return evaluation.metrics

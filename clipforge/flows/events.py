@@ -47,3 +47,33 @@ def emit_data_arrived(location: str, stream: str, payload: dict[str, Any] | None
 
     run_coro_as_sync(send())
     return event
+
+
+# -- what the register stage decided ---------------------------------------------------------------
+
+#: The register stage moved ``champion`` to the new version.
+MODEL_PROMOTED = "clipforge.model.promoted"
+#: The register stage left ``champion`` where it was (the rule, a guard, or a person refused).
+MODEL_REFUSED = "clipforge.model.refused"
+
+
+def model_resource(name: str, version: str) -> dict[str, str]:
+    """The Prefect resource of a registered model's version, which automations and triggers ``match``."""
+    return {
+        "prefect.resource.id": f"clipforge.model.{name}",
+        "prefect.resource.name": name,
+        "clipforge.model.version": str(version),
+    }
+
+
+def emit_promotion(name: str, version: str, promoted: bool, payload: dict[str, Any]) -> Any:
+    """Tell Prefect what the register stage decided on ``name`` ``version`` (:data:`MODEL_PROMOTED` or
+    :data:`MODEL_REFUSED`): the payload holds the metric, its delta and interval, the reason and the
+    guard that refused. Returns the event (None where no events client is configured)."""
+    from prefect.events import emit_event
+
+    return emit_event(
+        event=MODEL_PROMOTED if promoted else MODEL_REFUSED,
+        resource=model_resource(name, version),
+        payload={"model": name, "version": str(version), **payload},
+    )

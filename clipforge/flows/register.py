@@ -6,17 +6,23 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import clipforge
+from clipforge.core.bootstrap import per_sample_from
+from clipforge.core.components import PerSample
 from clipforge.core.context import RunContext
 from clipforge.core.errors import StageError
-from clipforge.core.metrics import EVAL_PREFIX, eval_name
+from clipforge.core.metrics import EVAL_PREFIX, eval_name, metric_key
 from clipforge.core.results import CurateResult, EvaluateResult, RegisterResult, TrainResult
-from clipforge.engine.evaluation import evaluate
-from clipforge.flows.evaluate import EVAL_HASH_TAG
+from clipforge.engine.evaluation import Evaluation, evaluate
+from clipforge.flows.approval import BY_TAG, FLOW_RUN_TAG, REASON_TAG, STATE_TAG, Approval, current_flow_run_id, wait_for_approval
+from clipforge.flows.evaluate import EVAL_HASH_TAG, PER_SAMPLE_FILE, per_sample_json
+from clipforge.flows.events import emit_promotion
 from clipforge.flows.reporting import publish, say
 from clipforge.flows.stage import stage_flow
 from clipforge.registry import build_report, model_summary, render_markdown, render_model_card, tracking
+from clipforge.registry.promotion import Judgement
 
 
 def _lineage(ctx: RunContext, trained: TrainResult, run: str, parent: str | None) -> dict[str, str]:
@@ -84,19 +90,37 @@ def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResu
     incumbent_metrics = same_data(incumbent) if incumbent else None
     if incumbent_metrics:
         tracking.log_metrics(run, {f"champion/{k}": v for k, v in incumbent_metrics.items()})
+    judged: Judgement | None = None
     if rule and metric:
-        promoted, previous = tracking.promote_if_better(
-            name, version.version, metric=metric, mode=rule.mode, min_delta=rule.min_delta, guards=guards, metrics_of=same_data
-        )
+        gate: dict[str, Any] = {
+            "metric": metric, "mode": rule.mode, "min_delta": rule.min_delta, "metrics_of": same_data,
+            "guards": [(eval_name(g.metric), g.max_drop, g.confidence) for g in rule.guards],
+            "confidence": rule.confidence, "resamples": rule.resamples, "seed": rule.seed,
+            "samples_of": _samples_on(ctx, evaluated, str(version.version)) if rule.gates_on_samples() else None,
+        }  # fmt: skip
+        judged = tracking.judge_promotion(name, version.version, **gate)(incumbent)
+        answer = _approval(ctx, name, str(version.version), judged) if rule.approval and judged.better else None
+        if answer is not None and not answer.approve:
+            promoted, previous = False, incumbent
+            who = answer.user or "a reviewer"
+            tracking.tag_version(
+                name, str(version.version),
+                {"promotion_reason": f"not promoted: rejected by {who}: {answer.reason or 'no reason given'}"},
+            )  # fmt: skip
+        else:
+            promoted, previous = tracking.promote_if_better(name, version.version, **gate)
     else:
         promoted, previous = tracking.promote_first_version(name, version.version)
     reason = tracking.version_tags(name, version.version).get("promotion_reason", "")
+    interval = judged.interval.as_dict() if judged and judged.interval else None
     report = build_report(
         model_name=name, challenger_version=str(version.version), challenger=metrics,
         champion_version=incumbent, champion=incumbent_metrics,
-        rule={"metric": metric, "mode": rule.mode, "min_delta": rule.min_delta} if rule else None,
+        rule={"metric": metric, "mode": rule.mode, "min_delta": rule.min_delta, "confidence": rule.confidence} if rule else None,
         promoted=promoted, reason=reason,
     )  # fmt: skip
+    if interval:
+        report["decision"]["interval"] = interval
     markdown = render_markdown(report)
     tracking.log_dict(run, report, "evaluation/champion_report.json")
     tracking.log_text(run, markdown, "evaluation/champion_report.md")
@@ -105,8 +129,14 @@ def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResu
     decision = RegisterResult(
         model_name=name, version=str(version.version), promoted=promoted, previous_champion=previous,
         model_uri=info.model_uri, metric=metric, value=metrics.get(metric) if metric else None,
-        champion_report=report["tally"], reason=reason,
+        champion_report=report["tally"], reason=reason, interval=interval,
     )  # fmt: skip
+    emit_promotion(name, str(version.version), promoted, {
+        "metric": metric, "value": decision.value, "previous_champion": previous, "champion": incumbent,
+        "delta": None if not (metric and incumbent_metrics) else _delta(metrics, incumbent_metrics, metric),
+        "interval": interval, "reason": reason,
+        "guard": tracking.version_tags(name, str(version.version)).get("promotion_guard", "") if not promoted else "",
+    })  # fmt: skip
     ctx.state.set("register", decision)
     ctx.plugins.hook.after_model_registered(context=ctx, model_version=version)
     tracking.describe_version(name, str(version.version), _described(ctx, run, str(version.version), parent, promoted, reason))
@@ -133,13 +163,81 @@ def _evaluated_again(ctx: RunContext, name: str, version: str, data_hash: str) -
     source = tags.get("mlflow.source.run_id")
     if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and source and (measured := tracking.run_metrics(source, EVAL_PREFIX)):
         return measured
-    cached = f"cache/evaluations/{name}/v{version}-{data_hash[:16]}.json"
+    cached = _cached(name, version, data_hash)
     if ctx.store.exists(cached):
         return dict(ctx.store.read_json(cached))
+    return _evaluate_version(ctx, name, version, data_hash).metrics
+
+
+def _cached(name: str, version: str, data_hash: str, what: str = "") -> str:
+    return f"cache/evaluations/{name}/v{version}-{data_hash[:16]}{what}.json"
+
+
+def _evaluate_version(ctx: RunContext, name: str, version: str, data_hash: str) -> Evaluation:
+    """Evaluate a registered version on this run's evaluation data; its metrics and per-sample results are cached."""
     say(f"register: {name} v{version} was measured on other evaluation data; evaluating it on this run's")
-    measured = evaluate(ctx.recipe, ctx.plugins.catalog, f"models:/{name}/{version}", device=ctx.recipe.train.device).metrics
-    ctx.store.write_json(cached, measured)
-    return measured
+    evaluation = evaluate(ctx.recipe, ctx.plugins.catalog, f"models:/{name}/{version}", device=ctx.recipe.train.device)
+    ctx.store.write_json(_cached(name, version, data_hash, ".per_sample"), per_sample_json(evaluation))
+    ctx.store.write_json(_cached(name, version, data_hash), evaluation.metrics)
+    return evaluation
+
+
+def _samples_on(ctx: RunContext, evaluated: EvaluateResult, ours: str) -> Callable[[str], dict[str, PerSample]]:
+    """A version's per-sample results on this run's evaluation data (once per version): this run's, the
+    run's of a version measured on the same data (its ``per_sample.json`` on the store), else the
+    store's cached evaluation of it, else a new one."""
+    name, data_hash = ctx.recipe.model_name, evaluated.data_hash
+    known: dict[str, dict[str, PerSample]] = {}
+
+    def read(uri_or_rel: str) -> dict[str, PerSample]:
+        return {k: per_sample_from(v) for k, v in ctx.store.read_json(uri_or_rel).items()}
+
+    def samples_of(version: str) -> dict[str, PerSample]:
+        if version in known:
+            return known[version]
+        if version == ours:
+            known[version] = read(_relative(ctx, evaluated.per_sample_uri)) if evaluated.per_sample_uri else {}
+            return known[version]
+        tags = tracking.version_tags(name, version)
+        theirs = f"runs/{tags.get('clipforge.run_id', '')}/evaluate/{PER_SAMPLE_FILE}"
+        cached = _cached(name, version, data_hash, ".per_sample")
+        if data_hash and tags.get(EVAL_HASH_TAG) == data_hash and tags.get("clipforge.run_id") and ctx.store.exists(theirs):
+            known[version] = read(theirs)
+        elif ctx.store.exists(cached):
+            known[version] = read(cached)
+        else:
+            known[version] = dict(_evaluate_version(ctx, name, version, data_hash).per_sample)
+        return known[version]
+
+    return samples_of
+
+
+def _relative(ctx: RunContext, uri: str) -> str:
+    """A URI the store wrote, as a path relative to its root."""
+    root = ctx.store.uri()
+    return uri[len(root) :].lstrip("/") if uri.startswith(root) else uri
+
+
+def _delta(ours: dict[str, float], theirs: dict[str, float], metric: str) -> float | None:
+    key = metric_key(metric)
+    a = next((v for k, v in theirs.items() if metric_key(eval_name(k)) == key), None)
+    b = next((v for k, v in ours.items() if metric_key(eval_name(k)) == key), None)
+    return None if a is None or b is None else b - a
+
+
+def _approval(ctx: RunContext, name: str, version: str, judged: Judgement) -> Approval:
+    """Pause until a person approves ``version`` taking champion; the version says it is waiting, and for whom."""
+    rule = ctx.recipe.registry.promote
+    assert rule is not None
+    run_id = current_flow_run_id()
+    tracking.tag_version(name, version, {STATE_TAG: "pending", FLOW_RUN_TAG: run_id})
+    say(f"register: {name} v{version} waits for approval: {judged.reason}; answer with `clipforge approve {name} {version}`")
+    answer = wait_for_approval(f"{name} v{version}: {judged.reason}", rule.approval_timeout_s)
+    tracking.tag_version(
+        name, version,
+        {STATE_TAG: "approved" if answer.approve else "rejected", BY_TAG: answer.user or "unknown", REASON_TAG: answer.reason},
+    )  # fmt: skip
+    return answer
 
 
 def _link(ctx: RunContext, name: str, version: str, model_id: str | None) -> None:

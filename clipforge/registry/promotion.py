@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,6 +46,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from clipforge.core.bootstrap import RESAMPLES, Interval, paired_interval
+from clipforge.core.components import PerSample
 from clipforge.core.errors import ConfigError, StageError
 from clipforge.core.metrics import eval_name, metric_key
 from clipforge.registry.client import mlflow_client, tracked
@@ -128,6 +131,24 @@ MetricsOf = Callable[[str], dict[str, float]]
 Decision = Callable[[str | None], tuple[bool, str]]
 
 
+#: A version's per-sample results on the evaluation data of the promotion at hand (metric name -> PerSample).
+SamplesOf = Callable[[str], dict[str, PerSample]]
+#: A guard: ``(metric, max_drop)``, or ``(metric, max_drop, confidence)`` to judge the drop by its interval.
+GuardRule = tuple[str, float] | tuple[str, float, float | None]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A promotion's decision against one champion: whether it should move, why, and the primary
+    metric's paired-bootstrap interval (with a confidence)."""
+
+    better: bool
+    reason: str
+    champion: str | None
+    interval: Interval | None = None
+    guard: str = ""
+
+
 @tracked
 def promote_if_better(
     name: str,
@@ -136,8 +157,12 @@ def promote_if_better(
     metric: str,
     mode: str = "max",
     min_delta: float = 0.0,
-    guards: Sequence[tuple[str, float]] = (),
+    guards: Sequence[GuardRule] = (),
     metrics_of: MetricsOf | None = None,
+    confidence: float | None = None,
+    samples_of: SamplesOf | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
 ) -> tuple[bool, str | None]:
     """Make ``version`` champion if it beats the champion on ``metric``; return (promoted, previous champion).
 
@@ -151,20 +176,63 @@ def promote_if_better(
     unnoticed). NaN counts as the worst value. The decision is recorded in the version's tag
     ``promotion_reason`` (and, when a guard refused it, ``promotion_guard``); a version that
     already is champion gives ``(True, None)``.
+
+    With ``confidence``, the metric must win beyond noise: the lower bound of a seeded paired
+    bootstrap (:func:`~clipforge.core.bootstrap.paired_interval`) of challenger minus champion, over
+    the samples both were measured on (``samples_of(v)``: a version's per-sample results), must
+    exceed ``min_delta``; a guard with a confidence refuses when its drop's upper bound passes
+    its budget. A metric without per-sample results raises :class:`PromotionError`.
     """
     if mode not in ("max", "min"):
         raise PromotionError(f"promotion mode must be 'max' or 'min', not {mode!r}")
     client = mlflow_client()
     version = str(version)
-    metrics = metrics_of or (lambda v: tagged_metrics(name, v))
-    candidate = metrics(version)
+    judge = judge_promotion(
+        name, version, metric=metric, mode=mode, min_delta=min_delta, guards=guards, metrics_of=metrics_of,
+        confidence=confidence, samples_of=samples_of, resamples=resamples, seed=seed,
+    )  # fmt: skip
 
     def decide(champion: str | None) -> tuple[bool, str]:
-        incumbent = None if champion is None else metrics(champion)
-        return _verdict(metric, candidate, champion, incumbent, mode, min_delta, guards)
+        judged = judge(champion)
+        return judged.better, judged.reason
 
     _get_version(client, name, version)
     return _promote(client, name, version, decide)
+
+
+def judge_promotion(
+    name: str,
+    version: str,
+    *,
+    metric: str,
+    mode: str = "max",
+    min_delta: float = 0.0,
+    guards: Sequence[GuardRule] = (),
+    metrics_of: MetricsOf | None = None,
+    confidence: float | None = None,
+    samples_of: SamplesOf | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Callable[[str | None], Judgement]:
+    """What :func:`promote_if_better` decides against a given champion (None: there is none), without
+    moving anything: the register flow asks it before a person approves."""
+    if mode not in ("max", "min"):
+        raise PromotionError(f"promotion mode must be 'max' or 'min', not {mode!r}")
+    version = str(version)
+    metrics = metrics_of or (lambda v: tagged_metrics(name, v))
+    candidate = metrics(version)
+    rules = [(g[0], g[1], g[2] if len(g) > 2 else None) for g in guards]
+    if (confidence is not None or any(c is not None for _, _, c in rules)) and samples_of is None:
+        raise PromotionError("a promotion with a confidence needs the versions' per-sample results (samples_of)")
+
+    def judge(champion: str | None) -> Judgement:
+        incumbent = None if champion is None else metrics(champion)
+        spread = None
+        if champion is not None and samples_of is not None:
+            spread = _spread(samples_of(version), samples_of(champion), champion, resamples, seed)
+        return _verdict(metric, candidate, champion, incumbent, mode, min_delta, guards, confidence, spread)
+
+    return judge
 
 
 @tracked
@@ -348,6 +416,37 @@ def _move_champion(
     return True
 
 
+#: The interval of (challenger - champion) on a metric at a confidence.
+Spread = Callable[[str, float], Interval]
+
+
+def _spread(ours: dict[str, PerSample], theirs: dict[str, PerSample], champion: str, resamples: int, seed: int) -> Spread:
+    """The paired-bootstrap interval of a metric between the challenger and ``champion``, computed once each."""
+    found: dict[tuple[str, float], Interval] = {}
+
+    def record(results: dict[str, PerSample], metric: str, who: str) -> PerSample:
+        by_key = {metric_key(k): v for k, v in results.items()}
+        for name in dict.fromkeys([metric, eval_name(metric)]):
+            if metric_key(name) in by_key:
+                return by_key[metric_key(name)]
+        have = ", ".join(sorted(results)) or "none"
+        raise PromotionError(
+            f"{metric!r} has no per-sample results for {who}, so no confidence interval can be drawn: its evaluator does "
+            f"not report them (clipforge.ReportsPerSample), or it is an aggregate; metrics with them: {have}"
+        )
+
+    def spread(metric: str, confidence: float) -> Interval:
+        if (metric, confidence) not in found:
+            a, b = record(theirs, metric, f"champion v{champion}"), record(ours, metric, "the challenger")
+            try:
+                found[metric, confidence] = paired_interval(a, b, confidence, resamples=resamples, seed=seed)
+            except ValueError as e:
+                raise PromotionError(f"{metric!r}: {e}") from None
+        return found[metric, confidence]
+
+    return spread
+
+
 def _verdict(
     metric: str,
     candidate: dict[str, float],
@@ -355,27 +454,53 @@ def _verdict(
     incumbent: dict[str, float] | None,
     mode: str,
     min_delta: float,
-    guards: Sequence[tuple[str, float]],
-) -> tuple[bool, str]:
+    guards: Sequence[GuardRule],
+    confidence: float | None = None,
+    spread: Spread | None = None,
+) -> Judgement:
     """Whether the candidate takes champion, and why (NaN counts as the worst value)."""
+    rules = [(g[0], g[1], g[2] if len(g) > 2 else None) for g in guards]
     ours = metric_of(candidate, metric, "the challenger")
     if math.isnan(ours):
-        return False, f"not promoted: {metric} is NaN"
+        return Judgement(False, f"not promoted: {metric} is NaN", champion)
     if incumbent is None or champion is None:
-        return True, f"first champion ({metric}={_num(ours)})"
+        return Judgement(True, f"first champion ({metric}={_num(ours)})", champion)
     theirs = metric_of(incumbent, metric, f"champion v{champion}")
     margin = ours - theirs if mode == "max" else theirs - ours
     against = f"champion v{champion} ({metric}={_num(theirs)}) by more than {min_delta} ({mode})"
-    if not (math.isnan(theirs) or margin > min_delta):
-        return False, f"not promoted: {metric}={_num(ours)} does not beat {against}"
-    refused = [
-        f"{guard} dropped by {drop:.4g} ({_num(metric_of(incumbent, guard, 'the champion'))} -> {_num(metric_of(candidate, guard, 'the challenger'))}), more than {budget}"
-        for guard, budget in guards
-        if (drop := _drop(guard, candidate, incumbent)) > budget
-    ]
+    interval = None
+    if confidence is not None and spread is not None:
+        interval = spread(metric, confidence)
+        low = interval.low if mode == "max" else -interval.high  # the gain's lower bound
+        if not low > min_delta:
+            return Judgement(
+                False,
+                f"not promoted: {metric}={_num(ours)} against {against}: delta {interval.describe()}, "
+                f"whose lower bound {low:+.4g} does not exceed {min_delta}: the gain may be noise",
+                champion,
+                interval,
+            )
+        against += f", delta {interval.describe()}"
+    elif not (math.isnan(theirs) or margin > min_delta):
+        return Judgement(False, f"not promoted: {metric}={_num(ours)} does not beat {against}", champion)
+    refused = []
+    for guard, budget, sure in rules:
+        drop = _drop(guard, candidate, incumbent)
+        before, after = metric_of(incumbent, guard, "the champion"), metric_of(candidate, guard, "the challenger")
+        if sure is not None and spread is not None and not math.isnan(after):
+            iv = spread(guard, sure)
+            upper = iv.high if direction(guard) == "min" else -iv.low  # the drop's upper bound
+            if upper > budget:
+                refused.append(
+                    f"{guard} may drop by up to {upper:.4g} ({_num(before)} -> {_num(after)}, delta {iv.describe()}), more than {budget}"
+                )
+        elif drop > budget:
+            refused.append(f"{guard} dropped by {drop:.4g} ({_num(before)} -> {_num(after)}), more than {budget}")
     if refused:
-        return False, f"not promoted: {GUARD_REFUSED} " + "; ".join(refused) + f" (it beats {against} on {metric})"
-    return True, f"{metric}={_num(ours)} beats {against}" + (f"; every guard within its budget ({len(guards)})" if guards else "")
+        reason = f"not promoted: {GUARD_REFUSED} " + "; ".join(refused) + f" (it beats {against} on {metric})"
+        return Judgement(False, reason, champion, interval, _guard_tag(reason).get("promotion_guard", ""))
+    beats = f"{metric}={_num(ours)} beats {against}" + (f"; every guard within its budget ({len(guards)})" if guards else "")
+    return Judgement(True, beats, champion, interval)
 
 
 def _num(value: float) -> str:

@@ -108,9 +108,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Decision: {title} {verdict}. {decision['reason']}".rstrip()]
     if report["rule"]:
         r = report["rule"]
+        beyond = (
+            f", the lower bound of its paired-bootstrap interval at {r['confidence']:g} above it" if r.get("confidence") else ""
+        )
         lines += [
             "",
-            f"Rule: `{r['metric']}` ({r['mode']}), by more than {r['min_delta']}; the other metrics inform, they do not decide.",
+            f"Rule: `{r['metric']}` ({r['mode']}), by more than {r['min_delta']}{beyond}; the other metrics inform, they do not decide.",
+        ]
+    if interval := decision.get("interval"):
+        lines += [
+            "",
+            f"Interval of the delta: {interval['delta']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}] "
+            f"at {interval['confidence']:g}, over {interval['n']} samples both were measured on ({interval['resamples']} resamples).",
         ]
     if champ is None:
         lines += ["", "There is no champion yet: nothing to compare against."]

@@ -476,6 +476,14 @@ promote_first_version = promotion.promote_first_version
 set_champion = promotion.set_champion
 champion_version = promotion.champion_version
 champion_metrics = promotion.champion_metrics
+judge_promotion = promotion.judge_promotion
+
+
+@tracked
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    client = mlflow_client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 @tracked

@@ -23,11 +23,15 @@ from clipforge.core.components import (
     CurationStep,
     DecidesAgainstPool,
     DecidesInPartitions,
+    DigestsContent,
     EncoderBundle,
+    MultilabelDataset,
     PartitionedDataset,
+    PerSample,
     Pool,
     Preparable,
     ReportsDetails,
+    ReportsPerSample,
     Sample,
     Verdict,
     WholeDatasetStep,
@@ -232,14 +236,22 @@ def check_dataset(dataset: Any, *, limit: int = 64, name: str = "dataset") -> li
             raise _fail(name, f"classes must be a non-empty list of class names, got {classes!r}")
         if len(set(classes)) != len(classes):
             raise _fail(name, "classes has duplicate names")
+        multilabel = isinstance(dataset, MultilabelDataset) and bool(dataset.multilabel)
         for s in samples:
-            if s.label is None or not 0 <= s.label < len(classes):
+            targets = s.meta.get("targets")
+            if multilabel and not (isinstance(targets, list) and len(targets) == len(classes) and set(targets) <= {0, 1}):
+                raise _fail(name, f"sample {s.key!r} of a multilabel dataset needs meta['targets']: 0/1 over its classes")
+            if not multilabel and (s.label is None or not 0 <= s.label < len(classes)):
                 raise _fail(name, f"sample {s.key!r} has label {s.label!r}, not an index into its {len(classes)} classes")
         for t in getattr(dataset, "templates", None) or []:
             try:
                 check_template(t)
             except ValueError as e:
                 raise _fail(name, str(e)) from None
+    if isinstance(dataset, DigestsContent):
+        first = dataset.content_digest()
+        if not (isinstance(first, str) and first) or dataset.content_digest() != first:
+            raise _fail(name, f"content_digest() must return the same non-empty string each time, got {first!r}")
     if isinstance(dataset, PartitionedDataset):
         _check_parts(dataset, [s.key for s in samples], name)
     return samples
@@ -309,7 +321,31 @@ def check_evaluator(
             raise _fail(name, "evaluate() returned only hyperparameters, no metric")
     if isinstance(evaluator, ReportsDetails) and not isinstance(evaluator.details, Mapping):
         raise _fail(name, f"details must be a dict after evaluate(), got {type(evaluator.details).__name__}")
+    if isinstance(evaluator, ReportsPerSample):
+        _check_per_sample(evaluator.per_sample, metrics, name)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _check_per_sample(per_sample: Any, metrics: Mapping[str, float], name: str) -> None:
+    """Per-sample results name metrics of the result, have one value per key, and recompute the metric."""
+    from clipforge.core.bootstrap import metric_value
+
+    if not isinstance(per_sample, Mapping):
+        raise _fail(name, f"per_sample must be a dict after evaluate(), got {type(per_sample).__name__}")
+    for metric, record in per_sample.items():
+        if metric not in metrics:
+            raise _fail(name, f"per_sample has {metric!r}, which is not among evaluate()'s results {sorted(metrics)}")
+        if not isinstance(record, PerSample):
+            raise _fail(name, f"per_sample[{metric!r}] is a {type(record).__name__}, not a clipforge.PerSample")
+        n = len(record.keys)
+        if (
+            len(set(record.keys)) != n
+            or len(record.values) != n
+            or any(x is not None and len(x) != n for x in (record.weights, record.groups))
+        ):
+            raise _fail(name, f"per_sample[{metric!r}] needs unique keys and one value (weight, group) per key")
+        if not math.isclose(metric_value(record), float(metrics[metric]), rel_tol=1e-6, abs_tol=1e-9):
+            raise _fail(name, f"per_sample[{metric!r}] gives {metric_value(record)!r}, but the metric is {metrics[metric]!r}")
 
 
 # -- curation steps -------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Texts are all the captions (an image may have several). ``image_retrieval_recall
 captions: is the caption's image among the k images closest to it. ``text_retrieval_recall@k``
 is over images: is any of the image's captions among the k closest texts. ``mean_recall@k``
 is their mean, as DataComp reports it.
+
+Per-sample results (:class:`~clipforge.ReportsPerSample`) are per image: text retrieval's hit,
+image retrieval's share of the image's captions found (weighted by its captions), and, when every
+image has as many captions, the mean of the two.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge import EncoderBundle, Sample, embed_images, embed_texts
+from clipforge import EncoderBundle, PerSample, Sample, embed_images, embed_texts
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +45,8 @@ class Retrieval:
     batch_size: int = 256
     #: After ``evaluate``: the data of its figures (recall@k curves, a similarity matrix).
     details: dict = field(default_factory=dict, init=False, repr=False)
+    #: After ``evaluate``: per-image results by metric (what a paired bootstrap resamples).
+    per_sample: dict[str, PerSample] = field(default_factory=dict, init=False, repr=False)
 
     def evaluate(self, bundle: EncoderBundle, dataset: Iterable[Sample], device: str) -> dict[str, float]:
         import torch
@@ -57,6 +63,7 @@ class Retrieval:
         owner = torch.repeat_interleave(torch.tensor([len(cs) for cs in captions]))
 
         metrics, ranks = retrieval_metrics(images.to(device), texts.to(device), owner.to(device), self.ks)
+        self.per_sample = per_image([s.key for s in samples], ranks, owner, [len(cs) for cs in captions], self.ks)
         # for the figures: recall@k for every k up to the largest, and the first images' similarities
         n = min(FIGURE_PAIRS, len(samples))
         first = torch.tensor([0, *torch.cumsum(torch.tensor([len(cs) for cs in captions]), 0)[:-1].tolist()])[:n]
@@ -88,6 +95,26 @@ def retrieval_metrics(
         metrics[f"text_retrieval_recall@{k}"] = text_recall
         metrics[f"mean_recall@{k}"] = (image_recall + text_recall) / 2
     return metrics, {"image_retrieval": text_to_image, "text_retrieval": image_to_text}
+
+
+def per_image(
+    keys: list[str], ranks: dict[str, torch.Tensor], owner: torch.Tensor, counts: list[int], ks: list[int]
+) -> dict[str, PerSample]:
+    """Each recall@k per image, from the first-hit ranks of :func:`retrieval_metrics`."""
+    import torch
+
+    n_captions = torch.tensor(counts, dtype=torch.float64)
+    weights = n_captions.tolist()
+    records = {}
+    for k in ks:
+        text = (ranks["text_retrieval"] < k).double()
+        found = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, owner.cpu(), (ranks["image_retrieval"] < k).double())
+        image = found / n_captions
+        records[f"text_retrieval_recall@{k}"] = PerSample(keys, text.tolist())
+        records[f"image_retrieval_recall@{k}"] = PerSample(keys, image.tolist(), weights=weights)
+        if len(set(counts)) == 1:  # the mean of two means is a mean over images only when captions per image agree
+            records[f"mean_recall@{k}"] = PerSample(keys, ((text + image) / 2).tolist())
+    return records
 
 
 def first_hit_ranks(

@@ -3,7 +3,10 @@
 Each class is embedded as the normalised mean of the normalised embeddings of its prompts
 (one per template); an image's logits are its cosine similarities to the classes. Metrics
 (CLIP_benchmark ``metrics/zeroshot_classification.py``): ``acc1``, ``acc5`` (only with at
-least 5 classes) and ``mean_per_class_recall`` (balanced accuracy over the classes present).
+least 5 classes) and ``mean_per_class_recall`` (balanced accuracy over the classes present); on a
+multilabel dataset (:class:`~clipforge.MultilabelDataset`), ``mean_average_precision`` over the
+classes, as CLIP_benchmark's ``average_precision_per_class`` computes it. Per-sample results
+(:class:`~clipforge.ReportsPerSample`) are kept for acc1, acc5 and mean_per_class_recall.
 """
 
 from __future__ import annotations
@@ -12,12 +15,25 @@ import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 import clipforge
-from clipforge import ClassificationDataset, EncoderBundle, Sample, TemplatedDataset, check_template, embed_images, embed_texts
+from clipforge import (
+    ClassificationDataset,
+    EncoderBundle,
+    MultilabelDataset,
+    PerSample,
+    Sample,
+    TemplatedDataset,
+    check_template,
+    embed_images,
+    embed_texts,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "zero-shot-classification"
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
@@ -42,6 +58,8 @@ class ZeroShotClassification:
     batch_size: int = 256
     #: After ``evaluate``: the data of its figures (the confusion matrix and the class names).
     details: dict = field(default_factory=dict, init=False, repr=False)
+    #: After ``evaluate``: per-sample results by metric (what a paired bootstrap resamples).
+    per_sample: dict[str, PerSample] = field(default_factory=dict, init=False, repr=False)
     #: The evaluator's name in error messages.
     name: ClassVar[str] = NAME
     #: Classes are what it classifies into: a set without them is refused before a run starts.
@@ -53,17 +71,22 @@ class ZeroShotClassification:
 
         classes = classes_of(dataset, self.name)
         templates = self._templates(dataset)
-        images, samples = embed_images(
-            bundle, dataset, device, self.batch_size, desc=f"{self.name}: images", check=label_check(len(classes), self.name)
-        )
+        multilabel = isinstance(dataset, MultilabelDataset) and bool(dataset.multilabel)
+        check = targets_check(len(classes), self.name) if multilabel else label_check(len(classes), self.name)
+        images, samples = embed_images(bundle, dataset, device, self.batch_size, desc=f"{self.name}: images", check=check)
         if not samples:
             raise clipforge.ConfigError(f"{self.name}: the dataset is empty")
-        labels = torch.tensor([s.label for s in samples])
 
         prompts = [t.format(c=c) for c in classes for t in templates]
         texts = embed_texts(bundle, prompts, device, self.batch_size, desc=f"{self.name}: prompts")
         weights = F.normalize(texts.view(len(classes), len(templates), -1).mean(dim=1), dim=-1)
         logits = images @ weights.T
+        self.per_sample = {}
+        if multilabel:
+            targets = torch.tensor([s.meta["targets"] for s in samples])
+            self.details = {}
+            return {"mean_average_precision": average_precision(logits, targets).mean().item()}
+        labels = torch.tensor([s.label for s in samples])
 
         ranked = logits.topk(min(5, len(classes)), dim=1).indices
         hits = ranked == labels[:, None]
@@ -77,6 +100,14 @@ class ZeroShotClassification:
         # confusion[true, predicted]
         confusion = torch.bincount(labels * len(classes) + ranked[:, 0], minlength=len(classes) ** 2)
         self.details = {"confusion": confusion.view(len(classes), len(classes)).tolist(), "classes": classes}
+        keys = [s.key for s in samples]
+        top1 = hits[:, 0].double().tolist()
+        self.per_sample = {
+            "acc1": PerSample(keys, top1),
+            "mean_per_class_recall": PerSample(keys, top1, groups=labels.tolist()),
+        }
+        if "acc5" in metrics:
+            self.per_sample["acc5"] = PerSample(keys, hits.any(dim=1).double().tolist())
         return metrics
 
     def _templates(self, dataset: object) -> list[str]:
@@ -87,6 +118,33 @@ class ZeroShotClassification:
         except ValueError as e:
             source = "templates" if self.templates else "the dataset's templates"
             raise clipforge.ConfigError(f"{self.name}: {source}: {e}") from None
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Average precision of each class (column) of ``scores`` against 0/1 ``targets``, as CLIP_benchmark's
+    ``average_precision_per_class``: precision at each true sample in score order, averaged."""
+    import torch
+
+    ap = torch.zeros(scores.shape[1], dtype=torch.float64)
+    ranks = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64)
+    for k in range(scores.shape[1]):
+        truth = targets[scores[:, k].sort(descending=True).indices, k]
+        precision = truth.double().cumsum(0) / ranks
+        ap[k] = precision[truth.bool()].sum() / max(float(truth.sum()), 1.0)
+    return ap
+
+
+def targets_check(n_classes: int, evaluator: str) -> Callable[[Sample], None]:
+    """A check that each sample of a multilabel dataset has ``meta["targets"]``: 0/1 over the classes."""
+
+    def check(s: Sample) -> None:
+        targets = s.meta.get("targets")
+        if not isinstance(targets, list) or len(targets) != n_classes or any(t not in (0, 1) for t in targets):
+            raise clipforge.ConfigError(
+                f"{evaluator}: sample {s.key!r} of a multilabel dataset needs meta['targets']: {n_classes} values of 0 or 1"
+            )
+
+    return check
 
 
 def classes_of(dataset: object, evaluator: str) -> list[str]:
