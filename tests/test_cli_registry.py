@@ -85,7 +85,8 @@ def test_promote_and_rollback_restate_each_version_and_when(workdir):
 def test_reasons_give_metrics_to_six_digits():
     from clipforge.registry.promotion import _verdict
 
-    promoted, reason = _verdict(METRIC, {METRIC: 0.5008333325386047}, "1", {METRIC: 0.6000000238418579}, "max", 0.0, [])
+    judged = _verdict(METRIC, {METRIC: 0.5008333325386047}, "1", {METRIC: 0.6000000238418579}, "max", 0.0, [])
+    promoted, reason = judged.better, judged.reason
     assert not promoted and "=0.500833 " in reason and "=0.6)" in reason
 
 

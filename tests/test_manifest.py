@@ -67,11 +67,16 @@ def test_the_content_hash_is_a_function_of_the_verdicts(curated):
     assert digest.hexdigest() == summary.content_hash
 
 
-def test_the_docs_example_filters_and_plots_the_manifest(curated):
+def test_the_docs_example_filters_and_plots_the_manifest(curated, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
     summary, store, _ = curated
+    # the example finds the demo's manifest under the working directory: this store stands there
+    curations = tmp_path / "cwd" / "clipforge-demo" / "clipforge-store" / "curated"
+    curations.mkdir(parents=True)
+    (curations / "query").symlink_to(Path(store.path(summary.manifest)).parent)
+    monkeypatch.chdir(tmp_path / "cwd")
     text = DOCS.read_text()
     (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "read_parquet(MANIFEST)" in b]
     namespace = {"MANIFEST": store.path(summary.manifest)}
