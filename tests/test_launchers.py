@@ -135,3 +135,29 @@ def test_a_third_party_launcher_registers_lists_and_conforms(fresh_plugins, caps
     assert listed["inline"]["components"] == {"launchers": ["inline-twice"]}
     builtin = {name for p in listed.values() for name in p["components"].get("launchers", [])}
     assert {"local", "torchrun", "ray", "inline-twice"} <= builtin
+
+
+@pytest.mark.slow
+def test_a_lora_retrain_on_ray_registers_the_merged_weights_of_one_process(
+    tiny_recipe, tmp_path, tracking, prefect_server, monkeypatch
+):
+    """``train.adapter: lora`` under the Ray launcher: 2 workers on half batches register the merged
+    weights that 1 process gives on the whole batch (torchrun: tests/test_adapters.py)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tiny_recipe["train"]["adapter"] = {"type": "lora", "r": 4}
+    path = _recipe(tiny_recipe, tmp_path)
+    torch.manual_seed(0)
+    start = clipforge.get_plugin_manager().catalog.create("encoders", {"type": "open-clip", "config": VIT}).model.state_dict()
+    try:
+        common = ["train.lr=1e-3", f"storage.root={tmp_path / 'lora'}"]
+        one = _retrain(path, *(f"--set={o}" for o in [*common, "train.batch_size=32"]))
+        many = _retrain(path, *(f"--set={o}" for o in [*common, "train.batch_size=16", *MULTI["ray"]]))
+    finally:
+        torch.set_num_threads(threads)
+    assert one.keys() == many.keys() and not [k for k in one if "lora_" in k]
+    for k in one:
+        assert torch.allclose(one[k], many[k], atol=1e-5, rtol=1e-4), (k, (one[k] - many[k]).abs().max().item())
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if one[k].is_floating_point())
+    assert moved > 1e-4  # the adapter trained and was merged: matching is not trivial

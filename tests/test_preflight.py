@@ -113,3 +113,16 @@ def test_validate_exits_2_naming_every_problem(tmp_path, capsys):
     for field in ("storage.root", "data.eval.path", "train.init_from"):
         assert field in err
     assert str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("if_missing", ["scratch", "pretrained", "fail", None])
+def test_a_warm_start_that_says_what_its_absence_means_is_not_refused_before_it_exists(if_missing):
+    from clipforge.registry.references import model_references
+
+    start = {"model": "models:/nobody@champion", **({"if_missing": if_missing} if if_missing else {})}
+    data = {"train": {"init_from": start}, "curation": [{"type": "clip-score", "model": "local-dir:/nowhere"}]}
+    found = dict(model_references(data))
+    assert found.pop("curation.0.model") == "local-dir:/nowhere"
+    assert found == ({} if if_missing in ("scratch", "pretrained") else {"train.init_from.model": "models:/nobody@champion"})
+    plain = dict(model_references({"train": {"init_from": "models:/nobody@champion"}}))
+    assert plain == {"train.init_from": "models:/nobody@champion"}  # the plain string keeps failing when missing

@@ -18,9 +18,13 @@ from clipforge.registry.client import mlflow_client
 
 
 def model_references(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
-    """``(field path, reference)`` of every registry or ``local-dir:`` reference in a recipe's data."""
+    """``(field path, reference)`` of every registry or ``local-dir:`` reference in a recipe's data,
+    but for the ``model`` of an entry that says what its absence means (``train.init_from:
+    {model, if_missing: scratch | pretrained}``): a first run before any champion is no error."""
     if isinstance(data, dict):
         for key, value in data.items():
+            if key == "model" and data.get("if_missing") in ("scratch", "pretrained"):
+                continue
             yield from model_references(value, f"{path}.{key}" if path else str(key))
     elif isinstance(data, list):
         for i, value in enumerate(data):
