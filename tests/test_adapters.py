@@ -46,6 +46,16 @@ def test_lora_passes_the_adapter_check_on_vit_towers(r, towers, targets):
     assert not any("lora_" in k for k in merged)
 
 
+@pytest.mark.parametrize("targets", [["attention"], ["mlp"], ["attention", "mlp"]])
+def test_lora_passes_the_adapter_check_on_a_hugging_face_text_tower(targets):
+    """BERT's own module names (query/key/value, intermediate/output dense) under the text tower."""
+    from tests.test_training_options import _hf_config
+
+    bundle = _catalog().create("encoders", {"type": "open-clip", "config": _hf_config()})
+    merged = check_component("adapters", "lora", {"r": 4, "towers": ["text"], "targets": targets}, bundle=bundle)
+    assert not any("lora_" in k for k in merged) and any(k.startswith("text.transformer.") for k in merged)
+
+
 def test_the_adapter_check_catches_an_adapter_that_trains_everything():
     class FullFineTune:
         def apply(self, model):
