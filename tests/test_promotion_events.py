@@ -3,6 +3,7 @@ with ``registry.promote.approval`` it pauses until `clipforge approve` answers."
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 
@@ -14,16 +15,22 @@ from clipforge.flows.approval import FLOW_RUN_TAG, STATE_TAG
 from clipforge.flows.events import MODEL_PROMOTED, MODEL_REFUSED
 
 
-def _events(name: str, kind: str, timeout: float = 30.0) -> list:
-    """The events of ``kind`` about model ``name`` the server has (they are ingested asynchronously)."""
+def _events(name: str, kind: str, since: datetime.datetime, version: str, timeout: float = 30.0) -> list:
+    """The events of ``kind`` about version ``version`` of model ``name`` the server has since ``since``
+    (they are ingested asynchronously; the session's server also holds other tests' events about a
+    model of that name)."""
     from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
-    wanted = EventFilter(event=EventNameFilter(name=[kind]), resource=EventResourceFilter(id=[f"clipforge.model.{name}"]))
+    wanted = EventFilter(
+        event=EventNameFilter(name=[kind]),
+        resource=EventResourceFilter(id=[f"clipforge.model.{name}"]),
+        occurred=EventOccurredFilter(since=since),
+    )
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as client:
-            found = client.read_events(filter=wanted, limit=50).events
+            found = [e for e in client.read_events(filter=wanted, limit=50).events if e.payload.get("version") == version]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
@@ -66,6 +73,7 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     tiny_recipe["data"]["train"]["size"] = 64
     tiny_recipe["data"]["eval"]["size"] = 24
     workdir = ["--workdir", str(tmp_path)]
+    since = datetime.datetime.now(datetime.timezone.utc)
 
     # a person rejects the first version: no champion, the version says who and why, a refused event
     thread, outcome = _retrain_in_thread(tiny_recipe, tracking)
@@ -78,7 +86,7 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     assert not decision.promoted and "rejected by reviewer: numbers look off" in decision.reason
     version = MlflowClient().get_model_version(model, "1")
     assert version.tags[STATE_TAG] == "rejected" and "champion" not in MlflowClient().get_registered_model(model).aliases
-    refused = _events(model, MODEL_REFUSED)
+    refused = _events(model, MODEL_REFUSED, since, "1")
     assert refused and refused[0].payload["version"] == "1" and "rejected by reviewer" in refused[0].payload["reason"]
     assert main(["approve", model, "1", *workdir]) == 2  # answered already: a clear error, exit 2
 
@@ -90,7 +98,7 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"].register.promoted
     assert str(MlflowClient().get_registered_model(model).aliases["champion"]) == "2"
-    promoted = _events(model, MODEL_PROMOTED)
+    promoted = _events(model, MODEL_PROMOTED, since, "2")
     assert promoted and promoted[0].payload["version"] == "2"
     assert promoted[0].payload["metric"] == "eval/retrieval/mean_recall@1"
     assert promoted[0].resource.id == f"clipforge.model.{model}" and promoted[0].resource["clipforge.model.version"] == "2"
@@ -102,7 +110,7 @@ def test_approval_pauses_the_register_flow_until_clipforge_approve_answers(tiny_
     again = retrain_flow(tiny_recipe, tracking_uri=tracking).register
     assert not again.promoted and "the gain may be noise" in again.reason
     assert again.interval is not None and again.interval["delta"] == 0 and again.interval["n"] == 24
-    refused = [e for e in _events(model, MODEL_REFUSED) if e.payload["version"] == "3"]
+    refused = _events(model, MODEL_REFUSED, since, "3")
     assert refused and refused[0].payload["interval"]["confidence"] == 0.95
 
 
