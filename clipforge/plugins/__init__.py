@@ -7,6 +7,7 @@ BUILTINS = (
     "clipforge.plugins.datasets.synthetic_shapes",
     "clipforge.plugins.datasets.webdataset",
     "clipforge.plugins.datasets.tables",
+    "clipforge.plugins.datasets.huggingface",
     "clipforge.plugins.datasets.digits",
     "clipforge.plugins.datasets.clip_benchmark",
     "clipforge.plugins.curation.caption_length",
