@@ -21,7 +21,7 @@ from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate
 from clipforge.engine.shards import iter_shard
 from clipforge.plugins.datasets.webdataset import safe_key
-from tests.broken_inputs import KEPT, Entry, build, jpeg, sample_entries
+from tests.broken_inputs import KEPT, Entry, build, sample_entries
 
 # keys that differ from one another only in characters a curated key cannot hold, or in case,
 # or in their Unicode normalization form (é composed, e + combining accent)
@@ -205,7 +205,7 @@ def test_keys_that_differ_only_in_unsafe_characters_stay_apart_with_the_key_as_r
 @pytest.mark.parametrize("data", [b"", bytes(1024), bytes(10240)], ids=["zero-bytes", "end-marker", "padding"])
 def test_an_empty_shard_among_others_is_a_row_naming_it(tmp_path, data):
     good = Shard(build(sample_entries("k", 1), tarfile.GNU_FORMAT).data, [("k", KEPT)])
-    summary, store, rows, urls = _curate(tmp_path / "c", [good, Shard(data, [("00001.tar@0", "empty shard")]), good], 2, 2)
+    summary, _, rows, urls = _curate(tmp_path / "c", [good, Shard(data, [("00001.tar@0", "empty shard")]), good], 2, 2)
     (empty,) = [r for r in rows if r["reason"] == "empty shard"]
     assert empty["key"] == "00001.tar@0" and empty["detail"].startswith(f"{urls[1]}: ")
     assert empty["detail"].endswith(": 0 bytes" if not data else f"of {len(data)} bytes with no members")
