@@ -9,18 +9,25 @@ Shards from real crawls are read for everything they still hold (see docs/curati
   (the reason curation records) and its ``source`` (the shard and byte offset) in ``meta``;
 - a key's members that are not adjacent are joined while the key is incomplete; the first member
   of each kind wins and a later repeat is named in the sample's ``source``; members of a key that
-  come back after it was complete are one more sample, ``KEY@OFFSET``, dropped with its reason;
+  come back after it was complete are one more sample, ``KEY@OFFSET``, dropped with its reason, and
+  so is a second image of a key whose sample is already whole (the same key written twice in a row);
+- a key with characters a curated key cannot hold (spaces, ``:``, ``?``, ``#``, ``\\``, non-ASCII)
+  is made safe as ``SAFE-HASH`` (a hash of the key as read), so keys that differ in those characters
+  alone stay apart, in any shard and any part; the key as read is in the ``source``;
 - damage that no key read explains is a sample of its own, named by the member its header still
-  names, else ``SHARD@OFFSET``.
+  names, else ``SHARD@OFFSET``; a shard with no member at all (zero bytes, or an empty archive) is
+  a row ``SHARD@0`` of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -44,6 +51,13 @@ LINKED_IMAGE = "image is a link"
 LINKED_CAPTION = "caption is a link"
 NO_IMAGE = "no image"
 REPEATED_KEY = "key repeated after other keys"
+DUPLICATE_KEY = "duplicate key in shard"
+EMPTY_SHARD = "empty shard"
+
+# what a curated key may hold (the curated shards' member names): letters, digits, ``_``, ``-``, folders
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+MAX_KEY = 200  # what curation accepts
 
 
 class WebDatasetParams(BaseModel):
@@ -125,12 +139,49 @@ class WebDataset:
 
 
 def _split(name: str) -> tuple[str, str]:
+    """The key of member ``name``, made safe (:func:`safe_key`), and its extension."""
+    raw, ext = _raw_split(name)
+    return safe_key(raw), ext
+
+
+def _raw_split(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the file name (``./`` aside)."""
     while name.startswith("./"):
         name = name[2:]
     folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(folder, stem) if folder else stem), ext.lower()
+
+
+def safe_key(raw: str) -> str:
+    """``raw`` if a curated key can hold it, else its unsafe characters as ``_`` and a hash of ``raw``.
+
+    The hash depends on the key alone, not on what else a shard holds, so the same key read in two
+    shards (two parts) stays one key (curation drops the later as a duplicate) and distinct keys stay
+    distinct. Keys that could climb out of a folder, or are too long, stay as read: curation drops
+    them as ``invalid key``.
+    """
+    if _SAFE_KEY.match(raw) or len(raw) > MAX_KEY or raw.startswith("/") or ".." in raw.split("/"):
+        return raw
+    digest = hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{_UNSAFE.sub('_', raw)[: MAX_KEY - 13]}-{digest}"
+
+
+def _slot(ext: str) -> str | None:
+    """The member kind an extension fills: ``image``, ``txt``, ``json``, or None (not read)."""
+    return "image" if ext in IMAGE_EXTS else ext if ext in ("txt", "json") else None
+
+
+class _Counted:
+    """A file read forward, the bytes read counted (to tell an empty shard from an empty archive)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.bytes = f, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.bytes += len(data)
+        return data
 
 
 @dataclass(eq=False)
@@ -155,14 +206,21 @@ class _Group:
     notes: list[str] = field(default_factory=list)
     nearby: list[_Damage] = field(default_factory=list)  # damages next to one of its members
     repeat_of: int | None = None  # for members that came back after their key's sample: that sample's offset
+    adjacent: bool = False  # a repeat that follows its key's whole sample at once (the key written twice)
+    raw: str = ""  # the key as read, when it had to be made safe
     size: int = 0
 
     @property
     def complete(self) -> bool:
         return self.image is not None and self.txt is not None
 
+    def holds(self, member: TarMember, ext: str) -> bool:
+        """Whether the group already has a member of ``member``'s kind."""
+        slot = _slot(ext)
+        return member.kind == "file" and slot is not None and getattr(self, slot) is not None
+
     def add(self, member: TarMember, ext: str) -> None:
-        slot = "image" if ext in IMAGE_EXTS else ext if ext in ("txt", "json") else None
+        slot = _slot(ext)
         if member.kind != "file":
             self.links.append(member)
             return
@@ -190,15 +248,23 @@ class _Shard:
         self.offset = 0  # of the last member read
 
     def samples(self) -> Iterator[Sample]:
+        counted: _Counted | None = None
+        read = 0
         try:
             with open_input(self.url, self.storage_options) as f:
-                for item in read_tar(f, max_member=MAX_MEMBER):
+                counted = _Counted(f)
+                for item in read_tar(cast(BinaryIO, counted), max_member=MAX_MEMBER):
+                    read += 1
                     if isinstance(item, TarDamage):
                         self._damage(item)
                     elif item.kind != "dir":
                         yield from self._member(item)
         except OSError as e:  # the shard cannot be opened, or a read failed after its retries
             self._damage(TarDamage(self.offset, None, f"unreadable ({type(e).__name__}: {e})"[:300]))
+        if counted is not None and not read and not self.damages:  # not one member: the shard is empty
+            what = "0 bytes" if not counted.bytes else f"a tar archive of {counted.bytes} bytes with no members"
+            yield self._bad(f"{posixpath.basename(self.url)}@0", EMPTY_SHARD, f"{self.url}: {what}")
+            return
         yield from self._close(self.current)
         self.current = None
         for group in list(self.pending.values()):
@@ -220,10 +286,20 @@ class _Shard:
         self.offset = member.offset
         key, ext = _split(member.name)
         group = self.current
-        if group is None or group.key != key:
+        if group is not None and group.key == key and group.complete and ext in IMAGE_EXTS and member.kind == "file":
+            # a second image of a whole sample: the key's members start again, one more sample of that key
             yield from self._close(group)
+            group = _Group(key, member.offset, repeat_of=self.done.get(key, group.offset), adjacent=True)
+            self.current = group
+        elif group is None or group.key != key:
+            yield from self._close(group)
+            if key in self.pending and self.pending[key].holds(member, ext):
+                # the incomplete key already has a member of this kind: these are the key's members again
+                yield from self._give_up(self.pending[key])
             group = self._open(key, member.offset)
             self.current = group
+        if key != (raw := _raw_split(member.name)[0]):
+            group.raw = raw
         if self.after:
             group.nearby += [d for d in self.after if d not in group.nearby]
             self.after = []
@@ -257,7 +333,7 @@ class _Shard:
 
     def _sample(self, group: _Group) -> Sample:
         """The one sample of ``group``'s key, with the reason it is bad, if it is."""
-        source = f"{self.url}@{group.offset}"
+        source = f"{self.url}@{group.offset}" + (f" (key {group.raw!r})" if group.raw else "")
         # a damage next to the group is its own when the damaged header names its key, or when it
         # explains a member the group lacks
         whole = group.complete or group.repeat_of is not None
@@ -266,8 +342,10 @@ class _Shard:
             d.told = True
         notes = [*group.notes, *(d.damage.describe() for d in told if whole)]
         if group.repeat_of is not None:
-            notes.insert(0, f"members of {group.key} after other keys; its sample is the one at @{group.repeat_of}")
-            return self._bad(f"{group.key}@{group.offset}", REPEATED_KEY, "; ".join([source, *notes]))
+            where = "again right after its sample" if group.adjacent else "after other keys"
+            notes.insert(0, f"members of {group.key} {where}; its sample is the one at @{group.repeat_of}")
+            reason = DUPLICATE_KEY if group.adjacent else REPEATED_KEY
+            return self._bad(f"{group.key}@{group.offset}", reason, "; ".join([source, *notes]))
         self.done[group.key] = group.offset
         error = None
         if not group.complete:
