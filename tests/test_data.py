@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
 def samples_of(plan: EpochPlan, batch: int, rank: int) -> list[tuple[int, int]]:
-    return [(shard, start + i) for shard, start, count in plan.segments(batch, rank) for i in range(count)]
+    return [(shard, start + i) for shard, start, count, _ in plan.segments(batch, rank) for i in range(count)]
 
 
 @settings(max_examples=200, deadline=None)

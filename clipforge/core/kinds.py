@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
                 c.DigestsContent,
             ),
             "check_dataset",
-            ("data.train", "data.eval", "data.eval.*", "evaluation.*.dataset"),
+            ("data.train", "data.train.*.source", "data.eval", "data.eval.*", "evaluation.*.dataset"),
         ),
         Kind(
             "evaluators",

@@ -146,8 +146,37 @@ class EvalSuiteConfig(_Strict):
         return StorageConfig._no_clear_text_credentials(options)
 
 
+class MixtureSource(_Strict):
+    """One source of a weighted training mixture: curated on its own, drawn in proportion to ``weight``."""
+
+    source: ComponentRef = Field(description="a dataset entry: what this source is")
+    weight: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = Field(
+        1.0, description="its share of the samples drawn is weight / the sum of the weights (0: curated, never drawn)"
+    )
+    name: SetName | None = Field(None, description="names its counts (train/data/seen/NAME); defaults to the dataset's type")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.source.type
+
+
+#: The name of the replayed data among a mixture's sources.
+REPLAY_SOURCE = "replay"
+
+
+def _train_form(value: Any) -> str:
+    return "__mixture__" if isinstance(value, list) else "__entry__"
+
+
+TrainData = Annotated[
+    Annotated[ComponentRef, Tag("__entry__")]
+    | Annotated[Annotated[list[MixtureSource], Field(min_length=1)], Tag("__mixture__")],
+    Discriminator(_train_form),
+]
+
+
 class DataConfig(_Strict):
-    train: ComponentRef
+    train: TrainData = Field(description="one dataset entry, or a weighted mixture [{source: ENTRY, weight: W, name: NAME}, ...]")
     eval: EvalData | None = Field(
         None, description="the evaluation data: one dataset entry, or named sets {NAME: entry, ...} (metrics eval/NAME/...)"
     )
@@ -155,6 +184,31 @@ class DataConfig(_Strict):
         None, description="CLIP_benchmark task folders under a root: one named evaluation set per task, and suite/ aggregates"
     )
     replay: ReplayConfig | None = None
+
+    @pydantic.field_validator("train")
+    @classmethod
+    def _weights_draw_something(cls, train: Any) -> Any:
+        if isinstance(train, list):
+            labels = [s.label for s in train]
+            if twice := sorted({label for label in labels if labels.count(label) > 1}):
+                raise ValueError(f"sources named twice: {', '.join(twice)} (give each a name)")
+            if REPLAY_SOURCE in labels:
+                raise ValueError(f"{REPLAY_SOURCE!r} names the replayed data (data.replay); name the source otherwise")
+            if not any(s.weight > 0 for s in train):
+                raise ValueError("every source has weight 0: nothing would be drawn")
+        return train
+
+    @property
+    def mixture(self) -> list[MixtureSource] | None:
+        """The sources of a weighted mixture; None for a single dataset entry."""
+        return self.train if isinstance(self.train, list) else None
+
+    @property
+    def dataset(self) -> ComponentRef:
+        """The one training dataset entry (a mixture's sources are curated one at a time, each as a recipe of its own)."""
+        if isinstance(self.train, list):
+            raise ValueError("data.train is a mixture: each source is curated as a recipe of its own (source_recipes)")
+        return self.train
 
     def eval_sets(self) -> dict[str | None, ComponentRef]:
         """The evaluation sets by name; the one set of the single-entry form is named None."""
@@ -198,8 +252,26 @@ class InitFrom(_Strict):
     )
 
 
+class Budget(_Strict):
+    """What a retrain costs, fixed: samples seen (or optimizer steps), whatever the data's size."""
+
+    samples: Annotated[int, Field(gt=0)] | None = Field(None, description="samples seen in all (steps x global batch)")
+    steps: Annotated[int, Field(gt=0)] | None = Field(None, description="optimizer steps")
+
+    @pydantic.model_validator(mode="after")
+    def _one_measure(self) -> Budget:
+        if (self.samples is None) == (self.steps is None):
+            raise ValueError("give exactly one of samples: N and steps: N")
+        return self
+
+
 class TrainConfig(_Strict):
-    epochs: Annotated[int, Field(gt=0)] = 1
+    epochs: Annotated[int, Field(gt=0)] | None = Field(None, description="passes over the training data (default 1); or a budget")
+    budget: Budget | None = Field(
+        None,
+        description="train on a fixed number of samples or steps instead of epochs: the sources are resampled as needed "
+        "and the learning-rate schedule runs over the budget",
+    )
     batch_size: Annotated[int, Field(gt=1)] = 64
     lr: Annotated[float, Field(gt=0)] = 5.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
@@ -237,6 +309,23 @@ class TrainConfig(_Strict):
         default_factory=lambda: ComponentRef(type="local"),
         description="how training runs: {type: local} in this process, {type: torchrun, nproc_per_node: N}, {type: ray, num_workers: N}",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _budget_or_epochs(self) -> TrainConfig:
+        if self.budget is not None and self.epochs is not None:
+            raise ValueError("train.epochs and train.budget both set: a budget replaces the epochs, give one")
+        if self.budget is None and self.epochs is None:
+            self.epochs = 1
+        if self.budget is not None and self.budget.samples is not None:
+            launcher = self.launcher.fields
+            world = launcher.get("nproc_per_node", launcher.get("num_workers", 1))
+            world = (world if isinstance(world, int) else 1) * (n if isinstance(n := launcher.get("nnodes", 1), int) else 1)
+            if self.budget.samples < self.batch_size * world * self.accum_steps:
+                raise ValueError(
+                    f"train.budget.samples={self.budget.samples} is less than one global batch (train.batch_size="
+                    f"{self.batch_size} x {world} process(es) x train.accum_steps={self.accum_steps})"
+                )
+        return self
 
     @pydantic.model_validator(mode="after")
     def _averaging_needs_a_start(self) -> TrainConfig:
@@ -349,6 +438,19 @@ class Recipe(_Strict):
     @property
     def model_name(self) -> str:
         return self.registry.model_name or self.name
+
+    def source_recipes(self) -> list[tuple[MixtureSource, Recipe]]:
+        """Each source of the training data with the recipe that curates it alone: a mixture's sources
+        (without the replay, which is drawn from curated data), or the one entry at weight 1."""
+        mixture = self.data.mixture
+        if mixture is None:
+            return [(MixtureSource(source=self.data.dataset), self)]
+        return [(s, self.model_copy(update={"data": self.data.model_copy(update={"train": s.source})})) for s in mixture]
+
+    def draws_by_weight(self) -> bool:
+        """Whether training draws its batches from weighted sources over a sample count (a mixture or a
+        budget) rather than passing over one stream of shards epoch by epoch."""
+        return self.data.mixture is not None or self.train.budget is not None
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipforge.core.recipe import REPLAY_SOURCE
+
 
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +41,19 @@ class ReplayResult(_Result):
     content_hash: str
 
 
+class SourceShards(_Result):
+    """One source of a weighted training mixture: its name and weight, and its curated data."""
+
+    name: str
+    weight: float
+    shards: list[Shard]
+    input: int = Field(0, description="its input pairs")
+    kept: int = Field(0, description="its curated pairs")
+    manifest_uri: str = Field("", description="its own curation's manifest (empty for the replayed data)")
+    content_hash: str = ""
+    reused: bool = Field(False, description="an unchanged source's earlier curation was reused")
+
+
 class CurateResult(_Result):
     """The curated data: shards and a manifest (one row per input key) under ``out``."""
 
@@ -56,10 +71,25 @@ class CurateResult(_Result):
     reused: bool = Field(False, description="an identical earlier curation was reused")
     pool: str | None = Field(None, description="the manifest URI of the curated pool this curation was decided against")
     replay: ReplayResult | None = Field(None, description="earlier training data mixed in (data.replay)")
+    sources: list[SourceShards] = Field(
+        default_factory=list, description="a weighted mixture's sources, each curated on its own (empty: one dataset)"
+    )
 
     def training_shards(self) -> list[Shard]:
         """What the model trains on: the curated shards and the replayed ones."""
         return self.shards + (self.replay.shards if self.replay else [])
+
+    def training_sources(self, replay_fraction: float | None = None) -> list[SourceShards]:
+        """What the model draws from by weight: each source (the one dataset is ``train``, weight 1) and
+        the replayed data as one more source, weighted to be ``replay_fraction`` of the samples drawn."""
+        sources = self.sources or [SourceShards(name="train", weight=1.0, shards=self.shards, input=self.input, kept=self.kept,
+                                                manifest_uri=self.manifest_uri, content_hash=self.content_hash)]  # fmt: skip
+        if self.replay and replay_fraction:
+            weight = replay_fraction / (1 - replay_fraction) * sum(s.weight for s in sources)
+            replayed = SourceShards(name=REPLAY_SOURCE, weight=weight, shards=self.replay.shards, input=self.replay.pairs,
+                                    kept=self.replay.pairs, content_hash=self.replay.content_hash)  # fmt: skip
+            sources = [*sources, replayed]
+        return sources
 
 
 class TrainResult(_Result):
@@ -85,6 +115,9 @@ class TrainResult(_Result):
     adapter: str | None = Field(None, description="the trained adapter alone, in its own format (merged into model)")
     adapter_uri: str | None = None
     ema_decay: float | None = Field(None, description="the exported weights are this EMA of the trained ones")
+    seen: dict[str, int] = Field(
+        default_factory=dict, description="drawn by weight (a mixture or a budget): the samples each source gave the training"
+    )
     key: str = Field("", description="what the training depends on (data, model, loss, settings)")
 
 

@@ -8,6 +8,13 @@ takes its contiguous share of those units and reads only their bytes, one ranged
 through each shard's index: each rank reads about ``1/world`` of the data, and the global batch
 is the same for any number of processes (as long as the unit divides the per-process batch).
 
+A weighted mixture (:class:`MixturePlan`) draws each global batch's units from several sources:
+each source's share of a run's units is fixed by the weights (exact to a unit), the batches'
+compositions are a seeded draw without replacement from those shares, and each source's units
+come from its own stream of passes (a pass is an :class:`EpochPlan` of its shards, reshuffled when
+it runs out). Every batch is a function of (seed, weights, budget, batch): a source twice as large
+changes which samples are drawn, never how many.
+
 One loader serves a whole run; its workers take whole batches, round-robin from the first
 batch not yet trained: no worker starves when shards are fewer than workers, the batch order
 does not depend on the number of workers, and a resumed run starts at any batch. Augmentations
@@ -45,8 +52,11 @@ def unit_size(batch_size: int) -> int:
 class EpochPlan:
     """Which samples make each global batch of an epoch, and each rank's share of it."""
 
-    def __init__(self, sizes: list[int], *, seed: int, epoch: int, batch_size: int, world: int) -> None:
-        rng = np.random.default_rng([seed, epoch])
+    def __init__(
+        self, sizes: list[int], *, seed: int, epoch: int, batch_size: int, world: int, stream: int | None = None
+    ) -> None:
+        # ``stream``: one source of a mixture, whose passes are shuffled apart from the other sources'
+        rng = np.random.default_rng([seed, epoch] if stream is None else [seed, stream, epoch])
         self.order = rng.permutation(len(sizes))  # the shards, in this epoch's order
         self.starts = np.cumsum([0, *(sizes[i] for i in self.order)])  # where each begins in the stream
         self.unit = unit_size(batch_size)
@@ -57,16 +67,92 @@ class EpochPlan:
         self.per_batch = self.per_rank * world
         self.batches = len(self.units) // self.per_batch  # what is left over waits for another epoch's order
 
-    def segments(self, batch: int, rank: int) -> Iterator[tuple[int, int, int]]:
-        """``(shard index, first sample, count)``: the runs of samples of rank ``rank``'s share of ``batch``."""
+    def segments(self, batch: int, rank: int, epoch: int = 0) -> Iterator[tuple[int, int, int, int]]:
+        """``(shard index, first sample, count, epoch)``: the runs of samples of rank ``rank``'s share of
+        ``batch`` (``epoch``: this epoch's number, which seeds the samples' augmentations)."""
         first = batch * self.per_batch + rank * self.per_rank
-        for unit in self.units[first : first + self.per_rank]:
-            position, left = (self.shift + int(unit) * self.unit) % self.total, self.unit
-            while left:  # a unit may run over the end of a shard into the next, and the stream's end into its start
-                k = int(np.searchsorted(self.starts, position, side="right")) - 1
-                take = min(left, int(self.starts[k + 1]) - position)
-                yield int(self.order[k]), position - int(self.starts[k]), take
-                position, left = (position + take) % self.total, left - take
+        for slot in range(first, first + self.per_rank):
+            for shard, start, count in self.unit_segments(slot):
+                yield shard, start, count, epoch
+
+    def unit_segments(self, slot: int) -> Iterator[tuple[int, int, int]]:
+        """``(shard index, first sample, count)``: the runs of samples of the unit at ``slot`` of this epoch."""
+        position, left = (self.shift + int(self.units[slot]) * self.unit) % self.total, self.unit
+        while left:  # a unit may run over the end of a shard into the next, and the stream's end into its start
+            k = int(np.searchsorted(self.starts, position, side="right")) - 1
+            take = min(left, int(self.starts[k + 1]) - position)
+            yield int(self.order[k]), position - int(self.starts[k]), take
+            position, left = (position + take) % self.total, left - take
+
+
+def shares(total: int, weights: list[float]) -> np.ndarray:
+    """``total`` split in proportion to ``weights`` by largest remainders: exact, summing to ``total``."""
+    w = np.asarray(weights, dtype=np.float64)
+    quotas = total * w / w.sum()
+    counts = np.floor(quotas).astype(np.int64)
+    order = np.argsort(-(quotas - counts), kind="stable")  # ties: the earlier source
+    counts[order[: total - int(counts.sum())]] += 1
+    return counts
+
+
+class MixturePlan:
+    """Which samples of which source make each global batch of a run drawn from weighted sources.
+
+    ``sizes[k]``: the samples of each shard of source ``k``, ``shard_offsets[k]``: the index of its
+    first shard among all the run's shards, ``streams[k]``: a number that shuffles its passes apart
+    (from its name: reordering the sources changes no source's stream).
+    """
+
+    def __init__(
+        self, sizes: list[list[int]], weights: list[float], streams: list[int], *, seed: int, batch_size: int,
+        world: int, batches: int,
+    ) -> None:  # fmt: skip
+        self.sizes, self.streams, self.seed, self.batch_size, self.world = sizes, streams, seed, batch_size, world
+        self.unit = unit_size(batch_size)
+        self.per_rank = batch_size // self.unit
+        self.per_batch = self.per_rank * world
+        self.shard_offsets = np.cumsum([0, *(len(s) for s in sizes)])[:-1]
+        self.source_units = [sum(s) // self.unit for s in sizes]  # units of one pass over each source
+        self.quota = shares(batches * self.per_batch, weights)  # each source's units over the whole run
+        rng = np.random.default_rng([seed, batches, 0x6D6978])  # "mix": apart from the sources' own streams
+        left, self.take = self.quota.copy(), np.zeros((batches, len(sizes)), dtype=np.int64)
+        for b in range(batches):  # each batch draws its units without replacement from what the shares leave
+            self.take[b] = rng.multivariate_hypergeometric(left, self.per_batch)
+            left -= self.take[b]
+        self.before = np.cumsum(self.take, axis=0) - self.take  # each source's units drawn before each batch
+        self._passes: dict[tuple[int, int], EpochPlan] = {}
+
+    @property
+    def batches(self) -> int:
+        return len(self.take)
+
+    def seen(self) -> list[int]:
+        """The samples each source gives the whole run."""
+        return [int(q) * self.unit for q in self.quota]
+
+    def segments(self, batch: int, rank: int, epoch: int = 0) -> Iterator[tuple[int, int, int, int]]:
+        """``(shard index, first sample, count, pass)``: the runs of samples of rank ``rank``'s share of
+        ``batch`` (shards numbered over all sources; ``pass``: the pass over its source the unit is of)."""
+        labels = np.repeat(np.arange(len(self.sizes)), self.take[batch])
+        labels = labels[np.random.default_rng([self.seed, batch, 0x6D6978]).permutation(len(labels))]
+        # the n-th unit of source k in the batch is unit before[batch, k] + n of its stream
+        nth = np.zeros(len(labels), dtype=np.int64)
+        for k in range(len(self.sizes)):
+            mine = labels == k
+            nth[mine] = self.before[batch, k] + np.arange(int(mine.sum()))
+        first = rank * self.per_rank
+        for k, n in zip(labels[first : first + self.per_rank].tolist(), nth[first : first + self.per_rank].tolist(), strict=True):
+            passed, slot = divmod(n, self.source_units[k])
+            for shard, start, count in self._pass(k, passed).unit_segments(slot):
+                yield int(self.shard_offsets[k]) + shard, start, count, passed
+
+    def _pass(self, source: int, number: int) -> EpochPlan:
+        if (source, number) not in self._passes:
+            self._passes[(source, number)] = EpochPlan(
+                self.sizes[source], seed=self.seed, epoch=number, batch_size=self.batch_size, world=self.world,
+                stream=self.streams[source],
+            )  # fmt: skip
+        return self._passes[(source, number)]
 
 
 class ShardBatches(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -86,9 +172,11 @@ class ShardBatches(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Te
         schedule: list[tuple[int, int]],
         rank: int = 0,
         world: int = 1,
+        mixture: MixturePlan | None = None,
     ) -> None:
         self.store, self.shards, self.transform, self.tokenizer = store, shards, transform, tokenizer
         self.seed, self.batch_size, self.schedule, self.rank, self.world = seed, batch_size, schedule, rank, world
+        self.mixture = mixture  # batches drawn from weighted sources (``shards``: all of theirs, in order)
         self._plans: dict[int, EpochPlan] = {}
         self._indexes: dict[int, np.ndarray] = {}
 
@@ -107,12 +195,13 @@ class ShardBatches(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Te
 
     def batch(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = [], []
-        for index, start, count in self.plan(epoch).segments(batch, self.rank):
+        plan = self.mixture or self.plan(epoch)
+        for index, start, count, passed in plan.segments(batch, self.rank, epoch):
             shard = self.shards[index]
             if index not in self._indexes:
                 self._indexes[index] = read_index(self.store, shard.path)
             for raw in read_samples(self.store, shard.path, self._indexes[index], start, count):
-                image, token = self._pair(raw, epoch)
+                image, token = self._pair(raw, passed)
                 images.append(image)
                 tokens.append(token)
         return torch.stack(images), torch.stack(tokens)

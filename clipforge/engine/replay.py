@@ -13,7 +13,6 @@ shards: the next replay's pool when this run's model becomes champion.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -49,9 +48,10 @@ def sources_of(manifest: str, replayed: str | None = None, options: dict[str, An
     store = Store(root, options)
     if not store.exists(f"{out}/{SUMMARY}"):
         raise ConfigError(f"data.replay: {manifest}: no complete curation there ({store.uri(out, SUMMARY)} is missing)")
-    # a curation's shards lie in its folder (their paths are under the root of the store that wrote them)
+    # a curation's shards lie in its folder, a mixture's in its sources' folders beside it: their paths
+    # are under the root of the store that wrote them, which may have moved since
     shards = store.read_json(f"{out}/{SUMMARY}")["shards"]
-    sources = [Source(store.uri(out, posixpath.basename(s["path"])), s["samples"], s["sha256"]) for s in shards]
+    sources = [Source(store.uri(*s["path"].rsplit("/", 2)[-2:]), s["samples"], s["sha256"]) for s in shards]
     if replayed:
         folder, name = replayed.rsplit("/", 1)
         replay_store = Store(folder, options)

@@ -10,10 +10,12 @@ from prefect import Task, task
 from prefect.task_runners import TaskRunner
 
 from clipforge.core.context import RunContext
-from clipforge.core.recipe import ParallelConfig
+from clipforge.core.errors import StageError
+from clipforge.core.recipe import ParallelConfig, Recipe
 from clipforge.core.results import CurateResult, ReplayResult
 from clipforge.core.storage import Store
 from clipforge.engine import curation, replay
+from clipforge.engine.curation import mixture
 from clipforge.flows.figures import funnel_figure
 from clipforge.flows.reporting import Progress, publish, say
 from clipforge.flows.stage import stage_flow
@@ -97,25 +99,60 @@ class FollowedMapper:
 
 @stage_flow("curate")
 def curate_flow(ctx: RunContext) -> CurateResult:
-    """Curate the recipe's training data; parts already curated with the same data and steps are reused."""
-    r, store = ctx.recipe, ctx.store
+    """Curate the recipe's training data; parts already curated with the same data and steps are reused.
+
+    A weighted mixture's sources are curated one after the other, each on its own (an unchanged
+    source is reused), then gathered (:func:`~clipforge.engine.curation.mixture.gather_mixture`); a
+    source with weight above 0 that keeps nothing stops the run here, before training.
+    """
     pool = _pool(ctx)
-    out = f"curated/{curation.curation_key(r, pool)}"
-    reused = store.exists(f"{out}/summary.json")
-    if reused:
-        say(f"curate: reusing {store.uri(out)} (same data, steps and pool)")
-        summary = curation.curate(r, ctx.plugins.catalog, store, out, pool=pool)  # what that curation left
+    if ctx.recipe.data.mixture is None:
+        summary = _curate(ctx, ctx.recipe, pool, "")
     else:
-        if pool is not None:
-            say(f"curate: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
-        with task_runner(r.parallel) as runner:
-            mapper = FollowedMapper(prefect_mapper(runner), ctx.run_id)
-            summary = curation.curate(r, ctx.plugins.catalog, store, out, mapper=mapper, pool=pool, progress=False)
-            mapper.progress.finish()
-    summary = summary.model_copy(update={"reused": reused, "replay": _replay(ctx, summary.kept)})
+        curated = []
+        for source, recipe in ctx.recipe.source_recipes():
+            result = _curate(ctx, recipe, pool, f" source {source.label!r}")
+            if result.kept == 0 and source.weight > 0:
+                raise StageError(
+                    f"curate: the source {source.label!r} ({source.source.type}) kept none of its {result.input:,} pairs "
+                    f"({_drops(result)}); the run stops before training: fix the source or give it weight 0"
+                )
+            curated.append((source, result))
+        summary = mixture.gather_mixture(ctx.store, curated)
+        summary = summary.model_copy(update={"reused": all(r.reused for _, r in curated)})
+    summary = summary.model_copy(update={"replay": _replay(ctx, summary.kept)})
     _report(ctx, summary)
     say(f"curate: {summary.kept:,} of {summary.input:,} pairs kept in {len(summary.shards)} shard(s); {summary.manifest_uri}")
     return summary
+
+
+def _curate(ctx: RunContext, recipe: Recipe, pool: curation.PoolChain | None, label: str) -> CurateResult:
+    """One dataset's curation (``label`` names a mixture's source in the lines), reused when it exists."""
+    store = ctx.store
+    out = f"curated/{curation.curation_key(recipe, pool)}"
+    reused = store.exists(f"{out}/summary.json")
+    if reused:
+        say(f"curate{label}: reusing {store.uri(out)} (same data, steps and pool)")
+        summary = curation.curate(recipe, ctx.plugins.catalog, store, out, pool=pool)  # what that curation left
+    else:
+        if pool is not None:
+            say(f"curate{label}: against the pool {pool.manifest} ({len(pool.curations)} curation(s))")
+        with task_runner(recipe.parallel) as runner:
+            mapper = FollowedMapper(prefect_mapper(runner), ctx.run_id)
+            summary = curation.curate(recipe, ctx.plugins.catalog, store, out, mapper=mapper, pool=pool, progress=False)
+            mapper.progress.finish()
+    if label:
+        say(f"curate{label}: {summary.kept:,} of {summary.input:,} pairs kept")
+    return summary.model_copy(update={"reused": reused})
+
+
+def _drops(result: CurateResult) -> str:
+    """The drop reasons of a curation, most frequent first."""
+    reasons: dict[str, int] = {}
+    for counts in result.funnel.values():
+        for reason, n in counts.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    return ", ".join(f"{r}: {n:,}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])) or "no input"
 
 
 def _replay(ctx: RunContext, new: int) -> ReplayResult | None:
@@ -170,6 +207,10 @@ def _report(ctx: RunContext, summary: CurateResult) -> None:
         metrics[f"{DATA}/curated_pairs_per_s"] = float(summary.pairs_per_s)
     if summary.replay:
         metrics.update({f"{DATA}/replay/pairs": float(summary.replay.pairs), f"{DATA}/replay/fraction": summary.replay.fraction})
+    for source in summary.sources:
+        metrics.update(
+            {f"{DATA}/sources/{source.name}/input": float(source.input), f"{DATA}/sources/{source.name}/kept": float(source.kept)}
+        )
     tracking.log_metrics(run, metrics)
     tracking.log_curated_data(run, summary, manifest_columns(ctx.store, summary.manifest))
     tags = {"clipforge.manifest_uri": summary.manifest_uri, "clipforge.manifest_hash": summary.content_hash}

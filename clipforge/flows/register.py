@@ -70,7 +70,7 @@ def register_flow(ctx: RunContext, trained: TrainResult, evaluated: EvaluateResu
         embed_dim = json.loads((model_dir / "open_clip_config.json").read_text())["model_cfg"].get("embed_dim")
         card = render_model_card(
             model_name=name, recipe_yaml=r.to_yaml(), metrics=metrics, lineage=lineage, version=None, embed_dim=embed_dim,
-            replay=replayed.model_dump(mode="json") if replayed else None,
+            replay=replayed.model_dump(mode="json") if replayed else None, seen=trained.seen,
         )  # fmt: skip
         info = tracking.log_model(run, model_dir, card, step=trained.steps)
         if trained.adapter:  # the adapter alone (peft's format) beside the merged model, with the base it belongs to

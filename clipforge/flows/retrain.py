@@ -113,6 +113,11 @@ def location_override(recipe_path: str, overrides: list[str], location: str) -> 
     from clipforge.core.recipe_yaml import read_yaml
 
     train = (apply_overrides(read_yaml(recipe_path), overrides).get("data") or {}).get("train")
+    if isinstance(train, list):
+        raise ConfigError(
+            f"data_location {location!r}: {recipe_path}'s data.train is a mixture; point one source at it with "
+            "--set data.train.N.source.urls=... (or .path=...)"
+        )
     if not isinstance(train, dict) or not isinstance(train.get("type"), str):
         raise ConfigError(f"data_location {location!r}: {recipe_path} has no data.train dataset entry to point at it")
     component = get_plugin_manager().catalog.get("datasets", train["type"])

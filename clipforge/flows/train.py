@@ -9,7 +9,7 @@ from clipforge.core.errors import ConfigError
 from clipforge.core.hashing import content_hash
 from clipforge.core.recipe import Recipe
 from clipforge.core.resolver import HF_HUB, pin_model
-from clipforge.core.results import CurateResult, TrainResult
+from clipforge.core.results import CurateResult, SourceShards, TrainResult
 from clipforge.core.storage import Store
 from clipforge.engine.training.job import TrainJob
 from clipforge.flows.figures import loss_figure
@@ -34,6 +34,14 @@ def training_key(recipe: Recipe, curated: CurateResult) -> str:
     if curated.replay:
         spec["replay"] = curated.replay.content_hash
     return content_hash(spec, 16)
+
+
+def training_sources(recipe: Recipe, curated: CurateResult) -> list[SourceShards] | None:
+    """What a recipe that draws by weight draws from: the mixture's sources (or its one dataset) and the
+    replay, weighted to be ``data.replay.fraction`` of the samples; None for epochs over one stream."""
+    if not recipe.draws_by_weight():
+        return None
+    return curated.training_sources(recipe.data.replay.fraction if recipe.data.replay else None)
 
 
 def _pinned(value: object) -> object:
@@ -78,6 +86,7 @@ def train_flow(ctx: RunContext, curated: CurateResult) -> TrainResult:
             job = TrainJob(
                 recipe=ctx.recipe, run_id=ctx.run_id, state=ctx.state, mlflow_run_id=run, out=out,
                 shards=curated.training_shards(), step_log=tracking.StepLog(tracking.tracking_uri(), run),
+                sources=training_sources(ctx.recipe, curated),
             )  # fmt: skip
             with _followed(ctx, out):
                 launcher.launch(job, ctx.recipe.train.device)
@@ -91,7 +100,13 @@ def train_flow(ctx: RunContext, curated: CurateResult) -> TrainResult:
         # each run trains in its own folder, so overlapping retrains never write into one another;
         # the index entry is written atomically once the training is complete (the last one wins)
         ctx.store.write_json(f"cache/train/{key}.json", {"run_id": ctx.run_id, "result": result.model_dump(mode="json")})
-    tracking.log_metrics(run, {"train/samples_per_s_mean": result.samples_per_s or 0.0, "train/steps": float(result.steps)})
+    metrics = {"train/samples_per_s_mean": result.samples_per_s or 0.0, "train/steps": float(result.steps)}
+    seen = sum(result.seen.values())
+    for name, n in result.seen.items():  # what each source gave: the weights, as trained
+        metrics |= {f"train/data/seen/{name}": float(n), f"train/data/seen_share/{name}": n / seen}
+    tracking.log_metrics(run, metrics)
+    if result.seen:
+        say("train: samples seen per source: " + ", ".join(f"{name} {n:,} ({n / seen:.1%})" for name, n in result.seen.items()))
     history = ctx.store.read_json(f"{out}/history.json")
     if history:
         tracking.log_figure(run, loss_figure(history), "figures/loss_curve.png")

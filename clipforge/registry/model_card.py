@@ -22,16 +22,18 @@ def render_model_card(
     version: str | None,
     embed_dim: int | None = None,
     replay: dict | None = None,
+    seen: dict[str, int] | None = None,
 ) -> str:
     """Markdown describing the model ``model_name`` (version ``version`` once registered); ``replay``:
-    the :class:`~clipforge.core.results.ReplayResult` of its training data, as a dict."""
+    the :class:`~clipforge.core.results.ReplayResult` of its training data, as a dict; ``seen``: the
+    samples each source gave a training drawn by weight."""
     recipe = _parse(recipe_yaml)
     title = f"# {model_name}" + (f" — version {version}" if version else "")
     uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@champion"
     sections = [
         title,
         SUMMARY,
-        "## Data\n\n" + _data_section(recipe) + _replay_line(replay),
+        "## Data\n\n" + _data_section(recipe) + _replay_line(replay) + _seen_line(seen),
         "## Metrics\n\n" + _table(("metric", "value"), [(k, _number(v)) for k, v in sorted(metrics.items())]),
         "## Lineage\n\n" + _table(("key", "value"), [(k, str(v)) for k, v in sorted(lineage.items())]),
         "## Recipe\n\n```yaml\n" + recipe_yaml.strip() + "\n```",
@@ -45,7 +47,7 @@ def summary(recipe_yaml: str) -> str:
     """Two sentences on what a run of this recipe makes and from what: the description of runs and models."""
     recipe = _parse(recipe_yaml)
     data = recipe.get("data") or {}
-    train = _component(data.get("train")) if isinstance(data, dict) and data.get("train") else "its training data"
+    train = _training_data(data.get("train")) if isinstance(data, dict) and data.get("train") else "its training data"
     steps = [_component(step) for step in recipe.get("curation") or []]
     curated = f", curated with {', '.join(steps)}" if steps else ""
     return f"{SUMMARY} Trained by recipe `{recipe.get('name', '?')}` on {train}{curated}."
@@ -65,6 +67,8 @@ def _data_section(recipe: dict[str, Any]) -> str:
     for split, ref in data.items() if isinstance(data, dict) else []:
         if split == "eval" and isinstance(ref, dict) and "type" not in ref:  # named evaluation sets
             rows += [(f"eval: {name}", _component(entry)) for name, entry in ref.items()]
+        elif split == "train" and isinstance(ref, list):  # a weighted mixture
+            rows += [(f"train: {_label(s)} (weight {s.get('weight', 1.0)})", _component(s.get("source"))) for s in ref]
         elif split != "replay":
             rows.append((split, _component(ref)))
     text = _table(("split", "dataset"), rows) if rows else "Not recorded in the recipe."
@@ -81,6 +85,23 @@ def _replay_line(replay: dict | None) -> str:
         f"\n\nReplayed: {replay['pairs']:,} pairs ({replay['fraction']:.1%} of the training data), a seeded "
         f"sample of the {replay['pool']:,} that {replay['source']} was trained on (`{replay['uri']}`)."
     )
+
+
+def _seen_line(seen: dict[str, int] | None) -> str:
+    if not seen:
+        return ""
+    total = sum(seen.values())
+    return "\n\nSamples seen per source: " + ", ".join(f"{name} {n:,} ({n / total:.1%})" for name, n in seen.items()) + "."
+
+
+def _label(source: Any) -> str:
+    return str(source.get("name") or _component(source.get("source"))) if isinstance(source, dict) else "?"
+
+
+def _training_data(train: Any) -> str:
+    if isinstance(train, list):
+        return "a mixture of " + ", ".join(f"{_label(s)} (weight {s.get('weight', 1.0)})" for s in train if isinstance(s, dict))
+    return _component(train)
 
 
 def _component(ref: Any) -> str:

@@ -117,7 +117,7 @@ def assemble(recipe: Recipe, store: Store, out: str, steps: Steps, parts: list[P
         digest.update(shard.sha256.encode())
     n_input = sum(p.input for p in parts)
     if n_input == 0:
-        raise StageError(f"curate: the training dataset {recipe.data.train.type!r} yielded no samples")
+        raise StageError(f"curate: the training dataset {recipe.data.dataset.type!r} yielded no samples")
     store.write_json(f"{out}/{FEATURES_INDEX}", {
         "parts": len(parts),
         "steps": [{"label": label, "type": steps.types[label],

@@ -27,7 +27,7 @@ def curation_key(recipe: Recipe, pool: PoolChain | None = None, catalog: Catalog
     size (:func:`input_size`)."""
     spec: dict[str, Any] = {
         "v": FORMAT_VERSION,
-        "data": recipe.data.train.entry(),
+        "data": recipe.data.dataset.entry(),
         "steps": [s.entry() for s in recipe.curation],
         "size": input_size(recipe, catalog),
     }
@@ -93,7 +93,7 @@ def _built(catalog: Catalog, entries: str, storage_options: str) -> Steps:
 
 def parts_of(recipe: Recipe, catalog: Catalog) -> list[dict[str, Any]]:
     """The dataset entries of the parts that run in parallel (the whole dataset where it cannot split)."""
-    entry = recipe.data.train.entry()
+    entry = recipe.data.dataset.entry()
     dataset = catalog.create("datasets", entry)
     return dataset.parts() if isinstance(dataset, PartitionedDataset) else [entry]
 

@@ -10,7 +10,7 @@ from typing import Protocol
 from clipforge.core.context import RunContext
 from clipforge.core.plugins import get_plugin_manager
 from clipforge.core.recipe import Recipe
-from clipforge.core.results import Shard
+from clipforge.core.results import Shard, SourceShards
 from clipforge.core.stages import StageResults
 from clipforge.core.storage import Store
 from clipforge.engine.training.loop import train
@@ -40,6 +40,7 @@ class TrainJob:
     out: str
     shards: list[Shard]
     step_log: Callable[[int], StepLog] | None = None
+    sources: list[SourceShards] | None = None  # drawn by weight: the mixture's sources and the replay
 
     def __call__(self) -> None:
         plugins = get_plugin_manager()
@@ -56,7 +57,7 @@ class TrainJob:
                 log(step, metrics)
 
         try:
-            train(self.recipe, plugins.catalog, ctx.store, self.out, self.shards, on_step=on_step)
+            train(self.recipe, plugins.catalog, ctx.store, self.out, self.shards, sources=self.sources, on_step=on_step)
         finally:
             if log is not None:
                 log.close()

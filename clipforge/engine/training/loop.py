@@ -7,6 +7,7 @@ import logging
 import math
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +19,9 @@ from clipforge.core.checkpoint import open_clip_config, save_open_clip_dir
 from clipforge.core.components import Adapter, EncoderBundle, Preparable
 from clipforge.core.errors import StageError
 from clipforge.core.recipe import Recipe, TrainConfig
-from clipforge.core.results import Shard, TrainResult
+from clipforge.core.results import Shard, SourceShards, TrainResult
 from clipforge.core.storage import Store
-from clipforge.engine.data import EpochPlan, ShardBatches
+from clipforge.engine.data import EpochPlan, MixturePlan, ShardBatches, unit_size
 from clipforge.engine.training.adapting import ADAPTER_DIR, apply_adapter, save_adapter
 from clipforge.engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from clipforge.engine.training.ema import WeightEma
@@ -50,10 +51,14 @@ def train(
     out: str,
     shards: list[Shard],
     *,
+    sources: list[SourceShards] | None = None,
     on_step: StepCallback | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train the recipe's model on curated ``shards``; checkpoints and the final model go under ``out``.
+
+    A recipe that draws by weight (a mixture or a budget: :meth:`~clipforge.Recipe.draws_by_weight`)
+    draws from ``sources`` instead (default: ``shards`` as one source).
 
     Resumes from the latest complete checkpoint under ``out``; ``out/result.json`` marks the
     training complete. Under a multi-process launcher each process trains its slice of every
@@ -64,7 +69,7 @@ def train(
         return TrainResult.model_validate(store.read_json(f"{out}/result.json"))
     runtime = Runtime.start(recipe.train)
     with cores_for_loader(runtime.device, recipe.train.workers, runtime.world):
-        return Trainer.build(recipe, catalog, store, out, shards, runtime).run(on_step, progress)
+        return Trainer.build(recipe, catalog, store, out, shards, runtime, sources).run(on_step, progress)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class Plan:
 
 def plan_steps(shards: list[Shard], cfg: TrainConfig, world: int) -> Plan:
     sizes = [s.samples for s in shards]
-    epochs = [EpochPlan(sizes, seed=cfg.seed, epoch=e, batch_size=cfg.batch_size, world=world) for e in range(cfg.epochs)]
+    epochs = [EpochPlan(sizes, seed=cfg.seed, epoch=e, batch_size=cfg.batch_size, world=world) for e in range(cfg.epochs or 1)]
     plan = Plan([e.batches // cfg.accum_steps for e in epochs])
     if plan.total == 0:
         raise StageError(
@@ -99,6 +104,36 @@ def plan_steps(shards: list[Shard], cfg: TrainConfig, world: int) -> Plan:
             + "; lower the batch size or add data"
         )
     return plan
+
+
+def plan_budget(sources: list[SourceShards], cfg: TrainConfig, world: int) -> tuple[Plan, MixturePlan]:
+    """The steps of a run drawn from weighted ``sources``: the budget (without one, ``epochs`` times the
+    sources' pairs), and which samples of which source each micro-batch holds."""
+    per_step = cfg.batch_size * world * cfg.accum_steps
+    samples = (cfg.epochs or 1) * sum(_pairs(s) for s in sources) if cfg.budget is None else cfg.budget.samples
+    steps = cfg.budget.steps if cfg.budget is not None and cfg.budget.steps is not None else (samples or 0) // per_step
+    if steps == 0:
+        raise StageError(
+            f"train: a budget of {samples:,} samples is less than one global batch of {per_step} "
+            f"(train.batch_size={cfg.batch_size} x {world} process(es) x train.accum_steps={cfg.accum_steps})"
+        )
+    unit = unit_size(cfg.batch_size)
+    for source in sources:
+        if source.weight > 0 and _pairs(source) < unit:
+            raise StageError(
+                f"train: the source {source.name!r} has {_pairs(source)} curated pair(s), fewer than the {unit} "
+                "read together; give it weight 0 or more data"
+            )
+    mixture = MixturePlan(
+        [[s.samples for s in source.shards] for source in sources], [s.weight for s in sources],
+        [zlib.crc32(s.name.encode()) for s in sources], seed=cfg.seed, batch_size=cfg.batch_size, world=world,
+        batches=steps * cfg.accum_steps,
+    )  # fmt: skip
+    return Plan([steps]), mixture
+
+
+def _pairs(source: SourceShards) -> int:
+    return sum(s.samples for s in source.shards)
 
 
 @dataclass
@@ -122,11 +157,16 @@ class Trainer:
     base_model: str | None = None  # a hub model the recipe's model entry names, pinned to its commit
     adapter: Adapter | None = None
     ema: WeightEma | None = None
+    mixture: MixturePlan | None = None  # batches drawn from weighted sources (``shards``: all of theirs, in order)
+    sources: list[SourceShards] | None = None
     clock: float = 0.0  # when the last step ended
     reported: float = 0.0  # when progress.json was last written
 
     @classmethod
-    def build(cls, recipe: Recipe, catalog: Catalog, store: Store, out: str, shards: list[Shard], runtime: Runtime) -> Trainer:
+    def build(
+        cls, recipe: Recipe, catalog: Catalog, store: Store, out: str, shards: list[Shard], runtime: Runtime,
+        sources: list[SourceShards] | None = None,
+    ) -> Trainer:  # fmt: skip
         cfg, options = recipe.train, recipe.storage.options
         torch.manual_seed(cfg.seed)
         entry, base_model = pinned_model_entry(recipe.model.entry(), store, out, lead=runtime.lead)
@@ -139,7 +179,13 @@ class Trainer:
         loss_fn = catalog.create("losses", recipe.loss.entry(), options).to(runtime.device)
         if isinstance(loss_fn, Preparable):
             loss_fn.prepare(bundle)
-        plan = plan_steps(shards, cfg, runtime.world)
+        mixture = None
+        if recipe.draws_by_weight():
+            sources = sources or [SourceShards(name="train", weight=1.0, shards=shards)]
+            shards = [s for source in sources for s in source.shards]
+            plan, mixture = plan_budget(sources, cfg, runtime.world)
+        else:
+            plan = plan_steps(shards, cfg, runtime.world)
         init_from, initial = warm_start(model, cfg, store, out, options, lead=runtime.lead)
         adapter = None
         if cfg.adapter is not None:
@@ -152,7 +198,7 @@ class Trainer:
         resumed_from = latest_checkpoint(store, out)
         state = load_checkpoint(store, resumed_from, model, optimizer, runtime.scaler, ema) if resumed_from else TrainState()
         return cls(recipe, store, out, shards, runtime, bundle, runtime.parallel(model), loss_fn, optimizer, plan, state,
-                   init_from, initial, resumed_from, base_model, adapter, ema)  # fmt: skip
+                   init_from, initial, resumed_from, base_model, adapter, ema, mixture, sources)  # fmt: skip
 
     @property
     def model(self) -> Any:  # the open_clip model itself (encode_image, logit_scale), never the DDP wrapper
@@ -170,7 +216,7 @@ class Trainer:
         self.loss_fn.train()
         first_epoch, skip = self.plan.position(state.step)
         stream = self._stream(first_epoch, skip)
-        for epoch in range(first_epoch, cfg.epochs):
+        for epoch in range(first_epoch, len(self.plan.per_epoch)):
             for _ in range(self.plan.per_epoch[epoch] - (skip if epoch == first_epoch else 0)):
                 metrics = self._step(self._micro_batches(stream, epoch), epoch)
                 bar.update(1)
@@ -192,7 +238,7 @@ class Trainer:
             return
         self.reported = now
         report = {
-            "step": step, "total": self.plan.total, "epoch": int(metrics["epoch"]), "epochs": self.recipe.train.epochs,
+            "step": step, "total": self.plan.total, "epoch": int(metrics["epoch"]), "epochs": len(self.plan.per_epoch),
             "loss": metrics["loss"], "samples_per_s": metrics["samples_per_s"], "device": str(self.runtime.device),
             "world_size": self.runtime.world,
         }  # fmt: skip
@@ -206,12 +252,13 @@ class Trainer:
         cfg, device, accum = self.recipe.train, self.runtime.device, self.recipe.train.accum_steps
         schedule = [
             (epoch, batch)
-            for epoch in range(first_epoch, cfg.epochs)
+            for epoch in range(first_epoch, len(self.plan.per_epoch))
             for batch in range((skip if epoch == first_epoch else 0) * accum, self.plan.per_epoch[epoch] * accum)
         ]
         batches = ShardBatches(
             self.store, self.shards, self.bundle.preprocess_train, self.bundle.tokenizer,
             seed=cfg.seed, batch_size=cfg.batch_size, schedule=schedule, rank=self.runtime.rank, world=self.runtime.world,
+            mixture=self.mixture,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
             batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
@@ -289,7 +336,7 @@ class Trainer:
             self.runtime.barrier()  # rank 0 writes the final checkpoint and the model
             return TrainResult.model_validate(self.store.read_json(f"{self.out}/result.json"))
         cfg, state, store = self.recipe.train, self.state, self.store
-        state.epoch = cfg.epochs - 1
+        state.epoch = len(self.plan.per_epoch) - 1
         final = save_checkpoint(
             store, self.out, state, self.model, self.optimizer, self.runtime.scaler, open_clip_config(self.bundle),
             trainable_only=self.adapter is not None, ema=self.ema,
@@ -309,7 +356,7 @@ class Trainer:
             save_open_clip_dir(self.bundle, tmp, extra={"recipe": self.recipe.name, "steps": state.step})
             model_uri = store.put_dir(tmp, f"{self.out}/model")
         result = TrainResult(
-            steps=state.step, epochs=cfg.epochs, pairs=sum(s.samples for s in self.shards),
+            steps=state.step, epochs=len(self.plan.per_epoch), pairs=sum(s.samples for s in self.shards),
             final_loss=state.history[-1]["loss"] if state.history else None,
             samples_per_s=round(state.samples / seconds, 1) if state.samples else None, seconds=round(seconds, 2),
             resumed_from=self.resumed_from, init_from=self.init_from,
@@ -318,6 +365,7 @@ class Trainer:
             precision=self.runtime.precision, base_model=self.base_model,
             adapter=f"{self.out}/{ADAPTER_DIR}" if adapter_uri else None, adapter_uri=adapter_uri,
             ema_decay=cfg.ema.decay if cfg.ema else None,
+            seen=dict(zip((s.name for s in self.sources or []), self.mixture.seen(), strict=True)) if self.mixture else {},
         )  # fmt: skip
         store.write_bytes(f"{self.out}/history.json", json.dumps(state.history).encode())
         store.write_json(f"{self.out}/result.json", result.model_dump(mode="json"))
