@@ -8,11 +8,11 @@ import copy
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipforge.core.errors import RecipeError, StageError
-from clipforge.core.results import Shard, SourceShards
+from clipforge.core.results import CurateResult, Shard, SourceShards
 from clipforge.core.validation import load_recipe
 from clipforge.engine.data import MixturePlan, shares, unit_size
 from clipforge.engine.training.loop import plan_budget
@@ -163,3 +163,45 @@ def test_a_mixture_recipe_curates_each_source_as_a_recipe_of_its_own(tiny_recipe
         "data.train.0.source",
         "data.train.1.source",
     ]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sources=st.lists(st.tuples(st.integers(1, 40), st.floats(0.0, 0.5), st.integers(0, 9)), min_size=1, max_size=3),
+    shard_size=st.sampled_from([7, 50]),
+)
+def test_every_sample_of_every_source_is_one_row_of_the_mixtures_manifest(tmp_path_factory, sources, shard_size):
+    """Input samples = manifest rows, per source, with crawl defects: kept or dropped with a reason, never merged."""
+    import pyarrow.parquet as pq
+
+    import clipforge
+    from clipforge.core.recipe import MixtureSource
+    from clipforge.core.storage import Store
+    from clipforge.engine.curation import curate, curation_key
+    from clipforge.engine.curation.mixture import gather_mixture
+    from clipforge.engine.shards import iter_shard
+
+    r = copy.deepcopy(TINY_RECIPE)
+    r["storage"] = {"root": str(tmp_path_factory.mktemp("mix"))}
+    r["parallel"] = {"shard_size": shard_size}
+    r["curation"] = [{"type": "caption-length", "min_words": 2}]
+    r["data"]["train"] = [
+        {"source": {**r["data"]["train"], "size": n, "defects": d, "seed": seed}, "name": f"s{k}"}
+        for k, (n, d, seed) in enumerate(sources)
+    ]
+    recipe = load_recipe(r)
+    store, catalog = Store(recipe.storage.root), clipforge.get_plugin_manager().catalog
+    curated: list[tuple[MixtureSource, CurateResult]] = []
+    for source, sub in recipe.source_recipes():
+        curated.append((source, curate(sub, catalog, store, f"curated/{curation_key(sub)}", progress=False)))
+    mixed = gather_mixture(store, curated)
+    rows = pq.read_table(store.path(mixed.manifest)).to_pylist()
+    for (source, result), (n, _, _) in zip(curated, sources, strict=True):
+        mine = [row for row in rows if row["source"] == source.label]
+        assert len(mine) == len({row["key"] for row in mine}) == n == result.input
+        assert all(row["kept"] or (row["step"] and row["reason"]) for row in mine)
+        kept = sorted(row["key"] for row in mine if row["kept"])
+        assert kept == sorted(s["key"] for shard in result.shards for s in iter_shard(store, shard.path))
+    assert mixed.input == len(rows) == sum(n for n, _, _ in sources)
+    assert mixed.kept == sum(row["kept"] for row in rows) == sum(s.samples for s in mixed.shards)
+    assert [s.name for s in mixed.sources] == [f"s{k}" for k in range(len(sources))]
