@@ -89,6 +89,7 @@ TINY_FIELDS = {
     "csv": {"path": f"{_FILES}/pairs.csv", "caption_column": "caption"},
     "clip-benchmark": {"root": f"{_FILES}/cb"},
     "parquet": {"path": f"{_FILES}/pairs.parquet"},
+    "huggingface": {"path": f"{_FILES}/pairs.parquet", "image_column": "filepath", "caption_column": "caption"},
     "caption-length": {"min_words": 2},
     "clip-score": {"model": f"{_FILES}/scorer", "threshold": -1.0},
     "balance": {"entries": ["red", "circle", "blue square"], "t": 2},

@@ -44,7 +44,9 @@ class HuggingFaceParams(BaseModel):
         "name), a data file (.parquet, .arrow, .csv, .json, .jsonl), or a save_to_disk folder"
     )
     split: str = Field("train", description="the split (slices as datasets writes them: train[:1000])")
-    image_column: str = Field("image", description="an Image feature, image bytes, or image paths/URLs")
+    image_column: str = Field(
+        "image", description="an Image feature, image bytes, or image paths (relative to the data file's folder) or URLs"
+    )
     caption_column: str = Field("text", description="a caption per row: text or a list of texts")
     streaming: bool = Field(True, description="read the data as it comes instead of preparing it in the datasets cache")
     name: str | None = Field(None, description="the dataset's configuration")
@@ -164,6 +166,7 @@ class HuggingFaceDataset:
         _check_columns(p, self.columns)
         self.prefix = _safe(p.split)
         self.protocol = p.path.split("://", 1)[0] if "://" in p.path else "file"
+        self.base = _base_folder(p.path)
 
     def _shards(self, count: int) -> Any:
         """The streamed split, resharded where that gives ``count`` parts (parquet row groups)."""
@@ -263,6 +266,8 @@ class HuggingFaceDataset:
                 return value
             raise _Bad(f"image is neither bytes nor a path ({type(value).__name__})")
         meta["image"] = value
+        if self.base and "://" not in value and not value.startswith(("/", "~")):  # as the tables: relative to the data
+            value = f"{self.base}/{value}"
         protocol = value.split("://", 1)[0] if "://" in value else "file"
         options = self.params.storage_options if protocol == self.protocol else {}
         try:
@@ -272,6 +277,14 @@ class HuggingFaceDataset:
             raise _Bad("image file not found") from None
         except Exception as e:  # an unknown protocol, a store error that outlasted the retries
             raise _Bad(f"image file unreadable ({type(e).__name__})") from None
+
+
+def _base_folder(path: str) -> str | None:
+    """The folder relative image paths are read from: a data file's, a local dataset folder; none for the hub."""
+    if path.lower().endswith(tuple(_BUILDERS)):
+        return path.rsplit("/", 1)[0] if "/" in path else "."
+    local = Path(path).expanduser()
+    return str(local) if "://" not in path and local.is_dir() else None
 
 
 class _Bad(Exception):
