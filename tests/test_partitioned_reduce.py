@@ -223,3 +223,33 @@ def test_identical_rows_are_told_by_their_bytes_even_when_their_hashes_clash(row
             assert duplicates._first_identical(x).tolist() == expected.tolist()
     finally:
         duplicates._WORDS = saved
+
+
+@SETTINGS
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=2),
+    dtype=st.sampled_from(["float16", "float32", "int64", "S32"]),
+    fortran=st.booleans(),
+)
+def test_a_parts_features_are_read_as_numpy_saved_them(tmp_path_factory, shape, dtype, fortran):
+    """A block's features read straight into their array are the saved ones, whatever the shape, dtype and
+    layout; a file that ends early is refused, naming it."""
+    import io
+
+    from clipforge.core.errors import StageError
+    from clipforge.core.storage import Store
+    from clipforge.engine.curation.partitioned import _read_features
+
+    store = Store(str(tmp_path_factory.mktemp("features")))
+    values = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape).astype(dtype)
+    values = np.asfortranarray(values) if fortran else values
+    buf = io.BytesIO()
+    np.save(buf, values, allow_pickle=False)
+    store.write_bytes("f.npy", buf.getvalue())
+    got = _read_features(store, "f")
+    assert got.dtype == values.dtype and got.shape == values.shape and np.array_equal(got, values)
+    if values.nbytes:
+        store.write_bytes("cut.npy", buf.getvalue()[:-1])
+        fortran_order = values.flags.f_contiguous and not values.flags.c_contiguous  # numpy's own reader reads those
+        with pytest.raises(ValueError) if fortran_order else pytest.raises(StageError, match="cut.npy: ends after"):
+            _read_features(store, "cut")
