@@ -10,8 +10,10 @@ the ``near-duplicates`` step's reduce phase run with ``parallel.reduce_partition
 ``--partitions`` (1: the one-process decision). Every task runs in this process, one after the
 other, under ``tracemalloc``: its wall time and its peak of traced memory (numpy's arrays included)
 are what a worker of a cluster would need. Prints, per (N, partitions): the kept count (the same for
-every number of partitions), the total time, and the largest time and peak memory of one task (and
-its kind), against the features' size divided by the partitions.
+every number of partitions), the total time, the largest time and peak memory of a task of each kind
+(survey, route, link, decide: the kinds every partitioned step runs), the features' size divided by
+the partitions, and the largest task's peak against it; the one-process row gives the decision's
+peak. The process's peak resident memory (``ru_maxrss``) is printed at the end, for the whole run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import resource
 import tempfile
 import time
 import tracemalloc
@@ -113,24 +116,30 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.97)
     args = parser.parse_args()
     mib = 1 << 20
-    print(
-        "| pairs | partitions | kept | total s | largest task s (kind) | largest task peak MiB (kind) | data / partitions MiB |"
-    )
-    print("|---:|---:|---:|---:|---|---|---:|")
+    kinds = {"survey_block": "survey", "route_block": "route", "link_partition": "link", "decide_block": "decide"}
+    print("| pairs | partitions | kept | total s | " + " | ".join(f"{k} s / MiB" for k in kinds.values())
+          + " | data / partitions MiB | largest peak / (data / partitions) |")  # fmt: skip
+    print("|---:|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|")
     for n in args.sizes:
         x = features(n)
         for p in args.partitions:
             with tempfile.TemporaryDirectory() as folder:
                 r = run(n, p, args.part_rows, args.threshold, x, folder)
+            share = x.nbytes / p
             if p == 1:
-                print(f"| {n:,} | 1 | {r['kept']:,} | {r['seconds']:.1f} | {r['seconds']:.1f} (one process) | "
-                      f"{r['peak'] / mib:.0f} (one process) | {x.nbytes / mib:.0f} |", flush=True)  # fmt: skip
+                cells = " | ".join(["(one process)"] + ["" for _ in range(len(kinds) - 1)])
+                print(f"| {n:,} | 1 | {r['kept']:,} | {r['seconds']:.1f} | {cells} | {share / mib:.0f} | "
+                      f"{r['peak'] / share:.1f} ({r['peak'] / mib:,.0f} MiB) |", flush=True)  # fmt: skip
                 continue
-            times = {k: max(t for t, _ in v) for k, v in r["tasks"].items()}
-            peaks = {k: max(m for _, m in v) for k, v in r["tasks"].items()}
-            tk, pk = max(times, key=times.get), max(peaks, key=peaks.get)
-            print(f"| {n:,} | {p} | {r['kept']:,} | {r['seconds']:.1f} | {times[tk]:.1f} ({tk}) | "
-                  f"{peaks[pk] / mib:.0f} ({pk}) | {x.nbytes / p / mib:.0f} |", flush=True)  # fmt: skip
+            columns, largest = [], 0
+            for fn in kinds:
+                tasks = r["tasks"].get(fn, [])
+                t, m = max((t for t, _ in tasks), default=0.0), max((m for _, m in tasks), default=0)
+                largest = max(largest, m)
+                columns.append(f"{t:.1f} / {m / mib:,.0f}")
+            print(f"| {n:,} | {p} | {r['kept']:,} | {r['seconds']:.1f} | {' | '.join(columns)} | {share / mib:.0f} | "
+                  f"{largest / share:.1f} |", flush=True)  # fmt: skip
+    print(f"peak resident memory of the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def test_near_neighbours_finds_planted_duplicates_without_comparing_all_pairs():
     planted = rng.choice(20_000, 200, replace=False)
     x[planted[100:]] = x[planted[:100]] + 0.05 * rng.standard_normal((100, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    i, j, _ = near_pairs(x, 0.95, exact_below=10_000)  # above exact_below: the inverted-file index
+    i, j, _ = near_pairs(x, 0.95, exact_below=10_000)  # above exact_below: the search cell by cell
     pairs = set(zip(i.tolist(), j.tolist()))
     found = sum((min(a, b), max(a, b)) in pairs for a, b in zip(planted[:100].tolist(), planted[100:].tolist()))
     assert found >= 99

@@ -133,7 +133,7 @@ def test_big_clusters_keep_one_image_each(sizes):
     check_invariant(keys, x, verdicts, THRESHOLD)
 
 
-def test_the_inverted_file_index_holds_groups_of_hundreds_without_comparing_all_pairs():
+def test_the_search_by_cells_holds_groups_of_hundreds_without_comparing_all_pairs():
     """Above the exact search's size, groups of 2 to 500 copies among 15,000 vectors still keep one each."""
     rng = np.random.default_rng(3)
     sizes = [2, 3, 5, 10, 20, 50, 200, 500, *[int(s) for s in rng.integers(2, 40, 60)]]

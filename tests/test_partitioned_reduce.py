@@ -184,3 +184,72 @@ def test_every_built_in_whole_dataset_step_declares_it_decides_in_partitions():
 def test_the_number_of_partitions_follows_the_setting():
     assert partitions_for(1, 10**9) == 1 and partitions_for(7, 10) == 7
     assert partitions_for("auto", 0) == 1 and partitions_for("auto", 1_000_001) == 3
+
+
+@pytest.mark.parametrize("dim, partitions", [(8, 3), (16, 7)])
+def test_above_ten_thousand_rows_both_decisions_are_the_exact_one(dim, partitions):
+    """Above the size where every pair is compared at once, the one-process search is the cells' exact
+    search too: both decisions equal the one that compares every pair."""
+    from clipforge.plugins.curation.duplicates import EXACT_BELOW, near_groups
+
+    rng = np.random.default_rng(dim)
+    x = planted(rng, list(rng.integers(2, 30, 150)), EXACT_BELOW + 2_000, dim, 0.03)
+    threshold = 0.97
+    step = NearDuplicates(threshold=threshold)
+    keys = [f"k{i}" for i in range(len(x))]
+    at_once = step.decide(keys, x)
+    first, _ = near_groups(x, threshold, exact_below=len(x) + 1)  # every pair compared
+    assert [v.keep for v in at_once] == (first == np.arange(len(x))).tolist()
+    same(decide_in_partitions(step, keys, x, partitions), at_once)
+
+
+@SETTINGS
+@given(rows=st.lists(st.lists(st.sampled_from([0, 1, 2, 255]), min_size=3, max_size=3), max_size=60))
+def test_identical_rows_are_told_by_their_bytes_even_when_their_hashes_clash(rows):
+    """Each row's first identical row, as numpy's unique gives it, with the hash and with one under
+    which every row clashes with every other (every multiplier 0)."""
+    from clipforge.plugins.curation import duplicates
+
+    x = np.array(rows, dtype=np.uint8).reshape(-1, 3)
+    if len(x):
+        _, unique, inverse = np.unique(x, axis=0, return_index=True, return_inverse=True)
+        expected = unique[inverse.ravel()]
+    else:
+        expected = np.zeros(0, dtype=np.int64)
+    saved = duplicates._WORDS
+    try:
+        for words in (saved, np.zeros_like(saved)):
+            duplicates._WORDS = words
+            assert duplicates._first_identical(x).tolist() == expected.tolist()
+    finally:
+        duplicates._WORDS = saved
+
+
+@SETTINGS
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=2),
+    dtype=st.sampled_from(["float16", "float32", "int64", "S32"]),
+    fortran=st.booleans(),
+)
+def test_a_parts_features_are_read_as_numpy_saved_them(tmp_path_factory, shape, dtype, fortran):
+    """A block's features read straight into their array are the saved ones, whatever the shape, dtype and
+    layout; a file that ends early is refused, naming it."""
+    import io
+
+    from clipforge.core.errors import StageError
+    from clipforge.core.storage import Store
+    from clipforge.engine.curation.partitioned import _read_features
+
+    store = Store(str(tmp_path_factory.mktemp("features")))
+    values = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape).astype(dtype)
+    values = np.asfortranarray(values) if fortran else values
+    buf = io.BytesIO()
+    np.save(buf, values, allow_pickle=False)
+    store.write_bytes("f.npy", buf.getvalue())
+    got = _read_features(store, "f")
+    assert got.dtype == values.dtype and got.shape == values.shape and np.array_equal(got, values)
+    if values.nbytes:
+        store.write_bytes("cut.npy", buf.getvalue()[:-1])
+        fortran_order = values.flags.f_contiguous and not values.flags.c_contiguous  # numpy's own reader reads those
+        with pytest.raises(ValueError) if fortran_order else pytest.raises(StageError, match="cut.npy: ends after"):
+            _read_features(store, "cut")

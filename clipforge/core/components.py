@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -207,7 +207,9 @@ class DecidesInPartitions(Protocol):
        sample to cluster, a histogram refined where needed). Surveys are small.
     2. ``route(plan, block)`` for every block: the share of its rows each partition gets, as a mapping
        ``{partition: {name: numpy array}}`` (stored, never pickled); ``{}`` when nothing moves.
-    3. ``link(plan, shares)`` for each partition that got rows, over the shares it got, then
+    3. ``link(plan, shares)`` for each partition that got rows, over the shares it got (mappings of
+       name to array, in block order; a task reads each array from the store as it is looked up, so
+       look each up once), then
        ``settle(plan, links, name)`` once over every partition's links (none when nothing was
        routed; ``name(position)`` names a row as a verdict's detail does: its key, or
        ``"KEY in MANIFEST"`` for a pool's row).
@@ -220,7 +222,7 @@ class DecidesInPartitions(Protocol):
 
     def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]: ...
 
-    def link(self, plan: Any, shares: list[dict[str, Any]]) -> Any: ...
+    def link(self, plan: Any, shares: Sequence[Mapping[str, Any]]) -> Any: ...
 
     def settle(self, plan: Any, links: list[Any], name: Callable[[int], str]) -> Any: ...
 

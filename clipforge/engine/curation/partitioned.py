@@ -13,8 +13,9 @@ from __future__ import annotations
 import bisect
 import io
 import math
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -182,12 +183,13 @@ def load_block(ref: BlockRef, options: dict[str, Any] | None, *, features: bool 
     seen[ref.skip] = False
     values: Any = None
     if features:
-        values = load_features(store, features_of(ref.out, ref.part, ref.label))
+        values = _read_features(store, features_of(ref.out, ref.part, ref.label))
         if len(values) != len(keys):
             raise StageError(
                 f"{store.uri(part_dir(ref.out, ref.part))}: {len(values)} features of {ref.label} for {len(keys)} survivors"
             )
-        values = values[seen].astype(np.float32) if isinstance(values, np.ndarray) else [v for v, s in zip(values, seen) if s]
+        if ref.skip:  # as stored (float16 embeddings stay float16): a task holds its block once
+            values = values[seen] if isinstance(values, np.ndarray) else [v for v, s in zip(values, seen) if s]
     keys = [k for k, s in zip(keys, seen) if s]
     kept = None
     if ref.unkept is not None:
@@ -195,6 +197,52 @@ def load_block(ref: BlockRef, options: dict[str, Any] | None, *, features: bool 
         mask[ref.unkept] = False
         kept = mask.tolist()
     return Block(features=values, first=ref.first, keys=keys, kept=kept, origin=ref.origin, statistics=ref.statistics)
+
+
+def _read_features(store: Store, rel: str) -> Any:
+    """A part's features: a ``.npy`` array read straight into its buffer (never the file's bytes and the
+    array at once), else what :func:`load_features` reads."""
+    if not store.exists(f"{rel}.npy"):
+        return load_features(store, rel)
+    with store.open(f"{rel}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        shape, fortran, dtype = header(f) if header else ((), True, np.dtype(object))
+        if fortran or dtype.hasobject:  # a layout numpy's own reader handles
+            f.seek(0)
+            return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        values = np.empty(shape, dtype=dtype)
+        view = values.reshape(-1).view(np.uint8).data
+        read = cast(Any, f).readinto
+        done = 0
+        while done < len(view):
+            got = read(view[done:])
+            if not got:
+                raise StageError(f"{store.uri(rel)}.npy: ends after {done} of {len(view)} bytes")
+            done += got
+        return values
+
+
+class StoredShare(Mapping[str, np.ndarray]):
+    """One share a block routed to a partition, read from the store array by array as a step looks them
+    up, so that a link task holds what the step builds from its shares rather than every share too."""
+
+    def __init__(self, store: Store, path: str) -> None:
+        self.store, self.path = store, path
+        with self.store.open(path) as f, zipfile.ZipFile(f) as z:
+            self.names = [n.removesuffix(".npy") for n in z.namelist()]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        with self.store.open(self.path) as f, np.load(f, allow_pickle=False) as arrays:
+            return arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _step(job: ReduceJob) -> tuple[DecidesInPartitions, Store]:
@@ -235,11 +283,7 @@ def route_block(job: ReduceJob) -> list[int]:
 def link_partition(job: ReduceJob) -> Any:
     """Task: the step's links within one partition, over the shares routed to it."""
     step, store = _step(job)
-    shares = []
-    for b in job.holders:
-        with np.load(io.BytesIO(store.read_bytes(_share_path(job, job.index, b))), allow_pickle=False) as f:
-            shares.append({name: f[name] for name in f.files})
-    return step.link(job.plan, shares)
+    return step.link(job.plan, [StoredShare(store, _share_path(job, job.index, b)) for b in job.holders])
 
 
 def decide_block(job: ReduceJob) -> list[Verdict]:

@@ -250,62 +250,41 @@ class NearDuplicates(Groups):
     # -- in partitions ------------------------------------------------------------------------
 
     def _survey(self, plan: Any, block: Block) -> dict[str, Any]:
-        rows = self._rows(block)
-        x = _vectors(block)[rows]
+        rows, x = self._held(block)
         if plan is None:
-            return {"n": len(x), "norm": float(np.sqrt((x * x).sum(axis=1)).max()) if len(x) else 0.0}
-        return {"sample": x[_draws(block.first + rows) < plan["rate"]]}
+            return {"n": len(x), "norm": _max_norm(x)}
+        return {"sample": np.asarray(x[_draws(block.first + rows) < plan["rate"]], dtype=np.float32)}
+
+    def _held(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that can be a group's and their vectors (the block's own array when that is all of them)."""
+        rows, x = self._rows(block), _vectors(block)
+        return rows, (x if block.kept is None else x[rows])
 
     def plan(self, plan: Any, surveys: list[Any], partitions: int) -> tuple[Any, bool]:
         if plan is None:
             n = sum(s["n"] for s in surveys)
             norm = max((s["norm"] for s in surveys), default=0.0)
-            # the farthest apart two rows can be and still reach the threshold, with room for float32 rounding
-            radius = float(np.sqrt(max(0.0, 2 * norm * norm - 2 * self.threshold))) * (1 + 1e-3) + 1e-4
             cells = max(partitions, min(int(np.sqrt(n)), self.MAX_CELLS))
             rate = min(1.0, self.SAMPLE_PER_CELL * cells / max(n, 1))
-            return {**self._bounds(surveys), "radius": radius, "rate": rate, "cells": cells}, False
+            return {**self._bounds(surveys), "radius": _radius(norm, self.threshold), "rate": rate, "cells": cells}, False
         sample = np.concatenate([s["sample"] for s in surveys if len(s["sample"])] or [np.zeros((0, 1), np.float32)])
-        k = min(plan["cells"], len(sample))
-        if k <= 1:
-            centroids = sample[:1] if len(sample) else np.zeros((0, 1), np.float32)
-            assigned = np.zeros(len(centroids), dtype=np.int64)
-        else:
-            import faiss
-
-            kmeans = faiss.Kmeans(sample.shape[1], k, niter=10, seed=0, min_points_per_centroid=1)
-            kmeans.train(np.ascontiguousarray(sample))
-            centroids = np.asarray(kmeans.centroids, dtype=np.float32)
-            _, home = kmeans.index.search(np.ascontiguousarray(sample), 1)
-            assigned = _grouped(centroids, np.bincount(home.ravel(), minlength=k), partitions)
+        centroids, home = _centroids(sample, min(plan["cells"], len(sample)))
+        assigned = np.zeros(len(centroids), dtype=np.int64)
+        if len(centroids) > 1:
+            assigned = _grouped(centroids, np.bincount(home, minlength=len(centroids)), partitions)
         return {**plan, "centroids": centroids, "partition_of_cell": assigned}, True
 
     def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
         """Each row to the partition of its home cell and of every cell within the radius of it; with
         the cells (of that partition) it goes to, so that each cell is searched on its own."""
-        rows = self._rows(block)
+        rows, x = self._held(block)
         if not len(rows):
             return {}
-        x = _vectors(block)[rows]
         c, partition_of = plan["centroids"], plan["partition_of_cell"]
         if len(c) <= 1:
             zeros = np.zeros(len(rows), dtype=np.int64)
             return {0: _share(block.first + rows, x, zeros, np.arange(len(rows)), zeros)}
-        row_of, cell_of, homes = [], [], []
-        cc = (c * c).sum(axis=1)
-        for start in range(0, len(x), 4096):  # bounds the distance matrices' memory
-            q = x[start : start + 4096]
-            d = (q * q).sum(axis=1)[:, None] - 2 * q @ c.T + cc[None, :]
-            home = d.argmin(axis=1)
-            gap = np.sqrt(np.maximum(cc[home][:, None] + cc[None, :] - 2 * c[home] @ c.T, 0))  # ||c_home - c_j||
-            # the distance from q to the bisector of its home and c_j, within the radius: a linked row may live there
-            near = (d - d[np.arange(len(q)), home][:, None]) <= 2 * plan["radius"] * gap + 1e-5
-            near[np.arange(len(q)), home] = True
-            r, cell = np.nonzero(near)
-            row_of.append(start + r)
-            cell_of.append(cell)
-            homes.append(home)
-        row, cell, home = np.concatenate(row_of), np.concatenate(cell_of), np.concatenate(homes)
+        row, cell, home = _reach(x, c, plan["radius"])
         partition = partition_of[cell]
         shares = {}
         for p in np.unique(partition).tolist():
@@ -314,35 +293,46 @@ class NearDuplicates(Groups):
             shares[int(p)] = _share(block.first + rows[members], x[members], home[members], local.ravel(), cell[pairs])
         return shares
 
-    def link(self, plan: Any, shares: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def link(self, plan: Any, shares: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every link between the rows routed to a cell of this partition and the rows at home in it,
         found exactly; identical rows are linked by their bytes (as :func:`near_groups` does) and
-        searched once."""
-        offsets = np.cumsum([0] + [len(s["position"]) for s in shares])
-        position = np.concatenate([s["position"] for s in shares]).astype(np.int64)
-        x = np.concatenate([s["x"].astype(np.float32) for s in shares])
-        home = np.concatenate([s["home"] for s in shares])
-        row = np.concatenate([s["row"] + o for s, o in zip(shares, offsets)])
-        cell = np.concatenate([s["cell"] for s in shares])
-        order = np.argsort(position, kind="stable")
-        where = np.empty_like(order)
-        where[order] = np.arange(len(order))
-        position, x, home, row = position[order], np.ascontiguousarray(x[order]), home[order], where[row]
+        searched once. The shares' vectors are copied once, into one array of their own precision."""
+        positions = [np.asarray(s["position"], dtype=np.int64) for s in shares]
+        position = np.concatenate([np.zeros(0, np.int64), *positions])
+        offsets = np.cumsum([0] + [len(p) for p in positions])
+        x: np.ndarray | None = None
+        home, row, cell = [], [], []
+        for s, o, end in zip(shares, offsets, offsets[1:]):
+            v = s["x"]
+            if x is None:
+                x = np.empty((len(position), v.shape[1]), dtype=v.dtype)
+            elif v.dtype.itemsize > x.dtype.itemsize:  # a share kept at float32: the whole array is
+                x = x.astype(v.dtype)
+            x[o:end] = v
+            home.append(s["home"])
+            row.append(s["row"] + o)
+            cell.append(s["cell"])
+        if x is None or not len(x):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        home_of, row_of, cell_of = np.concatenate(home), np.concatenate(row), np.concatenate(cell)
+        if np.any(position[1:] < position[:-1]):  # shares come in block order, so their rows already are
+            order = np.argsort(position, kind="stable")
+            where = np.empty_like(order)
+            where[order] = np.arange(len(order))
+            position, x, home_of, row_of = position[order], x[order], home_of[order], where[row_of]
         # the first of identical rows (by position) stands for them all: they go to the same cells
-        keyed = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
-        _, unique, inverse = np.unique(keyed, return_index=True, return_inverse=True)
-        rep = unique[inverse.ravel()]
+        rep = _first_identical(x)
         copies = np.flatnonzero(rep != np.arange(len(x)))
-        searched = rep[row] == row  # each cell's rows, their representatives only
-        row, cell = row[searched], cell[searched]
-        order = np.argsort(cell, kind="stable")
-        row, cell = row[order], cell[order]
+        searched = rep[row_of] == row_of  # each cell's rows, their representatives only
+        row_of, cell_of = row_of[searched], cell_of[searched]
+        order = np.argsort(cell_of, kind="stable")
+        row_of, cell_of = row_of[order], cell_of[order]
         reps = np.flatnonzero(rep == np.arange(len(x)))
-        home_order = reps[np.argsort(home[reps], kind="stable")]
-        home_cells = home[home_order]
+        home_order = reps[np.argsort(home_of[reps], kind="stable")]
+        home_cells = home_of[home_order]
         blocks = []
-        for k in np.unique(cell).tolist():
-            queries = row[np.searchsorted(cell, k) : np.searchsorted(cell, k, side="right")]
+        for k in np.unique(cell_of).tolist():
+            queries = row_of[np.searchsorted(cell_of, k) : np.searchsorted(cell_of, k, side="right")]
             members = home_order[np.searchsorted(home_cells, k) : np.searchsorted(home_cells, k, side="right")]
             blocks.append((queries, members))
         i, j, sims = _pairs_in(x, self.threshold, blocks)
@@ -355,18 +345,79 @@ class NearDuplicates(Groups):
         return {"similarity": float(plan["similarity"][j])}
 
 
+#: Rows of a chunk whose products with every centroid (or a cell's rows) are held at once: ~16 MiB of float32.
+CHUNK_VALUES = 1 << 22
+
+
 def _vectors(block: Block) -> np.ndarray:
-    """The block's features as float32 rows (an empty block's as no rows)."""
+    """The block's features as rows, float16 as the parts store them (an empty block's as no rows);
+    computations convert a chunk at a time to float32."""
     if not len(block.keys):
         return np.zeros((0, 1), dtype=np.float32)
-    return np.asarray(block.features, dtype=np.float32).reshape(len(block.keys), -1)
+    x = np.asarray(block.features)
+    if x.dtype not in (np.float16, np.float32):
+        x = x.astype(np.float32)
+    return x.reshape(len(block.keys), -1)
+
+
+def _max_norm(x: np.ndarray) -> float:
+    """The largest norm of the rows, a chunk at a time."""
+    step = max(1, CHUNK_VALUES // max(1, x.shape[1]))
+    norms = [
+        np.sqrt((q * q).sum(axis=1)).max()
+        for q in (np.asarray(x[i : i + step], dtype=np.float32) for i in range(0, len(x), step))
+    ]
+    return float(max(norms)) if norms else 0.0
+
+
+def _radius(norm: float, threshold: float) -> float:
+    """The farthest apart two rows of norm at most ``norm`` can be and still reach the threshold, with
+    room for float32 rounding."""
+    return float(np.sqrt(max(0.0, 2 * norm * norm - 2 * threshold))) * (1 + 1e-3) + 1e-4
+
+
+def _centroids(sample: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` cells' centroids by k-means (FAISS, seeded) on ``sample``, and the home cell of each sample row."""
+    if k <= 1:
+        return (sample[:1] if len(sample) else np.zeros((0, 1), np.float32)), np.zeros(min(len(sample), 1), dtype=np.int64)
+    import faiss
+
+    kmeans = faiss.Kmeans(sample.shape[1], k, niter=10, seed=0, min_points_per_centroid=1)
+    kmeans.train(np.ascontiguousarray(sample))
+    _, home = kmeans.index.search(np.ascontiguousarray(sample), 1)
+    return np.asarray(kmeans.centroids, dtype=np.float32), home.ravel().astype(np.int64)
+
+
+def _reach(x: np.ndarray, c: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which cells each row can link into: pairs ``(row, cell)`` for its home cell (nearest centroid)
+    and every cell whose Voronoi region lies within ``radius`` of it, and each row's home. A chunk of
+    rows at a time, converted to float32, so that the distance matrices stay ~16 MiB."""
+    cc = (c * c).sum(axis=1)
+    step = max(64, min(4096, CHUNK_VALUES // max(1, len(c))))
+    row_of, cell_of, homes = [], [], []
+    for start in range(0, len(x), step):
+        q = np.asarray(x[start : start + step], dtype=np.float32)
+        d = (q * q).sum(axis=1)[:, None] - 2 * q @ c.T + cc[None, :]
+        home = d.argmin(axis=1)
+        gap = np.sqrt(np.maximum(cc[home][:, None] + cc[None, :] - 2 * c[home] @ c.T, 0))  # ||c_home - c_j||
+        # the distance from q to the bisector of its home and c_j, within the radius: a linked row may live there
+        near = (d - d[np.arange(len(q)), home][:, None]) <= 2 * radius * gap + 1e-5
+        near[np.arange(len(q)), home] = True
+        r, cell = np.nonzero(near)
+        row_of.append(start + r)
+        cell_of.append(cell)
+        homes.append(home)
+    if not homes:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate(row_of).astype(np.int64), np.concatenate(cell_of).astype(np.int64),
+            np.concatenate(homes).astype(np.int64))  # fmt: skip
 
 
 def _share(position: np.ndarray, x: np.ndarray, home: np.ndarray, row: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
     """A partition's share of a block: its rows (positions, vectors, float16 where that loses nothing,
     home cells) and the cells each goes to (``row`` indexes the rows)."""
-    half = x.astype(np.float16)
-    exact = bool(np.array_equal(half.astype(np.float32), x, equal_nan=True))
+    half = x if x.dtype == np.float16 else x.astype(np.float16)
+    exact = x.dtype == np.float16 or bool(np.array_equal(half.astype(np.float32), x, equal_nan=True))
     return {"position": position.astype(np.int64), "x": half if exact else x, "home": home.astype(np.int64),
             "row": row.astype(np.int64), "cell": cell.astype(np.int64)}  # fmt: skip
 
@@ -407,7 +458,43 @@ def _draws(positions: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-#: Below this many vectors every pair is compared exactly (a flat index), above an inverted-file index is searched.
+#: Odd 64-bit multipliers of a row's words, for the hash that finds identical rows.
+_WORDS = np.random.default_rng(0x5EED).integers(1, 2**63, 4096, dtype=np.uint64) | np.uint64(1)
+
+
+def _first_identical(x: np.ndarray) -> np.ndarray:
+    """For each row, the first row (by index) with the same bytes. Rows are hashed to 64 bits, a chunk
+    at a time, and rows of one hash compared byte by byte (rows that only share a hash are told apart
+    exactly), so that no sorted copy of the rows is made."""
+    n = len(x)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    raw = np.ascontiguousarray(x).view(np.uint8).reshape(n, x.itemsize * int(np.prod(x.shape[1:])))
+    width = -(-raw.shape[1] // 8)
+    words = np.resize(_WORDS, width)
+    h = np.empty(n, dtype=np.uint64)
+    step = max(1, (1 << 18) // width)  # rows of a chunk: ~2 MiB of words, and as much of their products
+    for start in range(0, n, step):
+        chunk = np.zeros((min(step, n - start), width * 8), dtype=np.uint8)
+        chunk[:, : raw.shape[1]] = raw[start : start + step]
+        h[start : start + len(chunk)] = (chunk.view(np.uint64) * words).sum(axis=1, dtype=np.uint64)
+    order = np.argsort(h, kind="stable")
+    starts = np.r_[True, h[order][1:] != h[order][:-1]]
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[np.flatnonzero(starts)][np.cumsum(starts) - 1]  # stable: the smallest index of its hash
+    candidates = np.flatnonzero(first != np.arange(n))
+    clash = [candidates[i : i + step][np.any(raw[candidates[i : i + step]] != raw[first[candidates[i : i + step]]], axis=1)]
+             for i in range(0, len(candidates), step)]  # fmt: skip
+    clashing = np.concatenate([np.zeros(0, np.int64), *clash])
+    if len(clashing):  # rows that share a hash and differ: settled exactly, by their bytes
+        rows = np.flatnonzero(np.isin(h, h[clashing]))
+        _, unique, inverse = np.unique(raw[rows].view(np.dtype((np.void, raw.shape[1]))).ravel(), return_index=True,
+                                       return_inverse=True)  # fmt: skip
+        first[rows] = rows[unique[inverse.ravel()]]
+    return first
+
+
+#: Below this many vectors every pair is compared at once; above, the rows are compared cell by cell.
 EXACT_BELOW = 10_000
 
 
@@ -423,13 +510,12 @@ def near_groups(x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BEL
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
-    _, unique, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    inverse = inverse.ravel()
+    rep = _first_identical(x)
+    unique = np.flatnonzero(rep == np.arange(n))
     i, j, sims = near_pairs(x[unique], threshold, exact_below=exact_below)
-    copies = np.flatnonzero(unique[inverse] != np.arange(n))
+    copies = np.flatnonzero(rep != np.arange(n))
     a = np.concatenate([unique[i], copies])
-    b = np.concatenate([unique[j], unique[inverse[copies]]])
+    b = np.concatenate([unique[j], rep[copies]])
     s = np.concatenate([sims, np.ones(len(copies), dtype=np.float32)])
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     _, component = connected_components(graph, directed=False)
@@ -441,54 +527,52 @@ def near_groups(x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BEL
     return first[component], similarity
 
 
-def near_pairs(
-    x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BELOW, nprobe: int = 8
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair ``i < j`` of rows with inner product >= ``threshold``, and that product: a range
-    search on an inverted-file index, never a comparison of all pairs beyond ``exact_below`` rows.
+def near_pairs(x: np.ndarray, threshold: float, *, exact_below: int = EXACT_BELOW) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair ``i < j`` of rows with inner product >= ``threshold``, and that product, exactly,
+    never by a comparison of all pairs beyond ``exact_below`` rows: the search the partitioned
+    decision runs, in one process.
 
-    The index partitions the rows into ~3 sqrt(n) lists around spherical k-means centroids (FAISS);
-    each row is compared with the rows of the ``nprobe`` lists whose centroids are nearest to it,
-    where a near copy of it falls. Each list is searched for all the rows that probe it at once, as
-    one matrix product (the products are exact float32, so the index only chooses what is compared):
-    FAISS's own ``range_search`` scans a list one query at a time, several times slower here.
+    k-means (FAISS) on a sample gives about sqrt(n) cells; each row is compared, by one matrix product
+    per cell, with the rows at home in its own cell and in every cell whose Voronoi region lies within
+    the radius at which two rows can still reach the threshold (:func:`_reach`): where a linked row
+    must live. The products are float32, so the cells only choose what is compared; features that
+    cluster (as embeddings do) reach few cells, features spread evenly over the sphere reach most.
     """
-    n, d = x.shape
+    n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    everything = [(np.arange(n), np.arange(n))]
     if n < max(exact_below, 2):
-        return _pairs_in(x, threshold, [(np.arange(n), np.arange(n))])
-    import faiss
-
-    nlist = int(min(3 * np.sqrt(n), n // 25))
-    kmeans = faiss.Kmeans(d, nlist, niter=5, spherical=True, seed=0, min_points_per_centroid=1, max_points_per_centroid=10)
-    kmeans.train(x[np.random.default_rng(0).choice(n, size=min(n, nlist * 10), replace=False)])
-    centroids = faiss.IndexFlatIP(d)
-    centroids.add(np.asarray(kmeans.centroids))
-    nprobe = min(nprobe, nlist)
-    _, probes = centroids.search(x, nprobe)  # (n, nprobe) lists nearest to each row, its own list first
-    home = probes[:, 0]
+        return _pairs_in(x, threshold, everything)
+    cells = min(int(np.sqrt(n)), NearDuplicates.MAX_CELLS)
+    sample = x[_draws(np.arange(n)) < min(1.0, NearDuplicates.SAMPLE_PER_CELL * cells / n)]
+    c, _ = _centroids(sample, min(cells, len(sample)))
+    if len(c) <= 1:
+        return _pairs_in(x, threshold, everything)
+    row, cell, home = _reach(x, c, _radius(_max_norm(x), threshold))
+    order = np.argsort(cell, kind="stable")
+    row, cell = row[order], cell[order]
     members = np.argsort(home, kind="stable")
-    member_ends = np.searchsorted(home[members], np.arange(nlist + 1))
-    probing = np.argsort(probes.ravel(), kind="stable")
-    probe_ends = np.searchsorted(probes.ravel()[probing], np.arange(nlist + 1))
-    blocks = (
-        (probing[probe_ends[k] : probe_ends[k + 1]] // nprobe, members[member_ends[k] : member_ends[k + 1]]) for k in range(nlist)
-    )
+    reach_ends = np.searchsorted(cell, np.arange(len(c) + 1))
+    home_ends = np.searchsorted(home[members], np.arange(len(c) + 1))
+    blocks = ((row[reach_ends[k] : reach_ends[k + 1]], members[home_ends[k] : home_ends[k + 1]]) for k in range(len(c)))
     return _pairs_in(x, threshold, blocks)
 
 
 def _pairs_in(
-    x: np.ndarray, threshold: float, blocks: Iterable[tuple[np.ndarray, np.ndarray]], chunk: int = 1024
+    x: np.ndarray, threshold: float, blocks: Iterable[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs at or above ``threshold`` between each block's queries and its rows, each pair once."""
+    """The pairs at or above ``threshold`` between each block's queries and its rows, each pair once;
+    float32 products of a chunk of queries at a time (a cell of many copies holds many rows)."""
     n = len(x)
     found, products = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float32)]
     for queries, rows in blocks:
-        if not len(rows):
+        if not len(rows) or not len(queries):
             continue
-        for start in range(0, len(queries), chunk):  # bounds the product's memory on a list of many copies
+        xr = np.asarray(x[rows], dtype=np.float32)
+        chunk = max(16, min(1024, CHUNK_VALUES // len(rows)))
+        for start in range(0, len(queries), chunk):
             q = queries[start : start + chunk]
-            sims = x[q] @ x[rows].T
+            sims = np.asarray(x[q], dtype=np.float32) @ xr.T
             a, b = np.nonzero(sims >= threshold)
             low, high = np.minimum(q[a], rows[b]).astype(np.int64), np.maximum(q[a], rows[b]).astype(np.int64)
             found.append((low * n + high)[low != high])
