@@ -170,3 +170,21 @@ def test_a_curation_keeps_the_first_image_of_every_planted_group_across_shards(t
             assert (rows[key]["kept"], rows[key]["reason"], rows[key]["detail"]) == (False, "near duplicate", f"of {keys[0]}")
     assert summary.kept == len(samples) - sum(sizes) + len(sizes)
     assert summary.funnel["near-duplicates"].reasons == {"near duplicate": sum(sizes) - len(sizes)}
+
+
+def test_the_index_search_finds_nearly_every_link_and_refuses_partitions():
+    """``search: index`` (one process, fast where no exact bound prunes) finds 99 % of the links of
+    groups of 2 to 500 copies among 15,000 vectors; a partitioned decision refuses it by name."""
+    from clipforge.plugins.curation.duplicates import indexed_pairs
+
+    rng = np.random.default_rng(5)
+    sizes = [2, 3, 5, 10, 20, 50, 200, 500, *[int(s) for s in rng.integers(2, 40, 60)]]
+    x = grouped_vectors(rng, [*sizes, *[1] * (15_000 - sum(sizes))], 64, 0.01)
+    i, j, _ = near_pairs(x, THRESHOLD, exact_below=len(x) + 1)
+    a, b, sims = indexed_pairs(x, THRESHOLD, exact_below=10_000)
+    assert len(np.intersect1d(a * len(x) + b, i * len(x) + j)) >= 0.99 * len(i) and np.all(sims >= THRESHOLD)
+    keys = [f"k{n}" for n in range(len(x))]
+    verdicts = NearDuplicates(threshold=THRESHOLD, search="index").decide(keys, x)
+    assert sum(v.keep for v in verdicts) >= len(x) - sum(sizes) + len(sizes)  # a missed link keeps one more, never fewer
+    with pytest.raises(clipforge.ConfigError, match="search: index decides in one process"):
+        NearDuplicates(threshold=THRESHOLD, search="index").plan(None, [], 2)
