@@ -39,7 +39,8 @@ def load_recipe(
     try:
         recipe = Recipe.model_validate(data)
     except pydantic.ValidationError as e:
-        errors += [(_loc(err["loc"]), err["msg"]) for err in e.errors()]
+        # a validator's own message says what is wrong; pydantic's "Value error, " before it says nothing more
+        errors += [(_loc(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in e.errors()]
     if check_components:
         if catalog is None:
             catalog = get_plugin_manager().catalog
