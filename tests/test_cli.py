@@ -125,7 +125,8 @@ def test_a_failed_flow_prints_clipforge_s_message_and_no_traceback_unless_debug(
     path = write_yaml(tmp_path / "r.yaml", recipe)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    message = "failed: curate: the training dataset 'webdataset' yielded no samples"
+    # an archive without members is one defective row of the manifest, so the dataset keeps none of its one pair
+    message = "failed: curate: the training dataset 'webdataset' kept none of its 1 pairs (empty shard: 1)"
     for debug in ([], ["--debug"]):
         cmd = [sys.executable, "-m", "clipforge.cli", "run", str(path), "--workdir", str(tmp_path), *debug]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

@@ -103,20 +103,20 @@ def curate_flow(ctx: RunContext) -> CurateResult:
 
     A weighted mixture's sources are curated one after the other, each on its own (an unchanged
     source is reused), then gathered (:func:`~clipforge.engine.curation.mixture.gather_mixture`); a
-    source with weight above 0 that keeps nothing stops the run here, before training.
+    source with weight above 0 that keeps nothing stops the run here, before training, as a single
+    dataset that keeps nothing does.
     """
     pool = _pool(ctx)
     if ctx.recipe.data.mixture is None:
         summary = _curate(ctx, ctx.recipe, pool, "")
+        if summary.kept == 0:
+            _stop_empty(f"the training dataset {ctx.recipe.data.dataset.type!r}", summary, "fix the data or its curation")
     else:
         curated = []
         for source, recipe in ctx.recipe.source_recipes():
             result = _curate(ctx, recipe, pool, f" source {source.label!r}")
             if result.kept == 0 and source.weight > 0:
-                raise StageError(
-                    f"curate: the source {source.label!r} ({source.source.type}) kept none of its {result.input:,} pairs "
-                    f"({_drops(result)}); the run stops before training: fix the source or give it weight 0"
-                )
+                _stop_empty(f"the source {source.label!r} ({source.source.type})", result, "fix the source or give it weight 0")
             curated.append((source, result))
         summary = mixture.gather_mixture(ctx.store, curated)
         summary = summary.model_copy(update={"reused": all(r.reused for _, r in curated)})
@@ -144,6 +144,13 @@ def _curate(ctx: RunContext, recipe: Recipe, pool: curation.PoolChain | None, la
     if label:
         say(f"curate{label}: {summary.kept:,} of {summary.input:,} pairs kept")
     return summary.model_copy(update={"reused": reused})
+
+
+def _stop_empty(what: str, result: CurateResult, fix: str) -> None:
+    """Stop before training on data that kept nothing, with why each pair went."""
+    raise StageError(
+        f"curate: {what} kept none of its {result.input:,} pairs ({_drops(result)}); the run stops before training: {fix}"
+    )
 
 
 def _drops(result: CurateResult) -> str:
