@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipforge import PerSample
-from clipforge.core.bootstrap import metric_value, paired_interval
+from clipforge.core.bootstrap import metric_value, paired_interval, resampled
 from clipforge.registry import PromotionError, promote_if_better
 from tests.test_registry import aliases, register, store, tags, template_db  # noqa: F401  (fixtures)
 
@@ -65,6 +65,34 @@ def test_only_the_samples_both_were_measured_on_count():
     assert iv.n == 5 and iv.delta == -1.0
     with pytest.raises(ValueError, match="share no sample"):
         paired_interval(a, PerSample(["other"], [1.0]), 0.9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(3, 300),
+    accuracies=st.lists(st.floats(0, 1), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+)
+def test_several_records_are_resampled_on_the_same_draws_matched_by_key(n, accuracies, seed):
+    records = [PerSample(keys(n), hits(n, round(a * n), seed + i)) for i, a in enumerate(accuracies)]
+    order = np.random.default_rng(seed).permutation(n)
+    records.append(PerSample([records[0].keys[i] for i in order], [records[0].values[i] for i in order]))
+    full, spread = resampled(records, resamples=300, seed=5)
+    assert spread.shape == (300, len(records))
+    assert full == pytest.approx([metric_value(r) for r in records])
+    assert np.array_equal(spread[:, 0], spread[:, -1])  # the same samples in another order: the same draws
+    assert ((spread >= 0) & (spread <= 1)).all()
+    if len(records) > 2:  # the paired interval is the spread of the difference of two columns
+        iv = paired_interval(records[0], records[1], 0.9, resamples=300, seed=5)
+        pair = resampled(records[:2], resamples=300, seed=5)[1]
+        assert (iv.low, iv.high) == pytest.approx(tuple(np.quantile(pair[:, 1] - pair[:, 0], [0.05, 0.95])))
+
+
+def test_resampling_needs_a_sample_every_record_has():
+    with pytest.raises(ValueError, match="3 models' per-sample results share no sample key"):
+        resampled([PerSample(["a", "b"], [1, 0]), PerSample(["b"], [1]), PerSample(["a"], [0])])
+    with pytest.raises(ValueError, match="no per-sample results"):
+        resampled([])
 
 
 @settings(max_examples=30, deadline=None)

@@ -5,10 +5,13 @@ measured on, draw ``resamples`` seeded resamples of those samples with replaceme
 each model's metric on every resample, and take the ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles
 of the difference as its interval at confidence ``c`` (Efron). Metrics that are not plain means
 over samples (mean per-class recall: ``groups``) are recomputed on each resample, not averaged.
+The same draws serve any number of models (:func:`resampled`), so that a statistic of several, the
+drop of a domain's accuracy from its best over a sequence of retrains, has an interval too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,26 +66,38 @@ def paired_interval(a: PerSample, b: PerSample, confidence: float, *, resamples:
     """The interval of ``metric(b) - metric(a)`` on the samples both have (by key), by a seeded paired bootstrap."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
-    index_b = {k: i for i, k in enumerate(b.keys)}
-    common = [(i, index_b[k]) for i, k in enumerate(a.keys) if k in index_b]
-    if not common:
-        raise ValueError("the two models' per-sample results share no sample key")
-    ia, ib = (np.array(x) for x in zip(*common, strict=True))
-    va, wa, ga = _take(_arrays(a), ia)
-    vb, wb, gb = _take(_arrays(b), ib)
-    n = len(ia)
-    full = np.ones((1, n))
-    delta = float(_metric(full, vb, wb, gb)[0] - _metric(full, va, wa, ga)[0])
+    full, spread = resampled([a, b], resamples=resamples, seed=seed)
+    low, high = np.quantile(spread[:, 1] - spread[:, 0], [(1 - confidence) / 2, (1 + confidence) / 2])
+    n = len(set(a.keys) & set(b.keys))
+    return Interval(float(full[1] - full[0]), float(low), float(high), confidence, n, resamples)
+
+
+def resampled(records: Sequence[PerSample], *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each record's metric on the samples all of them have (by key, in the first one's order), and on
+    each of ``resamples`` seeded resamples of those samples, the same draws for every record (paired):
+    ``(metrics of shape (k,), resampled metrics of shape (resamples, k))`` for ``k`` records. A
+    statistic of several measurements of the same samples (a drop from the best of several models)
+    takes its interval from the rows of the second."""
+    if not records:
+        raise ValueError("no per-sample results to resample")
+    shared = set(records[0].keys).intersection(*(r.keys for r in records[1:]))
+    keys = [k for k in records[0].keys if k in shared]
+    if not keys:
+        raise ValueError(f"the {len(records)} models' per-sample results share no sample key")
+    columns = []
+    for record in records:
+        index = {k: i for i, k in enumerate(record.keys)}
+        columns.append(_take(_arrays(record), np.array([index[k] for k in keys])))
+    n = len(keys)
+    full = np.array([_metric(np.ones((1, n)), *column)[0] for column in columns])
     rng = np.random.default_rng(seed)
-    diffs = []
+    spreads = []
     step = max(1, _CELLS // n)
     for start in range(0, resamples, step):
-        # how often each sample is drawn in each resample: the same draws for both models (paired)
+        # how often each sample is drawn in each resample: the same draws for every record
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(step, resamples - start)).astype(np.float64)
-        diffs.append(_metric(counts, vb, wb, gb) - _metric(counts, va, wa, ga))
-    spread = np.concatenate(diffs)
-    low, high = np.quantile(spread, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Interval(delta, float(low), float(high), confidence, n, resamples)
+        spreads.append(np.stack([_metric(counts, *column) for column in columns], axis=1))
+    return full, np.concatenate(spreads)
 
 
 def _arrays(record: PerSample) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
