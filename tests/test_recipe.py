@@ -157,11 +157,12 @@ def test_bad_sets_and_guards_name_the_field(tiny_recipe, change, path, message):
 def test_the_continual_recipe_s_steps_each_learn_one_domain_and_guard_the_earlier_ones():
     """recipes/continual-shapes.yaml's header gives one command per domain: each is a valid recipe that
     trains on the domain of its evaluation set, is promoted on it, guards every earlier domain, and
-    warm-starts from the champion with replay, but for the first."""
+    warm-starts from the champion with replay on a fixed budget, but for the first."""
     path = Path(__file__).parents[1] / "recipes" / "continual-shapes.yaml"
     steps = [line.split(": ", 1) for line in path.read_text().splitlines() if line.startswith("#   ") and "clipforge run" in line]
     assert [name.strip("# ") for name, _ in steps] == ["A", "B", "C"]
     domain_fields = {"type", "colors", "shapes", "fill", "background", "rotation", "scale"}
+    budgets = []
     for i, (name, command) in enumerate(steps):
         args = shlex.split(command)
         assert args[:3] == ["clipforge", "run", "recipes/continual-shapes.yaml"]
@@ -176,6 +177,10 @@ def test_the_continual_recipe_s_steps_each_learn_one_domain_and_guard_the_earlie
         assert recipe.registry.promote.metric == f"{domain}/zero-shot-classification/acc1"
         assert [g.metric.split("/")[0] for g in recipe.registry.promote.guards] == ["A", "B", "C"][:i]
         assert (recipe.train.init_from is not None) == (i > 0) and recipe.data.replay is not None
+        # a warm start costs a fixed budget whatever the data; the first step trains from scratch for its epochs
+        assert (recipe.train.budget is not None) == (i > 0) == (recipe.train.epochs is None)
+        budgets.append(recipe.train.budget)
+    assert budgets[1] == budgets[2] is not None
 
 
 def test_component_defaults_come_from_the_models():
