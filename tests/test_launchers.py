@@ -20,6 +20,7 @@ VIT = {  # no batch norm: under DDP it normalises each rank's share, not the glo
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
 }
+TOLERANCE = 1e-5  # float32 sums in another order, over 5 steps
 MULTI = {
     "torchrun": ["train.launcher.type=torchrun", "train.launcher.nproc_per_node=2"],
     "ray": ["train.launcher.type=ray", "train.launcher.num_workers=2"],
@@ -70,9 +71,11 @@ def test_a_launched_retrain_registers_the_weights_of_one_process_on_the_global_b
             many = _retrain(path, *(f"--set={o}" for o in [*common, "train.batch_size=16", *MULTI[launcher]]))
             assert one.keys() == many.keys()
             worst = max((one[k] - many[k]).abs().max().item() for k in one if one[k].is_floating_point())
-            assert worst <= 1e-5, (launcher, accum, worst)
+            assert worst <= TOLERANCE, (launcher, accum, worst)
             moved = max((one[k] - start[k]).abs().max().item() for k in one if one[k].is_floating_point())
-            assert moved > 100 * worst and moved > 1e-4  # the runs trained: matching is not trivial
+            # the runs trained well beyond the tolerance, so matching is not trivial (bounded by the
+            # tolerance, not by this machine's rounding, which comes closer to it on some machines)
+            assert moved > 20 * TOLERANCE, (launcher, accum, moved)
     finally:
         torch.set_num_threads(threads)
 
