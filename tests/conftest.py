@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -81,3 +83,16 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def kill_at_step(cmd: list[str], env: dict[str, str], step: int) -> None:
+    """Runs ``cmd``, a trainer that prints ``step N`` after each step, and kills it with SIGKILL once
+    it has printed ``step``: a crash at that step, with no chance to clean up."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == f"step {step}":
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the trainer ended before step {step}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from clipforge.engine.training import train
 from clipforge.engine.training.adapting import apply_adapter
 from clipforge.engine.training.ema import WeightEma
 from clipforge.testing import check_adapter, check_component, tiny_encoder_bundle
+from tests.conftest import kill_at_step
 from tests.test_kill_resume import TRAINER as KILLABLE_TRAINER
 from tests.test_torchrun import TRAINER as TORCHRUN_TRAINER
 from tests.test_torchrun import VIT
@@ -222,13 +222,7 @@ def test_lora_with_ema_killed_at_a_random_step_resumes_to_identical_weights(tiny
     total = store.read_json("full/train/result.json")["steps"]
     kill_at = random.Random().randrange(4, total)
     cmd = [*args, "cut/train"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.strip() == f"step {kill_at}":
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_step(cmd, env, kill_at)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert store.read_json("cut/train/result.json")["resumed_from"]

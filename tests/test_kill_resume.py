@@ -18,6 +18,7 @@ import clipforge
 from clipforge.core.storage import Store
 from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
+from tests.conftest import kill_at_step
 
 TRAINER = textwrap.dedent(
     """
@@ -64,13 +65,7 @@ def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(tiny_recipe
 
     kill_at = random.Random().randrange(4, total)  # after the first checkpoint (step 3)
     cmd = [*args, "cut/train"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.strip() == f"step {kill_at}":
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the trainer ended before step {kill_at}"
+    kill_at_step(cmd, env, kill_at)
     assert not store.exists("cut/train/result.json")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from clipforge.core.results import SourceShards
 from clipforge.core.storage import Store
 from clipforge.core.validation import load_recipe
 from clipforge.engine.curation import curate, curation_key
+from tests.conftest import kill_at_step
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +84,7 @@ def test_a_one_to_three_mixture_trains_its_budget_and_resumes_bit_for_bit_after_
 
     kill_at = random.Random().randrange(9, result["steps"])  # after the first checkpoint (step 8)
     cmd = [*args, "cut/train"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == f"step {kill_at}":
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the trainer ended before step {kill_at}"
+    kill_at_step(cmd, env, kill_at)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = store.read_json("cut/train/result.json")
