@@ -199,20 +199,21 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         better = matrix[i][i] > matrix[i - 1][i]
         kept = all(matrix[i - 1][j] - matrix[i][j] <= args.max_drop for j in range(i))
         promoted.append(better and kept)
-    summary: dict[str, Any] = {
-        "forgetting": {d: interval(v, s, args.confidence) for d, v, s in zip(domains, drops, spreads, strict=False)},
+    return {
+        "forgetting": {d: interval(v, s, args.confidence) for d, v, s in zip(domains[:last], drops, spreads, strict=True)},
         "avg_forgetting": interval(sum(drops) / len(drops), np.mean(spreads, axis=0), args.confidence) if drops else None,
         "max_forgetting": interval(max(drops), np.max(spreads, axis=0), args.confidence) if drops else None,
         "newest": interval(matrix[last][last], newest[:, 0], args.confidence),
         "mean_final": sum(matrix[last]) / len(matrix[last]),
         "gate_promotions": sum(promoted),
     }
-    return summary
 
 
 def interval(value: float, spread: np.ndarray, confidence: float) -> dict[str, float]:
-    low, high = np.quantile(spread, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return {"value": float(value), "low": float(low), "high": float(high)}
+    from clipforge.core.bootstrap import quantile_bounds
+
+    low, high = quantile_bounds(spread, confidence)
+    return {"value": float(value), "low": low, "high": high}
 
 
 def shown(iv: dict[str, float] | None, digits: int = 3) -> str:

@@ -64,12 +64,18 @@ def metric_value(record: PerSample) -> float:
 
 def paired_interval(a: PerSample, b: PerSample, confidence: float, *, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
     """The interval of ``metric(b) - metric(a)`` on the samples both have (by key), by a seeded paired bootstrap."""
+    full, spread = resampled([a, b], resamples=resamples, seed=seed)
+    low, high = quantile_bounds(spread[:, 1] - spread[:, 0], confidence)
+    n = len(set(a.keys) & set(b.keys))
+    return Interval(float(full[1] - full[0]), low, high, confidence, n, resamples)
+
+
+def quantile_bounds(statistic: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles of a statistic over the resamples: its interval at ``c``."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
-    full, spread = resampled([a, b], resamples=resamples, seed=seed)
-    low, high = np.quantile(spread[:, 1] - spread[:, 0], [(1 - confidence) / 2, (1 + confidence) / 2])
-    n = len(set(a.keys) & set(b.keys))
-    return Interval(float(full[1] - full[0]), float(low), float(high), confidence, n, resamples)
+    low, high = np.quantile(statistic, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
 
 
 def resampled(records: Sequence[PerSample], *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
