@@ -253,3 +253,29 @@ def test_a_parts_features_are_read_as_numpy_saved_them(tmp_path_factory, shape, 
         fortran_order = values.flags.f_contiguous and not values.flags.c_contiguous  # numpy's own reader reads those
         with pytest.raises(ValueError) if fortran_order else pytest.raises(StageError, match="cut.npy: ends after"):
             _read_features(store, "cut")
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 400),
+    dim=st.sampled_from([2, 3, 8]),
+    cells=st.integers(1, 60),
+    threshold=st.sampled_from([0.5, 0.9, 0.99]),
+)
+def test_every_row_reaches_the_home_cell_of_every_row_it_can_link(seed, n, dim, cells, threshold):
+    """The routing's invariant, for centroids trained on any sample: a row within the radius of another
+    reaches that row's home cell (and its own), so their link is found there."""
+    from clipforge.plugins.curation.duplicates import _centroids, _radius, _reach
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sample = x[rng.permutation(n)[: max(1, n // 2)]]
+    c, _ = _centroids(sample, min(cells, len(sample)))
+    row, cell, home = _reach(x, c, _radius(1.0, threshold))
+    reached = set(zip(row.tolist(), cell.tolist()))
+    assert all((i, int(home[i])) in reached for i in range(n))
+    close = np.argwhere(x @ x.T >= threshold)
+    missing = [(i, j) for i, j in close.tolist() if (i, int(home[j])) not in reached]
+    assert not missing, missing[:5]
