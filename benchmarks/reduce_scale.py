@@ -2,9 +2,10 @@
 
     python benchmarks/reduce_scale.py [--sizes 1000000 2000000 4000000] [--partitions 1 4 16 64]
                                       [--part-rows 100000] [--threshold 0.97]
+                                      [--cluster-rows 2000] [--max-spread 2.0]
 
 For each size N: N synthetic 256-d float16 features (clustered as image embeddings are: 1 cluster per
-2,000 rows, rows at cosine ~0.8 of their centre, 5 % of them near copies of another row at cosine
+``--cluster-rows`` rows, the clusters' centres random directions, so nearly orthogonal; rows at cosine ~0.8 of their centre, 5 % of them near copies of another row at cosine
 ~0.99) written to a store as curation's parts leave them (``--part-rows`` survivors a part), then
 the ``near-duplicates`` step's reduce phase run with ``parallel.reduce_partitions`` = each of
 ``--partitions`` (1: the one-process decision). Every task runs in this process, one after the
@@ -13,7 +14,9 @@ are what a worker of a cluster would need. Prints, per (N, partitions): the kept
 every number of partitions), the total time, the largest time and peak memory of a task of each kind
 (survey, route, link, decide: the kinds every partitioned step runs), the features' size divided by
 the partitions, and the largest task's peak against it; the one-process row gives the decision's
-peak. The process's peak resident memory (``ru_maxrss``) is printed at the end, for the whole run.
+peak. Each row also gives, for each k-means fitted, its cells and their spread: the mean number of
+partitions a sampled row goes to (cells are refitted, four times more, while it is above
+``--max-spread``; ``inf`` keeps the sqrt(N) cells of the first fit). The process's peak resident memory (``ru_maxrss``) is printed at the end, for the whole run.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from clipforge.engine.curation.layout import PART_MANIFEST, features_of, part_di
 from clipforge.engine.curation.parts import PartResult
 from clipforge.engine.curation.plan import build_steps
 from clipforge.engine.curation.reduce import reduce
+from clipforge.plugins.curation.duplicates import NearDuplicates
 
 DIM = 256
 
 
-def features(n: int, seed: int = 0) -> np.ndarray:
+def features(n: int, cluster_rows: int = 2000, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 2000), DIM), dtype=np.float32)
+    centres = rng.standard_normal((max(1, n // cluster_rows), DIM), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     x = np.empty((n, DIM), dtype=np.float16)
     for start in range(0, n, 100_000):
@@ -99,13 +103,26 @@ def run(n: int, partitions: int, part_rows: int, threshold: float, x: np.ndarray
     parts = write_parts(store, out, x, part_rows)
     steps = build_steps(recipe, clipforge.get_plugin_manager().catalog)
     mapper = Measured()
+    plans: list[tuple[dict, bool]] = []
+    planned = NearDuplicates.plan
+
+    def plan(self, *args):  # the last plan says how many cells were fitted and how far a row spread
+        plans.append(result := planned(self, *args))
+        return result
+
+    NearDuplicates.plan = plan  # type: ignore[method-assign]
     tracemalloc.start()
     start = time.perf_counter()
     reduced = reduce(steps, store, out, parts, recipe=recipe, mapper=mapper)
     total = time.perf_counter() - start
     whole_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"kept": reduced.kept, "seconds": total, "peak": whole_peak, "tasks": dict(mapper.tasks)}
+    NearDuplicates.plan = planned  # type: ignore[method-assign]
+    # each fit's cells and spread: a refit's plan holds the fit before it, the last plan the last fit
+    fits = [(p["fit"]["cells"], p["fit"]["spread"]) for p, done in plans if not done and "fit" in p]
+    if plans and "centroids" in plans[-1][0]:
+        fits.append((len(plans[-1][0]["centroids"]), plans[-1][0]["spread"]))
+    return {"kept": reduced.kept, "seconds": total, "peak": whole_peak, "tasks": dict(mapper.tasks), "fits": fits}
 
 
 def main() -> None:
@@ -114,14 +131,26 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--part-rows", type=int, default=100_000)
     parser.add_argument("--threshold", type=float, default=0.97)
+    parser.add_argument("--cluster-rows", type=int, default=2000, help="rows a cluster of the features")
+    parser.add_argument(
+        "--max-spread",
+        type=float,
+        default=NearDuplicates.MAX_SPREAD,
+        help="NearDuplicates.MAX_SPREAD (inf: the cells sqrt(N) gives, never refitted)",
+    )
     args = parser.parse_args()
+    NearDuplicates.MAX_SPREAD = args.max_spread
+    print(
+        f"features: 256-d float16, {args.cluster_rows:,} rows a cluster; threshold {args.threshold}; parts of "
+        f"{args.part_rows:,} rows; MAX_SPREAD {args.max_spread}; every task in this process, one after the other"
+    )
     mib = 1 << 20
     kinds = {"survey_block": "survey", "route_block": "route", "link_partition": "link", "decide_block": "decide"}
     print("| pairs | partitions | kept | total s | " + " | ".join(f"{k} s / MiB" for k in kinds.values())
-          + " | data / partitions MiB | largest peak / (data / partitions) |")  # fmt: skip
-    print("|---:|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|")
+          + " | data / partitions MiB | largest peak / (data / partitions) | cells: spread |")  # fmt: skip
+    print("|---:|---:|---:|---:|" + "---:|" * len(kinds) + "---:|---:|---:|")
     for n in args.sizes:
-        x = features(n)
+        x = features(n, args.cluster_rows)
         for p in args.partitions:
             with tempfile.TemporaryDirectory() as folder:
                 r = run(n, p, args.part_rows, args.threshold, x, folder)
@@ -137,8 +166,9 @@ def main() -> None:
                 t, m = max((t for t, _ in tasks), default=0.0), max((m for _, m in tasks), default=0)
                 largest = max(largest, m)
                 columns.append(f"{t:.1f} / {m / mib:,.0f}")
+            fitted = ", ".join(f"{c:,}: {s:.2f}" for c, s in r["fits"])
             print(f"| {n:,} | {p} | {r['kept']:,} | {r['seconds']:.1f} | {' | '.join(columns)} | {share / mib:.0f} | "
-                  f"{largest / share:.1f} |", flush=True)  # fmt: skip
+                  f"{largest / share:.1f} | {fitted} |", flush=True)  # fmt: skip
     print(f"peak resident memory of the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
 
 

@@ -3,9 +3,11 @@ whole-dataset step gives the verdicts of its one-process decision, against a poo
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import clipforge
@@ -279,3 +281,87 @@ def test_every_row_reaches_the_home_cell_of_every_row_it_can_link(seed, n, dim, 
     close = np.argwhere(x @ x.T >= threshold)
     missing = [(i, j) for i, j in close.tolist() if (i, int(home[j])) not in reached]
     assert not missing, missing[:5]
+
+
+def clustered(rng: np.random.Generator, n: int, cluster_rows: int | None, dim: int) -> np.ndarray:
+    """Rows around random (so nearly orthogonal) centres at cosine ~0.8, 5 % of them near copies of
+    another row: several clusters to a sqrt(n) cell when the clusters are small; ``None``: no
+    clusters, rows spread evenly over the sphere."""
+    if cluster_rows is None:
+        x = rng.standard_normal((n, dim))
+    else:
+        centres = rng.standard_normal((max(1, n // cluster_rows), dim))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        x = centres[rng.integers(0, len(centres), n)] + 0.75 * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    copies = np.flatnonzero(rng.random(n) < 0.05)
+    x[copies] = x[rng.integers(0, n, len(copies))] + 0.05 * rng.standard_normal((len(copies), dim)) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16).astype(np.float32)
+
+
+def recorded_plans(step: NearDuplicates) -> list[tuple[dict, bool]]:
+    """What each of the step's ``plan`` calls returns, in order, from now on."""
+    plans, fit = [], step.plan
+
+    def plan(*args):
+        plans.append(result := fit(*args))
+        return result
+
+    step.plan = plan  # type: ignore[method-assign]
+    return plans
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(3_000, 12_000),
+    cluster_rows=st.sampled_from([15, 40, 200, None]),
+    dim=st.sampled_from([32, 64]),
+    partitions=st.integers(2, 12),
+    max_cells=st.sampled_from([16384, 150]),
+)
+@example(seed=1, n=12_000, cluster_rows=40, dim=64, partitions=12, max_cells=150)  # stopped by max_cells
+@example(seed=0, n=12_000, cluster_rows=15, dim=64, partitions=12, max_cells=16384)
+def test_cells_are_refitted_until_a_row_goes_to_few_partitions(seed, n, cluster_rows, dim, partitions, max_cells, caplog):
+    """When a sqrt(n) cell holds several clusters, most rows lie near a bisector and would go to most
+    partitions: the plan fits more cells until a sampled row goes to at most MAX_SPREAD partitions, or
+    says (a warning) that it could fit no more (``max_cells``, or too few rows a cell) or that more
+    did not help (features that do not cluster); the verdicts are the one-process decision either way."""
+    x = clustered(np.random.default_rng(seed), n, cluster_rows, dim)
+    step = NearDuplicates(threshold=0.97, max_cells=max_cells)
+    plans = recorded_plans(step)
+    keys = [f"k{i}" for i in range(n)]
+    caplog.clear()  # one example's warnings only
+    with caplog.at_level("WARNING", logger="clipforge.plugins.curation.duplicates"):
+        same(decide_in_partitions(step, keys, x, partitions), step.decide(keys, x))
+    final = plans[-1][0]
+    cells = [p["cells"] for p, _ in plans]
+    assert cells == sorted(cells) and len(final["centroids"]) == min(cells[-1], len(x))
+    assert cells[-1] <= max(max_cells, partitions, cells[0])
+    capped = min(4 * cells[-1], step.max_cells, n // step.MIN_CELL_ROWS) <= cells[-1]
+    spreads = [p["fit"]["spread"] for p, _ in plans[1:-1]] + [final["spread"]]  # each fit's, in order
+    stuck = not capped and len(spreads) > 1 and spreads[-1] > step.REFIT_GAIN * spreads[-2]
+    assert all(s > step.MAX_SPREAD for s in spreads[:-1])  # a refit only where a row spread too far
+    assert all(b <= step.REFIT_GAIN * a for a, b in itertools.pairwise(spreads[:-1]))  # and each one helped
+    assert final["spread"] <= step.MAX_SPREAD or capped or stuck
+    warned = [r.getMessage() for r in caplog.records if "each link task holds" in r.getMessage()]
+    assert bool(warned) == (final["spread"] > step.MAX_SPREAD)
+    if len(plans) > 2:  # refitted: the cells before were too few
+        assert cells[-1] > cells[0]
+    event("refitted" if len(plans) > 2 else "the first cells")
+    event("did not cluster" if stuck else "capped" if final["spread"] > step.MAX_SPREAD else "within MAX_SPREAD")
+
+
+def test_features_that_do_not_cluster_are_refitted_once(caplog):
+    """Rows spread evenly over the sphere go as far with four times the cells: one refit, then a
+    warning that says so; the verdicts are the one-process decision."""
+    x = clustered(np.random.default_rng(7), 8_000, None, 32)
+    step = NearDuplicates(threshold=0.97)
+    step.MIN_CELL_ROWS = 2  # room for more refits than one, so that only the spread stops them
+    plans = recorded_plans(step)
+    keys = [f"k{i}" for i in range(len(x))]
+    with caplog.at_level("WARNING", logger="clipforge.plugins.curation.duplicates"):
+        same(decide_in_partitions(step, keys, x, 8), step.decide(keys, x))
+    assert [p["cells"] for p, _ in plans] == [89, 356, 356]
+    assert plans[-1][0]["spread"] > step.REFIT_GAIN * plans[1][0]["fit"]["spread"]
+    assert any("the features do not cluster" in r.getMessage() for r in caplog.records)

@@ -8,6 +8,7 @@ of curated data (``curation_pool``), a copy of a pool sample is dropped as a "du
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from clipforge.plugins.curation.embedding import model_embeddings, thumbnails
 
 #: The reason of a sample dropped because the pool curated against holds a copy of it.
 POOL_DUPLICATE = "duplicate of pool"
+
+log = logging.getLogger(__name__)
 
 
 class Groups:
@@ -174,6 +177,12 @@ class NearParams(BaseModel):
         "cluster, which may miss a rare link (one process only)",
     )
     nprobe: int = Field(8, gt=0, description="with search: index, the lists each row is compared with")
+    max_cells: int = Field(
+        16384,
+        gt=0,
+        description="in partitions, the most cells the k-means fits (its cost on the flow's host grows as their "
+        "square); features of many small clusters need about one cell a cluster for a row to go to few partitions",
+    )
 
 
 class NearDuplicates(Groups):
@@ -181,7 +190,8 @@ class NearDuplicates(Groups):
     any size, keeps its first image in input order and drops the others, naming the one kept.
 
     In partitions (:class:`clipforge.DecidesInPartitions`): k-means on a seeded sample gives about
-    sqrt(n) cells, grouped into partitions of about equal rows; each row goes to its nearest
+    sqrt(n) cells (four times more, again, while a sampled row would go to more than ``MAX_SPREAD``
+    partitions), grouped into partitions of about equal rows; each row goes to its nearest
     centroid's cell (its home) and to every other cell whose Voronoi region lies within ``r`` of it
     (by the distance to the bisector of the two centroids), ``r`` the largest distance at which two
     rows can still reach the threshold (``sqrt(2 m² - 2 t)``, ``m`` the largest norm). Each partition
@@ -192,10 +202,19 @@ class NearDuplicates(Groups):
     """
 
     reason = "near duplicate"
-    #: The k-means of the partitions: cells of about sqrt(n) rows (at most this many cells, at least one
-    #: per partition), grouped into partitions of about equal rows; rows sampled per cell to train it.
+    #: The k-means of the one-process search and of the partitions: cells of about sqrt(n) rows (at most
+    #: this many cells, ``max_cells`` in partitions, and at least one per partition), grouped into
+    #: partitions of about equal rows; rows sampled per cell to train it.
     MAX_CELLS = 16384
     SAMPLE_PER_CELL = 40
+    #: Partitions' cells are refitted, four times as many each round, while a sampled row goes to more
+    #: than ``MAX_SPREAD`` partitions on average: when a cell holds several clusters, most rows lie near
+    #: a bisector and go everywhere, which would put most of the data in every link task. Refits stop
+    #: at ``max_cells``, at ``MIN_CELL_ROWS`` rows a cell, and after one that leaves the spread above
+    #: ``REFIT_GAIN`` of what it was (features that do not cluster spread as far with more cells).
+    MAX_SPREAD = 2.0
+    MIN_CELL_ROWS = 32
+    REFIT_GAIN = 0.75
 
     def __init__(
         self,
@@ -205,11 +224,13 @@ class NearDuplicates(Groups):
         device: str = "cpu",
         search: str = "exact",
         nprobe: int = 8,
+        max_cells: int = 16384,
         storage_options: dict[str, Any] | None = None,  # the recipe's, passed by the host
     ):
         if embedding == "model" and not model:
             raise clipforge.ConfigError("near-duplicates: embedding: model needs `model` (models:/NAME@champion or a folder)")
         self.threshold, self.device, self.search, self.nprobe = threshold, device, search, nprobe
+        self.max_cells = max_cells
         resolved = resolve_model(model, storage_options) if embedding == "model" and model else None
         self.bundle = resolved.load(device) if resolved else None
         # embeddings of two models live in different spaces: a pool's are only comparable from the same weights
@@ -278,15 +299,37 @@ class NearDuplicates(Groups):
         if plan is None:
             n = sum(s["n"] for s in surveys)
             norm = max((s["norm"] for s in surveys), default=0.0)
-            cells = max(partitions, min(int(np.sqrt(n)), self.MAX_CELLS))
-            rate = min(1.0, self.SAMPLE_PER_CELL * cells / max(n, 1))
-            return {**self._bounds(surveys), "radius": _radius(norm, self.threshold), "rate": rate, "cells": cells}, False
+            cells = max(partitions, min(int(np.sqrt(n)), self.max_cells))
+            return {**self._bounds(surveys), "n": n, "radius": _radius(norm, self.threshold), **self._sampled(cells, n)}, False
         sample = np.concatenate([s["sample"] for s in surveys if len(s["sample"])] or [np.zeros((0, 1), np.float32)])
         centroids, home = _centroids(sample, min(plan["cells"], len(sample)))
         assigned = np.zeros(len(centroids), dtype=np.int64)
+        spread = 1.0
         if len(centroids) > 1:
             assigned = _grouped(centroids, np.bincount(home, minlength=len(centroids)), partitions)
-        return {**plan, "centroids": centroids, "partition_of_cell": assigned}, True
+            spread = _spread(sample, centroids, plan["radius"], assigned)
+            more = min(4 * plan["cells"], self.max_cells, plan["n"] // self.MIN_CELL_ROWS)
+            capped = more <= plan["cells"]
+            helped = "fit" not in plan or spread <= self.REFIT_GAIN * plan["fit"]["spread"]
+            if spread > self.MAX_SPREAD and not capped and helped:
+                log.info("near-duplicates: %d cells send a row to %.1f partitions; fitting %d", len(centroids), spread, more)
+                return {**plan, **self._sampled(more, plan["n"]), "fit": {"cells": len(centroids), "spread": spread}}, False
+            if spread > self.MAX_SPREAD:
+                why = (
+                    f"the most for {plan['n']} rows: max_cells {self.max_cells}, at least {self.MIN_CELL_ROWS} rows a cell"
+                    if capped
+                    else f"with {plan['fit']['cells']} it was {plan['fit']['spread']:.1f}: the features do not cluster"
+                )
+                log.warning(
+                    "near-duplicates: a row goes to %.1f of %d partitions on average with %d cells (%s): "
+                    "each link task holds about %.1fx its share",
+                    *(spread, partitions, len(centroids), why, spread),
+                )
+        return {**plan, "centroids": centroids, "partition_of_cell": assigned, "spread": spread}, True
+
+    def _sampled(self, cells: int, n: int) -> dict[str, Any]:
+        """The cells to fit and the rate at which the next survey samples rows to fit them."""
+        return {"cells": cells, "rate": min(1.0, self.SAMPLE_PER_CELL * cells / max(n, 1))}
 
     def route(self, plan: Any, block: Block) -> dict[int, dict[str, Any]]:
         """Each row to the partition of its home cell and of every cell within the radius of it; with
@@ -425,6 +468,13 @@ def _reach(x: np.ndarray, c: np.ndarray, radius: float) -> tuple[np.ndarray, np.
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return (np.concatenate(row_of).astype(np.int64), np.concatenate(cell_of).astype(np.int64),
             np.concatenate(homes).astype(np.int64))  # fmt: skip
+
+
+def _spread(sample: np.ndarray, c: np.ndarray, radius: float, partition_of: np.ndarray) -> float:
+    """The mean number of partitions a row goes to, over at most 65,536 rows of the sample (evenly strided)."""
+    rows = sample[:: max(1, -(-len(sample) // 65536))]
+    row, cell, _ = _reach(rows, c, radius)
+    return len(np.unique(row * (int(partition_of.max()) + 1) + partition_of[cell])) / max(1, len(rows))
 
 
 def _share(position: np.ndarray, x: np.ndarray, home: np.ndarray, row: np.ndarray, cell: np.ndarray) -> dict[str, Any]:
