@@ -5,8 +5,8 @@
                                       [--cluster-rows 2000] [--max-spread 2.0]
 
 For each size N: N synthetic 256-d float16 features (clustered as image embeddings are: 1 cluster per
-``--cluster-rows`` rows, the clusters' centres random directions, so nearly orthogonal; rows at cosine ~0.8 of their centre, 5 % of them near copies of another row at cosine
-~0.99) written to a store as curation's parts leave them (``--part-rows`` survivors a part), then
+``--cluster-rows`` rows, the clusters' centres random directions, so nearly orthogonal; rows at
+cosine ~0.8 of their centre, 5 % of them near copies of another row at cosine ~0.99) written to a store as curation's parts leave them (``--part-rows`` survivors a part), then
 the ``near-duplicates`` step's reduce phase run with ``parallel.reduce_partitions`` = each of
 ``--partitions`` (1: the one-process decision). Every task runs in this process, one after the
 other, under ``tracemalloc``: its wall time and its peak of traced memory (numpy's arrays included)
@@ -16,7 +16,8 @@ every number of partitions), the total time, the largest time and peak memory of
 the partitions, and the largest task's peak against it; the one-process row gives the decision's
 peak. Each row also gives, for each k-means fitted, its cells and their spread: the mean number of
 partitions a sampled row goes to (cells are refitted, four times more, while it is above
-``--max-spread``; ``inf`` keeps the sqrt(N) cells of the first fit). The process's peak resident memory (``ru_maxrss``) is printed at the end, for the whole run.
+``--max-spread``; ``inf`` keeps the sqrt(N) cells of the first fit). The process's peak resident
+memory (``ru_maxrss``) is printed at the end, for the whole run.
 """
 
 from __future__ import annotations

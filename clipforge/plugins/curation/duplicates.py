@@ -224,7 +224,7 @@ class NearDuplicates(Groups):
         device: str = "cpu",
         search: str = "exact",
         nprobe: int = 8,
-        max_cells: int = 16384,
+        max_cells: int = MAX_CELLS,
         storage_options: dict[str, Any] | None = None,  # the recipe's, passed by the host
     ):
         if embedding == "model" and not model:
@@ -323,7 +323,11 @@ class NearDuplicates(Groups):
                 log.warning(
                     "near-duplicates: a row goes to %.1f of %d partitions on average with %d cells (%s): "
                     "each link task holds about %.1fx its share",
-                    *(spread, partitions, len(centroids), why, spread),
+                    spread,
+                    partitions,
+                    len(centroids),
+                    why,
+                    spread,
                 )
         return {**plan, "centroids": centroids, "partition_of_cell": assigned, "spread": spread}, True
 
